@@ -1,0 +1,46 @@
+// Lint rules that keep the architecture honest (DESIGN.md §12): dependencies point inward.
+import js from '@eslint/js';
+import tseslint from 'typescript-eslint';
+
+const others = (allowed) =>
+  ['core', 'api', 'sdk', 'server', 'agent', 'gateway', 'cli', 'web']
+    .filter((p) => !allowed.includes(p))
+    .map((p) => `@devyard/${p}/*`);
+
+/** Each package may import only the packages listed; `core` imports nothing of ours. */
+const direction = {
+  core: [],
+  api: ['core'],
+  sdk: ['api', 'core'],
+  server: ['api', 'core'],
+  agent: ['api', 'core', 'sdk'],
+  gateway: ['api', 'core', 'sdk'],
+  cli: ['api', 'core', 'sdk', 'server', 'agent', 'gateway'],
+  web: ['api', 'sdk'],
+};
+
+export default tseslint.config(
+  { ignores: ['**/dist/**', '**/node_modules/**', '.devyard/**', 'coverage/**'] },
+  js.configs.recommended,
+  ...tseslint.configs.recommended,
+  {
+    rules: {
+      '@typescript-eslint/no-unused-vars': ['error', { argsIgnorePattern: '^_', varsIgnorePattern: '^_' }],
+      'no-empty': ['error', { allowEmptyCatch: true }],
+    },
+  },
+  ...Object.entries(direction).map(([pkg, allowed]) => ({
+    files: [`packages/${pkg}/**/*.ts`],
+    rules: {
+      'no-restricted-imports': [
+        'error',
+        {
+          patterns: [
+            { group: others([pkg, ...allowed]), message: `packages/${pkg} may import only: ${allowed.join(', ') || 'nothing of ours'} (DESIGN.md §12)` },
+            { group: ['../../*/src/*', '../../../*/src/*'], message: 'import other packages by their @devyard/ name, not by relative path' },
+          ],
+        },
+      ],
+    },
+  })),
+);
