@@ -1,0 +1,33 @@
+/**
+ * What the agent remembers across restarts and server outages: its node identity, the session key,
+ * the last desired set it was given, and per box the operations it already tried. Written
+ * atomically (temp file + rename) so a crash never leaves a torn file.
+ */
+import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { dirname } from 'node:path';
+import type { DesiredSet } from '@devyard/api/node-schemas';
+
+export interface AgentState {
+  serverUrl: string;
+  nodeId: string | null;
+  sessionKey: string | null;
+  desired: DesiredSet | null;
+  /** Operation ids that failed on this node; a failed operation is retried only under a new id. */
+  failedOperations: Record<string, string>;
+}
+
+export function loadAgentState(file: string, serverUrl: string): AgentState {
+  try {
+    const s = JSON.parse(readFileSync(file, 'utf8')) as AgentState;
+    // A state file from another control plane describes boxes we must not act on.
+    if (s.serverUrl === serverUrl) return { ...s, failedOperations: s.failedOperations ?? {} };
+  } catch {}
+  return { serverUrl, nodeId: null, sessionKey: null, desired: null, failedOperations: {} };
+}
+
+export function saveAgentState(file: string, state: AgentState): void {
+  mkdirSync(dirname(file), { recursive: true });
+  const tmp = `${file}.${process.pid}.tmp`;
+  writeFileSync(tmp, JSON.stringify(state), { mode: 0o600 });
+  renameSync(tmp, file);
+}

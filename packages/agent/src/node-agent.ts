@@ -1,0 +1,294 @@
+/**
+ * `devyard agent`: runs the boxes of one node. It registers the node, renews its lease by
+ * heartbeat, list+watches the desired set, drives each box towards it through the runtime driver
+ * (level-triggered, one step at a time per box) and reports the phases it observes.
+ *
+ * The data plane outlives the control plane: the last desired set is persisted and reconciling
+ * continues while the server is unreachable; reports are queued and sent when it is back. A
+ * restarted agent adopts the boxes it finds running — it never kills them to start over.
+ */
+import { arch, cpus, hostname, totalmem } from 'node:os';
+import { statfsSync } from 'node:fs';
+import { join } from 'node:path';
+import type { BoxStatusReport, DesiredBox, DesiredSet } from '@devyard/api/node-schemas';
+import type { Phase } from '@devyard/core/box-lifecycle';
+import { decideNodeStep } from '@devyard/core/node-reconcile';
+import { DevyardClient } from '@devyard/sdk/devyard-client';
+import { loadAgentState, saveAgentState, type AgentState } from './agent-state-file.js';
+import { ExecServer } from './exec-server.js';
+import type { BoxRuntimeSpec, RuntimeDriver } from './runtime/runtime-driver.js';
+
+/** Resolves an image name to a root filesystem on this node, building or fetching it if needed. */
+export interface ImageProvider {
+  ensure(name: string, onProgress?: (line: string) => void): Promise<{ name: string; digest: string; rootfs: string }>;
+  list(): Promise<Array<{ name: string; digest: string }>>;
+}
+
+export interface NodeAgentOptions {
+  serverUrl: string;
+  token: string;
+  dataDir: string;
+  driver: RuntimeDriver;
+  images: ImageProvider;
+  name?: string;
+  /** Address the exec endpoint listens on, and advertises. */
+  listenHost?: string;
+  listenPort?: number;
+  advertiseHost?: string;
+  heartbeatMs?: number;
+  resyncMs?: number;
+  log?: (msg: string, fields?: Record<string, unknown>) => void;
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+export class NodeAgent {
+  private readonly client: DevyardClient;
+  private readonly stateFile: string;
+  private state: AgentState;
+  private readonly exec: ExecServer;
+  private agentUrl = '';
+  private readonly abort = new AbortController();
+  private readonly boxChains = new Map<string, Promise<void>>();
+  private readonly pendingReports = new Map<string, BoxStatusReport>();
+  private flushing: Promise<void> | null = null;
+  private resyncTimer: NodeJS.Timeout | undefined;
+  private readonly log: NonNullable<NodeAgentOptions['log']>;
+  private connected = false;
+
+  constructor(private readonly opts: NodeAgentOptions) {
+    this.client = new DevyardClient({ url: opts.serverUrl, token: opts.token, timeoutMs: 10_000 });
+    this.stateFile = join(opts.dataDir, 'agent-state.json');
+    this.state = loadAgentState(this.stateFile, opts.serverUrl);
+    this.log = opts.log ?? (() => undefined);
+    this.exec = new ExecServer({
+      host: opts.listenHost ?? '127.0.0.1',
+      port: opts.listenPort ?? 0,
+      driver: opts.driver,
+      sessionKey: () => this.state.sessionKey,
+      log: this.log,
+    });
+  }
+
+  get nodeId(): string | null {
+    return this.state.nodeId;
+  }
+
+  /** Whether the last call to the server succeeded. */
+  get serverReachable(): boolean {
+    return this.connected;
+  }
+
+  async start(): Promise<void> {
+    await this.opts.driver.init();
+    const url = await this.exec.listen();
+    this.agentUrl = this.opts.advertiseHost ? url.replace(/\/\/[^:]+:/, `//${this.opts.advertiseHost}:`) : url;
+    const adopted = await this.opts.driver.list();
+    if (adopted.length) this.log('found boxes on this host; adopting them', { boxes: adopted.map((b) => `${b.boxId}:${b.state}`) });
+    // Act on the last known desired set at once: the server may be down.
+    if (this.state.desired) this.reconcileAll();
+    void this.connectLoop();
+    this.resyncTimer = setInterval(() => this.reconcileAll(), this.opts.resyncMs ?? 10_000);
+  }
+
+  async stop(): Promise<void> {
+    this.abort.abort();
+    clearInterval(this.resyncTimer);
+    await Promise.allSettled([...this.boxChains.values()]);
+    await this.exec.close();
+  }
+
+  /** Registers, then keeps a heartbeat and a desired-set watch going; retries forever with backoff. */
+  private async connectLoop(): Promise<void> {
+    let backoff = 250;
+    while (!this.abort.signal.aborted) {
+      try {
+        await this.register();
+        backoff = 250;
+        await Promise.race([this.heartbeatLoop(), this.watchLoop()]);
+      } catch (e) {
+        if (this.abort.signal.aborted) return;
+        this.connected = false;
+        this.log('control plane unreachable; running on the last desired set', { err: (e as Error).message });
+      }
+      await sleep(backoff);
+      backoff = Math.min(backoff * 2, 5000);
+    }
+  }
+
+  private async register(): Promise<void> {
+    const images = (await this.opts.images.list()).flatMap((i) => [i.name, i.digest]);
+    const res = await this.client.registerNode({
+      name: this.opts.name ?? hostname(),
+      arch: arch() === 'x64' ? 'x86_64' : arch(),
+      region: null,
+      labels: {},
+      runtimes: [this.opts.driver.name],
+      capacity: {
+        cpuMillis: cpus().length * 1000,
+        memoryBytes: totalmem(),
+        diskBytes: (() => {
+          const s = statfsSync(this.opts.dataDir);
+          return s.blocks * s.bsize;
+        })(),
+      },
+      images,
+      agentUrl: this.agentUrl,
+    });
+    this.connected = true;
+    this.state = { ...this.state, nodeId: res.nodeId, sessionKey: res.sessionKey };
+    saveAgentState(this.stateFile, this.state);
+    this.log('registered', { nodeId: res.nodeId });
+    void this.flushReports();
+  }
+
+  private async heartbeatLoop(): Promise<void> {
+    while (!this.abort.signal.aborted) {
+      await sleep(this.opts.heartbeatMs ?? 5000);
+      const images = (await this.opts.images.list()).flatMap((i) => [i.name, i.digest]);
+      await this.client.heartbeat(this.state.nodeId!, images);
+      this.connected = true;
+    }
+  }
+
+  private async watchLoop(): Promise<void> {
+    for await (const set of this.client.watchDesiredSet(this.state.nodeId!, this.abort.signal)) {
+      this.connected = true;
+      this.applyDesired(set);
+    }
+    throw new Error('desired-set watch ended');
+  }
+
+  private applyDesired(set: DesiredSet): void {
+    this.state = { ...this.state, desired: set };
+    const live = new Set(set.boxes.map((b) => b.operationId));
+    for (const [boxId, op] of Object.entries(this.state.failedOperations)) if (!live.has(op)) delete this.state.failedOperations[boxId];
+    saveAgentState(this.stateFile, this.state);
+    this.reconcileAll();
+  }
+
+  private reconcileAll(): void {
+    for (const box of this.state.desired?.boxes ?? []) this.enqueue(box.boxId);
+  }
+
+  /** Serializes work per box; different boxes proceed in parallel. Coalesces repeated wake-ups. */
+  private enqueue(boxId: string): void {
+    if (this.boxChains.has(boxId)) {
+      this.rerun.add(boxId);
+      return;
+    }
+    const run = async (): Promise<void> => {
+      try {
+        await this.reconcileBox(boxId);
+      } catch (e) {
+        this.log('reconcile failed', { boxId, err: (e as Error).message });
+      }
+      if (this.rerun.delete(boxId) && !this.abort.signal.aborted) return run();
+    };
+    const chain = run().finally(() => this.boxChains.delete(boxId));
+    this.boxChains.set(boxId, chain);
+  }
+  private readonly rerun = new Set<string>();
+
+  private spec(box: DesiredBox, image: { digest: string; rootfs: string }): BoxRuntimeSpec {
+    return {
+      boxId: box.boxId,
+      name: box.name,
+      imageRootfs: image.rootfs,
+      imageDigest: image.digest,
+      resources: { cpuMillis: box.resources.cpuMillis, memoryBytes: box.resources.memoryBytes, pids: 4096 },
+      env: box.env,
+    };
+  }
+
+  /** Steps one box until it matches its desired state, a step fails, or the desired set changes. */
+  private async reconcileBox(boxId: string): Promise<void> {
+    for (let steps = 0; steps < 6; steps++) {
+      const box = this.state.desired?.boxes.find((b) => b.boxId === boxId);
+      if (!box) return;
+      const observed = await this.opts.driver.inspect(boxId);
+      const step = decideNodeStep(box.desiredState, observed.state);
+      if (step.kind === 'none') {
+        this.report(box, step.phase, observed.ip ?? null);
+        return;
+      }
+      if (this.state.failedOperations[boxId] === box.operationId) return; // wait for the server's retry
+      this.report(box, step.phase, observed.ip ?? null);
+      try {
+        const d = this.opts.driver;
+        switch (step.kind) {
+          case 'start':
+          case 'create': {
+            const image = await this.opts.images.ensure(box.image, (line) => this.log('image', { image: box.image, line }));
+            if (step.kind === 'start') await d.start(this.spec(box, image));
+            else await d.create(this.spec(box, image));
+            break;
+          }
+          case 'stop':
+            await d.stop(boxId);
+            break;
+          case 'pause':
+            await d.pause(boxId);
+            break;
+          case 'resume':
+            await d.resume(boxId);
+            break;
+          case 'destroy':
+            await d.destroy(boxId);
+            break;
+        }
+      } catch (e) {
+        const message = (e as Error).message.split('\n').slice(0, 5).join(' ').slice(0, 1000);
+        this.log('box step failed', { boxId, step: step.kind, err: message });
+        this.state.failedOperations[boxId] = box.operationId;
+        saveAgentState(this.stateFile, this.state);
+        const now = await this.opts.driver.inspect(boxId).catch(() => observed);
+        const phase: Phase = now.state === 'absent' ? (box.desiredState === 'deleted' ? 'deleting' : 'provisioning') : now.state;
+        this.report(box, phase, now.ip ?? null, `${step.kind} failed: ${message}`);
+        return;
+      }
+      const after = await this.opts.driver.inspect(boxId);
+      this.report(box, step.then, after.ip ?? null);
+    }
+  }
+
+  private report(box: DesiredBox, phase: Phase, ip: string | null, error: string | null = null): void {
+    const prev = this.pendingReports.get(box.boxId);
+    this.pendingReports.set(box.boxId, {
+      boxId: box.boxId,
+      phase,
+      observedGeneration: box.generation,
+      operationId: box.operationId,
+      ip,
+      // An error must reach the server even if a later report for the same operation replaces it.
+      error: error ?? (prev?.operationId === box.operationId ? prev.error : null),
+      message: '',
+    });
+    void this.flushReports();
+  }
+
+  private async flushReports(): Promise<void> {
+    if (this.flushing) {
+      await this.flushing;
+      if (this.pendingReports.size === 0) return;
+    }
+    if (!this.state.nodeId || this.pendingReports.size === 0) return;
+    const batch = [...this.pendingReports.values()];
+    this.pendingReports.clear();
+    this.flushing = this.client
+      .reportStatus(this.state.nodeId, batch)
+      .then(() => {
+        this.connected = true;
+      })
+      .catch(() => {
+        this.connected = false;
+        // Keep the newest report per box for the next attempt (after reconnecting).
+        for (const r of batch) if (!this.pendingReports.has(r.boxId)) this.pendingReports.set(r.boxId, r);
+      })
+      .finally(() => {
+        this.flushing = null;
+      });
+    await this.flushing;
+    if (this.pendingReports.size > 0 && this.connected) void this.flushReports();
+  }
+}

@@ -1,0 +1,126 @@
+/**
+ * The crun command line. Commands that touch cgroups (run, delete, update) run in a private mount
+ * namespace (`unshare -m`): on a hybrid host the empty cgroup2 mount at /sys/fs/cgroup/unified is
+ * removed there, because crun 1.8 refuses hybrid mode. The same throwaway namespace also holds the
+ * box's overlay and sysfs mounts, so they never appear in the host's mount table and vanish with
+ * the box's last process (nothing to unmount or to leak after an agent crash).
+ * A fresh `unshare -m` per call costs ~1 ms here, no more than entering a persistent namespace,
+ * and a persistent one would not see mounts made later on the host (the host root is private).
+ */
+import { readFile } from 'node:fs/promises';
+import { runHostCommand, runHostCommandRaw, type HostCommandResult } from '../../network/host-command-runner.js';
+import type { CgroupMode } from './cgroup-layout.js';
+
+/** A container as crun reports it. */
+export interface CrunContainer {
+  /** Container id (the box id). */
+  id: string;
+  /** Host pid of the init process (0 when stopped). */
+  pid: number;
+  /** crun's status: created, running, stopped, paused. */
+  status: string;
+  /** Bundle directory (the box directory). */
+  bundle: string;
+}
+
+/** Mounts made in the private namespace right before `crun run`. */
+export interface RunMounts {
+  /** Overlay lower, upper, work and target directories. */
+  overlay: { lower: string; upper: string; work: string; target: string };
+  /** sysfs made from inside the box's network namespace (so /sys/class/net shows the box's). */
+  sysfs: { netnsPath: string; target: string };
+}
+
+/** Thin wrapper around the crun binary. */
+export class CrunCli {
+  /** crun's state directory. */
+  readonly stateRoot: string;
+  private readonly prelude: string;
+
+  constructor(
+    private readonly mode: CgroupMode,
+    opts: { stateRoot?: string; crunPath?: string } = {},
+  ) {
+    this.stateRoot = opts.stateRoot ?? '/run/crun';
+    this.crun = opts.crunPath ?? 'crun';
+    this.prelude = mode === 'hybrid' ? 'umount /sys/fs/cgroup/unified || exit 97\n' : '';
+  }
+
+  private readonly crun: string;
+
+  private base(): string[] {
+    return this.stateRoot === '/run/crun' ? [this.crun] : [this.crun, '--root', this.stateRoot];
+  }
+
+  /** Runs a crun subcommand inside a private mount namespace fit for crun's cgroup handling. */
+  private inNamespace(script: string, args: string[]): Promise<HostCommandResult> {
+    return runHostCommandRaw(['unshare', '-m', '--propagation', 'private', 'sh', '-c', `set -e\n${this.prelude}${script}`, 'sh', ...args]);
+  }
+
+  /**
+   * Mounts the box's root and sysfs, then `crun run -d`: crun returns once init runs, and the box
+   * outlives the agent. Init's stdio goes to `logFile` (it must not hold our pipes open).
+   */
+  async runDetached(id: string, bundle: string, mounts: RunMounts, logFile: string): Promise<void> {
+    const { overlay, sysfs } = mounts;
+    const script =
+      'mount -t overlay overlay -o "lowerdir=$1,upperdir=$2,workdir=$3" "$4"\n' +
+      'nsenter --net="$5" mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$6"\n' +
+      `exec ${this.base().join(' ')} run -d -b "$7" "$8" </dev/null >"$9" 2>&1\n`;
+    const r = await this.inNamespace(script, [
+      overlay.lower,
+      overlay.upper,
+      overlay.work,
+      overlay.target,
+      sysfs.netnsPath,
+      sysfs.target,
+      bundle,
+      id,
+      logFile,
+    ]);
+    if (r.code !== 0) {
+      let log = '';
+      try {
+        log = (await readFile(logFile, 'utf8')).trim();
+      } catch {
+        log = '';
+      }
+      throw new Error(`crun run ${id} failed (${r.code}): ${r.stderr.trim()} ${log}`.trim());
+    }
+  }
+
+  /** `crun delete -f`; true when something was deleted. */
+  async delete(id: string): Promise<boolean> {
+    const r = await this.inNamespace(`exec ${this.base().join(' ')} delete -f "$1"`, [id]);
+    return r.code === 0;
+  }
+
+  /** Changes the limits of a running container. */
+  async updateResources(id: string, args: string[]): Promise<void> {
+    const r = await this.inNamespace(`exec ${this.base().join(' ')} update "$@"`, [...args, id]);
+    if (r.code !== 0) throw new Error(`crun update ${id}: ${r.stderr.trim()}`);
+  }
+
+  /** State of one container, or null when crun has none. */
+  async state(id: string): Promise<CrunContainer | null> {
+    const r = await runHostCommandRaw([...this.base(), 'state', id]);
+    if (r.code !== 0) return null;
+    const s = JSON.parse(r.stdout) as { id: string; pid?: number; status: string; bundle: string };
+    return { id: s.id, pid: s.pid ?? 0, status: s.status, bundle: s.bundle };
+  }
+
+  /** Every container in crun's state directory. */
+  async list(): Promise<CrunContainer[]> {
+    const out = await runHostCommand([...this.base(), 'list', '--format', 'json']);
+    const items = JSON.parse(out.trim() || '[]') as Array<{ id: string; pid?: number; status: string; bundle: string }>;
+    return items.map((s) => ({ id: s.id, pid: s.pid ?? 0, status: s.status, bundle: s.bundle }));
+  }
+
+  /** argv of `crun exec` for a process in a container (stdio inherited from the caller). */
+  execArgv(id: string, opts: { cwd: string; env: string[]; pidFile: string; argv: string[] }): string[] {
+    const args = [...this.base(), 'exec', '--cwd', opts.cwd, '--pid-file', opts.pidFile];
+    for (const e of opts.env) args.push('--env', e);
+    args.push(id, ...opts.argv);
+    return args;
+  }
+}

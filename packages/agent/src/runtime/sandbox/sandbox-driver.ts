@@ -1,0 +1,490 @@
+/**
+ * The `sandbox` runtime: one box = one crun container (user, pid, mount, uts, ipc and network
+ * namespaces, cgroup limits, seccomp) on a read-only shared image with a per-box overlayfs upper.
+ *
+ * Host state of a box: `<dataDir>/boxes/<boxId>/` (box.json, config.json, upper/, work/, merged/,
+ * sys/, etc/, volume/{workspace,home}/), crun's state `/run/crun/<boxId>`, cgroups
+ * `<hierarchy>/<cgroupParent>/<boxId>`, the netns `dy-<boxId>` and a veth named by a hash of the
+ * id. The overlay and sysfs are mounted in the private mount namespace crun runs in, so they live
+ * and die with the box's processes and never show in the host's mount table.
+ */
+import { randomBytes } from 'node:crypto';
+import { existsSync, realpathSync } from 'node:fs';
+import { chmod, chown, mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { BridgeNetwork, type BridgeNetworkOptions } from '../../network/bridge-network.js';
+import { runHostCommandRaw } from '../../network/host-command-runner.js';
+import { allocateAddress } from '../../network/ipv4-subnet.js';
+import type {
+  BoxRuntimeSpec,
+  ExecOptions,
+  ExecProcess,
+  RuntimeBoxStatus,
+  RuntimeDriver,
+} from '../runtime-driver.js';
+import { spawnPipeExec, spawnPtyExec } from './box-exec-process.js';
+import { CgroupLayout, type CgroupMode } from './cgroup-layout.js';
+import { CrunCli } from './crun-cli.js';
+import { buildOciSpec, type IdRange } from './oci-spec-builder.js';
+
+/** Host uid/gid range box root maps to; the image store shifts image ownership by the same offset. */
+export const DEFAULT_ID_RANGE: IdRange = { hostId: 100_000, size: 65_536 };
+
+/** Options of {@link SandboxDriver}. */
+export interface SandboxDriverOptions {
+  /** Directory holding every box's disk state. */
+  dataDir: string;
+  /** Bridge, subnet and host object names of the box network. */
+  network?: BridgeNetworkOptions;
+  /** Parent cgroup of every box (default `devyard`). */
+  cgroupParent?: string;
+  /** Host id range of box root (default 100000/65536); must match the image store's shift. */
+  idRange?: IdRange;
+  /** Static busybox on the host, bound read-only into every box as its init (default: found in PATH dirs). */
+  busyboxPath?: string;
+  /** crun state directory (default /run/crun). */
+  crunStateRoot?: string;
+  /** Forces the cgroup layout instead of detecting it. */
+  cgroupMode?: CgroupMode;
+  /** Structured log sink. */
+  log?: (msg: string, fields?: object) => void;
+}
+
+/** What the driver records about a box next to its disk state. */
+interface BoxRecord {
+  boxId: string;
+  name: string;
+  imageRootfs: string;
+  imageDigest: string;
+  resources: BoxRuntimeSpec['resources'];
+  env: Record<string, string>;
+  ip: string;
+  createdAt: string;
+}
+
+const BOX_ID = /^[a-z0-9_]{1,40}$/;
+const DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
+const BUSYBOX_IN_BOX = '/.devyard/busybox';
+/** Init: reaps every child (ash's wait uses waitpid(-1)) and exits on SIGTERM. */
+const INIT_SCRIPT = `trap 'exit 0' TERM INT; while :; do ${BUSYBOX_IN_BOX} sleep 2147483647 & wait; done`;
+
+/** A box operation on a box this host cannot act on. */
+export class SandboxError extends Error {
+  constructor(
+    /** Stable error code. */
+    readonly code: 'BOX_NOT_RUNNING' | 'BOX_NOT_FOUND' | 'BOX_PAUSED' | 'INVALID_BOX_ID',
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/** The crun-based sandbox runtime driver. */
+export class SandboxDriver implements RuntimeDriver {
+  /** Runtime name advertised by the node. */
+  readonly name = 'sandbox';
+  /** The cgroup freezer keeps process memory on the node. */
+  readonly pauseKeepsMemory = true;
+  /** The box network (exposed for diagnostics and tests). */
+  readonly network: BridgeNetwork;
+  /** The cgroup layout (exposed for diagnostics and tests). */
+  readonly cgroups: CgroupLayout;
+  private readonly crun: CrunCli;
+  private readonly dataDir: string;
+  private readonly boxesDir: string;
+  private readonly idRange: IdRange;
+  private readonly busybox: string;
+  private readonly log: (msg: string, fields?: object) => void;
+  private readonly records = new Map<string, BoxRecord>();
+  private readonly locks = new Map<string, Promise<unknown>>();
+  private allocLock: Promise<unknown> = Promise.resolve();
+  private resolvConf: string | undefined;
+
+  constructor(opts: SandboxDriverOptions) {
+    if (/[,:\s]/.test(opts.dataDir)) throw new Error('dataDir must not contain commas, colons or spaces (overlay options)');
+    this.dataDir = opts.dataDir;
+    this.boxesDir = join(opts.dataDir, 'boxes');
+    this.network = new BridgeNetwork(opts.network);
+    this.cgroups = new CgroupLayout({ parent: opts.cgroupParent ?? 'devyard', mode: opts.cgroupMode });
+    this.crun = new CrunCli(this.cgroups.mode, { stateRoot: opts.crunStateRoot });
+    this.idRange = opts.idRange ?? DEFAULT_ID_RANGE;
+    this.busybox = opts.busyboxPath ?? findBusybox();
+    this.log = opts.log ?? (() => {});
+  }
+
+  /** Prepares the bridge, NAT, cgroup parent and data directory. */
+  async init(): Promise<void> {
+    await this.prepareBoxesDir();
+    await this.network.init();
+    await this.cgroups.init();
+    this.log('sandbox: host ready', { cgroupMode: this.cgroups.mode, bridge: this.network.bridge });
+  }
+
+  /** Removes the bridge, NAT table and cgroup parents (uninstall and tests); destroy boxes first. */
+  async teardownHost(): Promise<void> {
+    await this.network.teardown();
+    await this.cgroups.removeParent();
+  }
+
+  /** Creates the box's disk state; keeps an existing one (and its address). */
+  async create(spec: BoxRuntimeSpec): Promise<void> {
+    checkBoxId(spec.boxId);
+    await this.withLock(spec.boxId, () => this.createLocked(spec));
+  }
+
+  /** Cold-boots the box from its disk state; converges when it already runs. */
+  async start(spec: BoxRuntimeSpec): Promise<void> {
+    checkBoxId(spec.boxId);
+    await this.withLock(spec.boxId, async () => {
+      const t0 = performance.now();
+      const rec = await this.createLocked(spec);
+      const existing = await this.crunState(spec.boxId);
+      if (existing && (existing.status === 'running' || existing.status === 'paused')) return;
+      if (existing) await this.releaseRuntime(spec.boxId, 0);
+      const dir = this.boxDir(spec.boxId);
+      try {
+        const netnsPath = await this.network.createNamespace(spec.boxId);
+        // The box joins its namespace right away; the veth and address are set up meanwhile
+        // (start returns only when both are done, so the first exec sees a configured network).
+        const configured = this.network.configure(spec.boxId, rec.ip);
+        configured.catch(() => {});
+        this.resolvConf ??= await this.network.resolvConf();
+        await Promise.all([
+          writeFile(join(dir, 'etc/hostname'), `${rec.name}\n`),
+          writeFile(
+            join(dir, 'etc/hosts'),
+            `127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n${rec.ip}\t${rec.name}\n`,
+          ),
+          writeFile(join(dir, 'etc/resolv.conf'), this.resolvConf),
+          writeFile(join(dir, 'config.json'), JSON.stringify(this.ociSpec(rec, netnsPath))),
+        ]);
+        await Promise.all([
+          configured,
+          this.crun.runDetached(
+            spec.boxId,
+            dir,
+            {
+              overlay: {
+                lower: rec.imageRootfs,
+                upper: join(dir, 'upper'),
+                work: join(dir, 'work'),
+                target: join(dir, 'merged'),
+              },
+              sysfs: { netnsPath, target: join(dir, 'sys') },
+            },
+            join(dir, 'init.log'),
+          ),
+        ]);
+      } catch (err) {
+        await this.releaseRuntime(spec.boxId, 0).catch(() => {});
+        throw err;
+      }
+      this.log('sandbox: started', { boxId: spec.boxId, ms: Math.round(performance.now() - t0) });
+    });
+  }
+
+  /** Ends every process (SIGTERM, grace, SIGKILL) and releases cgroups and network; keeps disk state. */
+  async stop(boxId: string, opts: { graceMs?: number } = {}): Promise<void> {
+    checkBoxId(boxId);
+    await this.withLock(boxId, () => this.releaseRuntime(boxId, opts.graceMs ?? 10_000));
+  }
+
+  /** Freezes every process of the box through the cgroup freezer. */
+  async pause(boxId: string): Promise<void> {
+    checkBoxId(boxId);
+    await this.withLock(boxId, async () => {
+      if (!this.hasRuntime(boxId)) throw new SandboxError('BOX_NOT_RUNNING', `box ${boxId} is not running`);
+      await this.cgroups.freeze(boxId);
+    });
+  }
+
+  /** Thaws a paused box. */
+  async resume(boxId: string): Promise<void> {
+    checkBoxId(boxId);
+    await this.withLock(boxId, async () => {
+      if (!this.hasRuntime(boxId)) throw new SandboxError('BOX_NOT_RUNNING', `box ${boxId} is not running`);
+      await this.cgroups.thaw(boxId);
+    });
+  }
+
+  /** Removes everything of the box; idempotent. */
+  async destroy(boxId: string): Promise<void> {
+    checkBoxId(boxId);
+    await this.withLock(boxId, async () => {
+      await this.releaseRuntime(boxId, 0);
+      const dir = this.boxDir(boxId);
+      // Mounts on the host under the box (none normally: they live in crun's private namespace).
+      for (const m of await hostMountsUnder(dir)) await runHostCommandRaw(['umount', '-l', m]);
+      await rm(dir, { recursive: true, force: true });
+      this.records.delete(boxId);
+      this.log('sandbox: destroyed', { boxId });
+    });
+  }
+
+  /** Observes one box. */
+  async inspect(boxId: string): Promise<RuntimeBoxStatus> {
+    checkBoxId(boxId);
+    const rec = await this.readRecord(boxId);
+    const st = await this.crunState(boxId);
+    if (st && (st.status === 'running' || st.status === 'paused' || st.status === 'created')) {
+      const paused = st.status === 'paused' || (await this.cgroups.isFrozen(boxId));
+      return { boxId, state: paused ? 'paused' : 'running', ip: rec?.ip, pid: st.pid || undefined };
+    }
+    if (rec || existsSync(this.boxDir(boxId)) || st) return { boxId, state: 'stopped' };
+    return { boxId, state: 'absent' };
+  }
+
+  /** Every box with disk state under dataDir or a crun container whose bundle is there. */
+  async list(): Promise<RuntimeBoxStatus[]> {
+    const ids = new Set<string>();
+    try {
+      for (const e of await readdir(this.boxesDir, { withFileTypes: true })) {
+        if (e.isDirectory() && BOX_ID.test(e.name)) ids.add(e.name);
+      }
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    }
+    for (const c of await this.crun.list()) {
+      if (c.bundle.startsWith(`${this.boxesDir}/`) && BOX_ID.test(c.id)) ids.add(c.id);
+    }
+    return Promise.all([...ids].sort().map((id) => this.inspect(id)));
+  }
+
+  /** Starts a process in a running box. */
+  async exec(boxId: string, opts: ExecOptions): Promise<ExecProcess> {
+    checkBoxId(boxId);
+    if (opts.argv.length === 0) throw new Error('exec: empty argv');
+    if (!this.hasRuntime(boxId)) throw new SandboxError('BOX_NOT_RUNNING', `box ${boxId} is not running`);
+    if (await this.cgroups.isFrozen(boxId)) throw new SandboxError('BOX_PAUSED', `box ${boxId} is paused`);
+    const rec = await this.readRecord(boxId);
+    const env: Record<string, string> = {
+      PATH: DEFAULT_PATH,
+      HOME: '/root',
+      HOSTNAME: rec?.name ?? boxId,
+      ...(rec?.env ?? {}),
+      ...(opts.env ?? {}),
+    };
+    if (opts.tty && env.TERM === undefined) env.TERM = 'xterm-256color';
+    const pidFile = join(this.boxDir(boxId), `exec-${randomBytes(6).toString('hex')}.pid`);
+    const argv = this.crun.execArgv(boxId, {
+      cwd: opts.cwd ?? '/workspace',
+      env: Object.entries(env).map(([k, v]) => `${k}=${v}`),
+      pidFile,
+      argv: opts.argv,
+    });
+    return opts.tty
+      ? spawnPtyExec(argv, pidFile, { cols: opts.cols ?? 80, rows: opts.rows ?? 24 })
+      : spawnPipeExec(argv, pidFile);
+  }
+
+  /**
+   * crun sets up bind mounts from inside the box's user namespace, where host root's files are
+   * "other": every directory on the way to a box must be searchable (x) by others.
+   */
+  private async prepareBoxesDir(): Promise<void> {
+    await mkdir(this.boxesDir, { recursive: true });
+    await chmod(this.boxesDir, 0o711);
+    await chmod(this.dataDir, (await stat(this.dataDir)).mode | 0o111);
+  }
+
+  private boxDir(boxId: string): string {
+    return join(this.boxesDir, boxId);
+  }
+
+  /** crun keeps a directory per container: a cheap check before spawning `crun state`. */
+  private hasRuntime(boxId: string): boolean {
+    return existsSync(join(this.crun.stateRoot, boxId));
+  }
+
+  private async crunState(boxId: string) {
+    if (!this.hasRuntime(boxId)) return null;
+    return this.crun.state(boxId);
+  }
+
+  private ociSpec(rec: BoxRecord, netnsPath: string): Record<string, unknown> {
+    const dir = this.boxDir(rec.boxId);
+    return buildOciSpec({
+      rootfs: join(dir, 'merged'),
+      hostname: rec.name,
+      args: [BUSYBOX_IN_BOX, 'sh', '-c', INIT_SCRIPT],
+      env: [`PATH=${DEFAULT_PATH}`, 'HOME=/root', ...Object.entries(rec.env).map(([k, v]) => `${k}=${v}`)],
+      resources: rec.resources,
+      cgroupsPath: this.cgroups.cgroupsPath(rec.boxId),
+      netnsPath,
+      idRange: this.idRange,
+      sysfsSource: join(dir, 'sys'),
+      binds: [
+        { source: this.busybox, destination: BUSYBOX_IN_BOX, readonly: true },
+        { source: join(dir, 'volume/workspace'), destination: '/workspace', readonly: false },
+        { source: join(dir, 'volume/home'), destination: '/root', readonly: false },
+        { source: join(dir, 'etc/hosts'), destination: '/etc/hosts', readonly: false },
+        { source: join(dir, 'etc/hostname'), destination: '/etc/hostname', readonly: false },
+        { source: join(dir, 'etc/resolv.conf'), destination: '/etc/resolv.conf', readonly: false },
+      ],
+    });
+  }
+
+  private async createLocked(spec: BoxRuntimeSpec): Promise<BoxRecord> {
+    const dir = this.boxDir(spec.boxId);
+    const existing = await this.readRecord(spec.boxId);
+    if (existing && existing.imageRootfs === spec.imageRootfs && sameSpec(existing, spec)) return existing;
+    const root = this.idRange.hostId;
+    if (!existing) {
+      await this.prepareBoxesDir();
+      await mkdir(dir, { recursive: true, mode: 0o711 });
+      for (const sub of ['work', 'merged', 'sys', 'etc', 'volume']) await mkdir(join(dir, sub), { recursive: true });
+      // The overlay's root directory takes the upper's owner and mode: box root must own it.
+      for (const [sub, mode] of [
+        ['upper', 0o755],
+        ['volume/workspace', 0o755],
+        ['volume/home', 0o700],
+      ] as const) {
+        await mkdir(join(dir, sub), { recursive: true });
+        await chown(join(dir, sub), root, root);
+        await chmod(join(dir, sub), mode);
+      }
+      for (const f of ['hosts', 'hostname', 'resolv.conf']) {
+        await writeFile(join(dir, 'etc', f), '');
+        await chown(join(dir, 'etc', f), root, root);
+      }
+    }
+    const ip = existing?.ip ?? (await this.allocateIp(spec.boxId));
+    const rec: BoxRecord = {
+      boxId: spec.boxId,
+      name: spec.name,
+      imageRootfs: spec.imageRootfs,
+      imageDigest: spec.imageDigest,
+      resources: spec.resources,
+      env: spec.env,
+      ip,
+      createdAt: existing?.createdAt ?? new Date().toISOString(),
+    };
+    const tmp = join(dir, `.box.json.${process.pid}`);
+    await writeFile(tmp, JSON.stringify(rec, null, 2));
+    await rename(tmp, join(dir, 'box.json'));
+    this.records.set(spec.boxId, rec);
+    return rec;
+  }
+
+  /** Picks the lowest free address; serialized so two creates never take the same one. */
+  private allocateIp(boxId: string): Promise<string> {
+    const next = this.allocLock.then(async () => {
+      const used: string[] = [];
+      let names: string[] = [];
+      try {
+        names = await readdir(this.boxesDir);
+      } catch {
+        names = [];
+      }
+      for (const id of names) {
+        if (id === boxId) continue;
+        const rec = await this.readRecord(id);
+        if (rec) used.push(rec.ip);
+      }
+      for (const rec of this.records.values()) if (rec.boxId !== boxId) used.push(rec.ip);
+      return allocateAddress(this.network.subnet, used);
+    });
+    this.allocLock = next.catch(() => {});
+    return next;
+  }
+
+  private async readRecord(boxId: string): Promise<BoxRecord | undefined> {
+    const cached = this.records.get(boxId);
+    if (cached) return cached;
+    try {
+      const rec = JSON.parse(await readFile(join(this.boxDir(boxId), 'box.json'), 'utf8')) as BoxRecord;
+      this.records.set(boxId, rec);
+      return rec;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /**
+   * Ends the box's processes and frees everything but its disk state: SIGTERM to every process
+   * but init, up to `graceMs` for them to exit, SIGKILL to what is left, `crun delete`, then the
+   * network namespace and any cgroup directory left over.
+   */
+  private async releaseRuntime(boxId: string, graceMs: number): Promise<void> {
+    const t0 = performance.now();
+    if (this.hasRuntime(boxId)) {
+      const st = await this.crun.state(boxId);
+      if (await this.cgroups.isFrozen(boxId)) await this.cgroups.thaw(boxId);
+      const initPid = st?.pid ?? 0;
+      if (graceMs > 0) {
+        for (const pid of await this.cgroups.procs(boxId)) if (pid !== initPid) tryKill(pid, 'SIGTERM');
+        const deadline = Date.now() + graceMs;
+        while (Date.now() < deadline) {
+          const left = (await this.cgroups.procs(boxId)).filter((p) => p !== initPid);
+          if (left.length === 0) break;
+          await sleep(10);
+        }
+        if (initPid) tryKill(initPid, 'SIGTERM');
+      }
+      for (let i = 0; i < 100; i++) {
+        const left = await this.cgroups.procs(boxId);
+        if (left.length === 0) break;
+        for (const pid of left) tryKill(pid, 'SIGKILL');
+        await sleep(5);
+      }
+      await this.crun.delete(boxId);
+      if (this.hasRuntime(boxId)) throw new Error(`crun delete ${boxId} left its state behind`);
+    }
+    await this.network.detach(boxId);
+    await this.cgroups.removeBox(boxId);
+    this.log('sandbox: released', { boxId, ms: Math.round(performance.now() - t0) });
+  }
+
+  private withLock<T>(boxId: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.locks.get(boxId) ?? Promise.resolve();
+    const next = prev.then(fn, fn);
+    const settled = next.catch(() => {});
+    this.locks.set(boxId, settled);
+    void settled.then(() => {
+      if (this.locks.get(boxId) === settled) this.locks.delete(boxId);
+    });
+    return next;
+  }
+}
+
+function sameSpec(rec: BoxRecord, spec: BoxRuntimeSpec): boolean {
+  return (
+    rec.name === spec.name &&
+    rec.imageDigest === spec.imageDigest &&
+    JSON.stringify(rec.resources) === JSON.stringify(spec.resources) &&
+    JSON.stringify(rec.env) === JSON.stringify(spec.env)
+  );
+}
+
+function checkBoxId(boxId: string): void {
+  if (!BOX_ID.test(boxId)) throw new SandboxError('INVALID_BOX_ID', `invalid box id: ${boxId}`);
+}
+
+function findBusybox(): string {
+  for (const p of ['/usr/bin/busybox', '/bin/busybox', '/usr/sbin/busybox']) {
+    if (existsSync(p)) return realpathSync(p);
+  }
+  throw new Error('busybox (static) not found on the host: install busybox-static');
+}
+
+function tryKill(pid: number, signal: NodeJS.Signals): void {
+  try {
+    process.kill(pid, signal);
+  } catch {
+    // Already gone.
+  }
+}
+
+async function hostMountsUnder(dir: string): Promise<string[]> {
+  const text = await readFile('/proc/self/mounts', 'utf8');
+  return text
+    .split('\n')
+    .map((l) => l.split(' ')[1] ?? '')
+    .map((p) => p.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))))
+    .filter((p) => p === dir || p.startsWith(`${dir}/`))
+    .sort((a, b) => b.length - a.length);
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}

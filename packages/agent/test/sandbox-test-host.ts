@@ -1,0 +1,49 @@
+/**
+ * Host probes shared by the sandbox integration tests: what of a box is left on the host, and a
+ * driver wired to test-only host object names so tests never touch a running Devyard.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { chmod, mkdtemp } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
+import type { ExecProcess } from '@devyard/agent/runtime/runtime-driver';
+
+/** A driver on a fresh temp dataDir with its own bridge, subnet, nft table and cgroup parent. */
+export async function testDriver(tag: string, octet: number): Promise<{ driver: SandboxDriver; dataDir: string; cgroupParent: string }> {
+  const dataDir = await mkdtemp(join(tmpdir(), `dy-${tag}-`));
+  await chmod(dataDir, 0o711);
+  const suffix = Math.random().toString(36).slice(2, 7);
+  const cgroupParent = `devyard-test-${tag}-${suffix}`;
+  const network = { bridge: `dyt${suffix}`, subnet: `10.${octet}.0.0/16`, nftTable: `devyard_test_${suffix}`, netnsPrefix: 'dyt-', vethPrefix: 'dyt' };
+  return { driver: new SandboxDriver({ dataDir, network, cgroupParent }), dataDir, cgroupParent };
+}
+
+/** Everything of a box still on the host (empty when it is fully gone). */
+export function boxLeftovers(driver: SandboxDriver, dataDir: string, boxId: string): string[] {
+  const left: string[] = [];
+  for (const line of readFileSync('/proc/mounts', 'utf8').split('\n')) {
+    if (line.includes(join(dataDir, 'boxes', boxId))) left.push(`mount: ${line}`);
+  }
+  const netns = execFileSync('ip', ['netns', 'list'], { encoding: 'utf8' });
+  if (netns.split('\n').some((l) => l.split(' ')[0] === driver.network.netnsName(boxId))) left.push('netns');
+  if (existsSync(`/sys/class/net/${driver.network.vethName(boxId)}`)) left.push('veth');
+  for (const dir of driver.cgroups.boxDirs(boxId)) if (existsSync(dir)) left.push(`cgroup: ${dir}`);
+  if (existsSync(`/run/crun/${boxId}`)) left.push('crun state');
+  if (existsSync(join(dataDir, 'boxes', boxId))) left.push('box dir');
+  return left;
+}
+
+/** Runs a command in a box and collects its output. */
+export async function run(driver: SandboxDriver, boxId: string, argv: string[], env?: Record<string, string>): Promise<{ code: number; out: string; err: string }> {
+  const p: ExecProcess = await driver.exec(boxId, { argv, env });
+  let out = '';
+  let err = '';
+  p.stdout.on('data', (b: Buffer) => (out += b.toString()));
+  p.stderr.on('data', (b: Buffer) => (err += b.toString()));
+  p.stdin.end();
+  const code = await p.exited;
+  await new Promise((r) => setImmediate(r));
+  return { code, out, err };
+}

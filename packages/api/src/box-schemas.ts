@@ -1,0 +1,90 @@
+import { z } from 'zod';
+import { DESIRED_STATES, PHASES } from '@devyard/core/box-lifecycle';
+import { NameSchema, ResourcesInputSchema, ResourcesSchema, TimestampSchema } from './common-schemas.js';
+import { RuntimeSchema } from './template-schemas.js';
+
+export const DesiredStateSchema = z.enum(DESIRED_STATES).meta({ id: 'DesiredState' });
+export const PhaseSchema = z.enum(PHASES).meta({ id: 'Phase' });
+
+export const CreateBoxRequestSchema = z
+  .object({
+    name: NameSchema,
+    template: NameSchema,
+    templateVersion: z.number().int().positive().optional().meta({ description: 'default: the latest version' }),
+    runtime: RuntimeSchema.optional().meta({ description: "default: the template's runtime" }),
+    resources: ResourcesInputSchema.optional(),
+    env: z.record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/), z.string()).optional(),
+  })
+  .strict()
+  .meta({ id: 'CreateBoxRequest' });
+
+export const ConditionSchema = z
+  .object({
+    type: z.string(),
+    status: z.enum(['True', 'False', 'Unknown']),
+    reason: z.string(),
+    message: z.string(),
+    lastTransitionTime: TimestampSchema,
+  })
+  .meta({ id: 'Condition' });
+
+export const BoxSchema = z
+  .object({
+    id: z.string(),
+    name: z.string(),
+    owner: z.string(),
+    template: z.string(),
+    templateVersion: z.number().int(),
+    image: z.string(),
+    runtime: RuntimeSchema,
+    desiredState: DesiredStateSchema,
+    phase: PhaseSchema,
+    generation: z.number().int(),
+    observedGeneration: z.number().int(),
+    node: z.string().nullable().meta({ description: 'name of the node the box is bound to' }),
+    resources: ResourcesSchema,
+    ip: z.string().nullable(),
+    conditions: z.array(ConditionSchema),
+    lastError: z.string().nullable().meta({ description: 'why the last operation failed, as the user should read it' }),
+    pause: z
+      .object({ keepsMemory: z.boolean(), description: z.string() })
+      .meta({ description: 'what pause keeps for this runtime, and where' }),
+    createdAt: TimestampSchema,
+    updatedAt: TimestampSchema,
+    version: z.number().int().meta({ description: 'changes on every update; the ETag' }),
+  })
+  .meta({ id: 'Box' });
+
+export const BoxListSchema = z.object({ items: z.array(BoxSchema) }).meta({ id: 'BoxList' });
+
+export const BoxEventSchema = z
+  .object({
+    id: z.number().int(),
+    boxId: z.string(),
+    boxName: z.string(),
+    time: TimestampSchema,
+    type: z.string().meta({ description: 'e.g. Created, Scheduled, PhaseChanged, Failed, Deleted' }),
+    phase: PhaseSchema.nullable(),
+    message: z.string(),
+  })
+  .meta({ id: 'BoxEvent' });
+
+export const BoxEventListSchema = z.object({ items: z.array(BoxEventSchema) }).meta({ id: 'BoxEventList' });
+
+export const ExecSessionRequestSchema = z
+  .object({ tty: z.boolean().default(false) })
+  .strict()
+  .meta({ id: 'ExecSessionRequest' });
+
+export const ExecSessionSchema = z
+  .object({
+    url: z.string().meta({ description: 'WebSocket URL on the node agent that runs the box' }),
+    token: z.string().meta({ description: 'short-lived signed token authorizing this session' }),
+    expiresAt: TimestampSchema,
+  })
+  .meta({ id: 'ExecSession' });
+
+export type CreateBoxRequest = z.infer<typeof CreateBoxRequestSchema>;
+export type Box = z.infer<typeof BoxSchema>;
+export type BoxEvent = z.infer<typeof BoxEventSchema>;
+export type ExecSession = z.infer<typeof ExecSessionSchema>;

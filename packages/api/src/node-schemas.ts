@@ -1,0 +1,96 @@
+import { z } from 'zod';
+import { ResourcesSchema, TimestampSchema } from './common-schemas.js';
+import { DesiredStateSchema, PhaseSchema } from './box-schemas.js';
+
+export const NodeSchema = z
+  .object({
+    id: z.string(),
+    name: z.string(),
+    status: z.enum(['ready', 'not-ready']),
+    cordoned: z.boolean(),
+    runtimes: z.array(z.string()),
+    arch: z.string(),
+    region: z.string().nullable(),
+    labels: z.record(z.string(), z.string()),
+    capacity: ResourcesSchema,
+    allocated: ResourcesSchema,
+    images: z.array(z.string()),
+    leaseExpiresAt: TimestampSchema,
+    agentUrl: z.string(),
+    boxes: z.number().int(),
+  })
+  .meta({ id: 'Node' });
+
+export const NodeListSchema = z.object({ items: z.array(NodeSchema) }).meta({ id: 'NodeList' });
+
+/** Sent by an agent when it starts: what the node offers. */
+export const RegisterNodeRequestSchema = z
+  .object({
+    name: z.string().min(1).max(63),
+    arch: z.string(),
+    region: z.string().nullable().default(null),
+    labels: z.record(z.string(), z.string()).default({}),
+    runtimes: z.array(z.string()).min(1),
+    capacity: ResourcesSchema,
+    images: z.array(z.string()).default([]),
+    agentUrl: z.string().url().meta({ description: 'where gateways and the CLI reach the agent for sessions' }),
+  })
+  .strict()
+  .meta({ id: 'RegisterNodeRequest' });
+
+export const RegisterNodeResponseSchema = z
+  .object({
+    nodeId: z.string(),
+    leaseSeconds: z.number().int(),
+    sessionKey: z.string().meta({ description: 'key the agent verifies session tokens with (HMAC-SHA256)' }),
+  })
+  .meta({ id: 'RegisterNodeResponse' });
+
+export const HeartbeatRequestSchema = z
+  .object({ images: z.array(z.string()).optional() })
+  .strict()
+  .meta({ id: 'HeartbeatRequest' });
+
+/** One box as the agent must run it. */
+export const DesiredBoxSchema = z
+  .object({
+    boxId: z.string(),
+    name: z.string(),
+    desiredState: DesiredStateSchema,
+    generation: z.number().int(),
+    operationId: z.string(),
+    image: z.string(),
+    runtime: z.string(),
+    resources: ResourcesSchema,
+    env: z.record(z.string(), z.string()),
+  })
+  .meta({ id: 'DesiredBox' });
+
+export const DesiredSetSchema = z
+  .object({ nodeId: z.string(), revision: z.number().int(), boxes: z.array(DesiredBoxSchema) })
+  .meta({ id: 'DesiredSet', description: 'the full set of boxes a node must run (level-triggered)' });
+
+export const BoxStatusReportSchema = z
+  .object({
+    boxId: z.string(),
+    phase: PhaseSchema,
+    observedGeneration: z.number().int(),
+    operationId: z.string(),
+    ip: z.string().nullable().default(null),
+    error: z.string().nullable().default(null).meta({ description: 'set when the operation failed' }),
+    message: z.string().default(''),
+  })
+  .strict()
+  .meta({ id: 'BoxStatusReport' });
+
+export const StatusReportRequestSchema = z
+  .object({ reports: z.array(BoxStatusReportSchema).max(1000) })
+  .strict()
+  .meta({ id: 'StatusReportRequest' });
+
+export type Node = z.infer<typeof NodeSchema>;
+export type RegisterNodeRequest = z.infer<typeof RegisterNodeRequestSchema>;
+export type RegisterNodeResponse = z.infer<typeof RegisterNodeResponseSchema>;
+export type DesiredBox = z.infer<typeof DesiredBoxSchema>;
+export type DesiredSet = z.infer<typeof DesiredSetSchema>;
+export type BoxStatusReport = z.infer<typeof BoxStatusReportSchema>;

@@ -1,0 +1,155 @@
+/** Long-running roles: `up` (all-in-one), `server` (control plane) and `agent` (node). */
+import { mkdirSync } from 'node:fs';
+import { hostname } from 'node:os';
+import { join, resolve } from 'node:path';
+import type { Command } from 'commander';
+import pino from 'pino';
+import { NodeAgent } from '@devyard/agent/node-agent';
+import { BuiltinImageStore } from '@devyard/agent/images/builtin-image-store';
+import { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
+import { startControlPlane } from '@devyard/server/control-plane';
+import { configPath, writeConfig } from '../cli-config.js';
+
+type Logger = pino.Logger;
+
+function requireRoot(what: string): void {
+  if (process.getuid?.() !== 0) throw new Error(`${what} needs root: the sandbox runtime creates namespaces, cgroups and mounts (run it with sudo)`);
+}
+
+function parseListen(v: string | undefined, fallbackPort: number): { host: string; port: number } {
+  if (!v) return { host: '127.0.0.1', port: fallbackPort };
+  const m = /^(.*):(\d+)$/.exec(v);
+  if (!m) throw new Error(`--listen expects HOST:PORT, got "${v}"`);
+  return { host: m[1] || '0.0.0.0', port: Number(m[2]) };
+}
+
+function startAgent(o: { serverUrl: string; token: string; dataDir: string; name?: string; listen?: string; advertise?: string; log: Logger }): NodeAgent {
+  const listen = parseListen(o.listen, 0);
+  const log = (msg: string, fields?: object) => o.log.info(fields ?? {}, msg);
+  const images = new BuiltinImageStore({ dataDir: join(o.dataDir, 'images'), log });
+  const driver = new SandboxDriver({ dataDir: join(o.dataDir, 'sandbox'), log });
+  return new NodeAgent({
+    serverUrl: o.serverUrl,
+    token: o.token,
+    dataDir: join(o.dataDir, 'agent'),
+    driver,
+    images,
+    name: o.name,
+    listenHost: listen.host,
+    listenPort: listen.port,
+    advertiseHost: o.advertise,
+    log,
+  });
+}
+
+function onShutdown(fn: () => Promise<void>): void {
+  let closing = false;
+  const handler = (sig: string) => {
+    if (closing) process.exit(130);
+    closing = true;
+    process.stderr.write(`\n${sig}: stopping (boxes keep running; start again to adopt them)\n`);
+    fn().then(
+      () => process.exit(0),
+      (e) => {
+        process.stderr.write(`shutdown error: ${(e as Error).message}\n`);
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGINT', () => handler('SIGINT'));
+  process.on('SIGTERM', () => handler('SIGTERM'));
+}
+
+export function registerDaemonCommands(program: Command): void {
+  program
+    .command('up')
+    .description('run the whole platform on this machine (server + agent) on an embedded SQLite store')
+    .option('-d, --data-dir <dir>', 'where state, images and boxes live', './.devyard')
+    .option('-p, --port <port>', 'API port', (v) => Number(v), 7480)
+    .option('--host <host>', 'API listen address', '127.0.0.1')
+    .option('--no-prebuild', 'do not build the built-in images in the background at start')
+    .action(async (o) => {
+      requireRoot('devyard up');
+      const dataDir = resolve(o.dataDir);
+      mkdirSync(dataDir, { recursive: true });
+      const log = pino({ level: 'info' }, pino.destination({ dest: join(dataDir, 'devyard.log'), mkdir: true, sync: false }));
+      const cp = await startControlPlane({ dataDir: join(dataDir, 'server'), port: o.port, host: o.host, logger: log.child({ role: 'server' }) }).catch((e: Error & { code?: string }) => {
+        if (e.code === 'EADDRINUSE') throw new Error(`port ${o.port} is in use: is another \`devyard up\` running? (choose another with --port)`);
+        throw e;
+      });
+      const agent = startAgent({ serverUrl: cp.url, token: cp.tokens.nodeToken, dataDir: join(dataDir, 'node'), name: hostname(), log: log.child({ role: 'agent' }) });
+      await agent.start();
+      for (let i = 0; i < 200 && !agent.nodeId; i++) await new Promise((r) => setTimeout(r, 25));
+      const cfgFile = writeConfig({ url: cp.url, token: cp.tokens.adminToken });
+      if (o.prebuild) {
+        // Build the built-in images ahead of the first create, so `create --wait` is quick.
+        const images = new BuiltinImageStore({ dataDir: join(dataDir, 'node', 'images') });
+        void (async () => {
+          for (const name of ['tiny', 'base']) {
+            try {
+              await images.ensure(name as 'tiny' | 'base');
+              log.info({ image: name }, 'image ready');
+            } catch (e) {
+              log.warn({ image: name, err: (e as Error).message }, 'image prebuild failed; it will be built at first use');
+            }
+          }
+        })();
+      }
+      process.stdout.write(
+        [
+          'Devyard is up.',
+          `  API       ${cp.url}   (OpenAPI: ${cp.url}/v1/openapi.json)`,
+          `  Token     ${cp.tokens.adminToken}`,
+          `  CLI       configured in ${cfgFile} (or set DEVYARD_URL and DEVYARD_TOKEN)`,
+          `  Data      ${dataDir}   (log: ${join(dataDir, 'devyard.log')})`,
+          '',
+          'Next, in another shell:',
+          '  devyard create demo --template base --wait',
+          '  devyard exec demo -- uname -a',
+          '  devyard list',
+          '  devyard stop demo --wait; devyard start demo --wait; devyard delete demo --wait',
+          '',
+          'Ctrl-C stops the control plane and the agent; boxes keep running and are adopted on the next `devyard up`.',
+          '',
+        ].join('\n'),
+      );
+      onShutdown(async () => {
+        await agent.stop();
+        await cp.close();
+        log.flush();
+      });
+    });
+
+  program
+    .command('server')
+    .description('run the control plane (API, store, reconciler)')
+    .option('-d, --data-dir <dir>', 'store and token files', './.devyard/server')
+    .option('-p, --port <port>', 'API port', (v) => Number(v), 7480)
+    .option('--host <host>', 'listen address', '127.0.0.1')
+    .action(async (o) => {
+      const log = pino({ level: 'info' });
+      const dataDir = resolve(o.dataDir);
+      const cp = await startControlPlane({ dataDir, port: o.port, host: o.host, logger: log });
+      log.info({ url: cp.url, adminTokenFile: join(dataDir, 'admin.token'), nodeTokenFile: join(dataDir, 'node.token') }, 'devyard server listening');
+      onShutdown(() => cp.close());
+    });
+
+  program
+    .command('agent')
+    .description('run the node agent: register this node and run its boxes')
+    .requiredOption('--server <url>', 'control plane URL')
+    .requiredOption('--token <token>', 'node join token (server data dir: node.token)')
+    .option('-d, --data-dir <dir>', 'images, boxes and agent state', './.devyard/node')
+    .option('--name <name>', 'node name', hostname())
+    .option('--listen <host:port>', 'session endpoint address', '127.0.0.1:0')
+    .option('--advertise <host>', 'host name or address the CLI and gateways use to reach this agent')
+    .action(async (o) => {
+      requireRoot('devyard agent');
+      const log = pino({ level: 'info' });
+      const agent = startAgent({ serverUrl: o.server, token: o.token, dataDir: resolve(o.dataDir), name: o.name, listen: o.listen, advertise: o.advertise, log });
+      await agent.start();
+      onShutdown(() => agent.stop());
+    });
+}
+
+export { configPath };

@@ -1,0 +1,161 @@
+/**
+ * The typed client of the Devyard API, used by the CLI, the agent, the web UI and the tests. Types
+ * come from the same zod schemas the server validates with.
+ */
+import type { Box, BoxEvent, CreateBoxRequest, ExecSession } from '@devyard/api/box-schemas';
+import type { BoxStatusReport, DesiredSet, Node, RegisterNodeRequest, RegisterNodeResponse } from '@devyard/api/node-schemas';
+import type { CreateTemplateRequest, Template } from '@devyard/api/template-schemas';
+import { ApiError } from './api-error.js';
+import { readSse } from './sse-client.js';
+
+export interface ClientOptions {
+  url: string;
+  token?: string;
+  /** Per-request timeout for non-streaming calls. */
+  timeoutMs?: number;
+}
+
+export type BoxVerb = 'start' | 'stop' | 'pause' | 'resume';
+
+export class DevyardClient {
+  readonly url: string;
+  private readonly token?: string;
+  private readonly timeoutMs: number;
+
+  constructor(opts: ClientOptions) {
+    this.url = opts.url.replace(/\/+$/, '');
+    this.token = opts.token;
+    this.timeoutMs = opts.timeoutMs ?? 30_000;
+  }
+
+  private headers(extra: Record<string, string> = {}): Record<string, string> {
+    return { accept: 'application/json', ...(this.token ? { authorization: `Bearer ${this.token}` } : {}), ...extra };
+  }
+
+  /** Sends a request; answers the parsed body, or throws ApiError with the server's problem. */
+  async request<T>(method: string, path: string, opts: { body?: unknown; headers?: Record<string, string>; stream?: boolean; signal?: AbortSignal } = {}): Promise<{ body: T; res: Response }> {
+    let res: Response;
+    try {
+      res = await fetch(this.url + path, {
+        method,
+        headers: this.headers({ ...(opts.body !== undefined ? { 'content-type': 'application/json' } : {}), ...opts.headers }),
+        body: opts.body !== undefined ? JSON.stringify(opts.body) : undefined,
+        signal: opts.signal ?? (opts.stream ? undefined : AbortSignal.timeout(this.timeoutMs)),
+      });
+    } catch (e) {
+      const cause = (e as { cause?: { code?: string } }).cause?.code ?? (e as Error).name;
+      throw new ApiError(0, 'unreachable', `cannot reach the Devyard server at ${this.url} (${cause}); is it running? (\`devyard up\`)`);
+    }
+    if (!res.ok) {
+      const text = await res.text();
+      let problem: Record<string, unknown> = {};
+      try {
+        problem = JSON.parse(text) as Record<string, unknown>;
+      } catch {}
+      const detail = typeof problem.detail === 'string' ? problem.detail : text || res.statusText;
+      throw new ApiError(res.status, typeof problem.code === 'string' ? problem.code : `http-${res.status}`, detail, problem);
+    }
+    if (opts.stream) return { body: undefined as T, res };
+    const text = res.status === 204 ? '' : await res.text();
+    return { body: (text ? JSON.parse(text) : undefined) as T, res };
+  }
+
+  private async get<T>(path: string): Promise<T> {
+    return (await this.request<T>('GET', path)).body;
+  }
+
+  // ---- boxes ----
+
+  async createBox(req: CreateBoxRequest, idempotencyKey?: string): Promise<Box> {
+    return (await this.request<Box>('POST', '/v1/boxes', { body: req, headers: idempotencyKey ? { 'idempotency-key': idempotencyKey } : {} })).body;
+  }
+
+  async listBoxes(): Promise<Box[]> {
+    return (await this.get<{ items: Box[] }>('/v1/boxes')).items;
+  }
+
+  getBox(name: string): Promise<Box> {
+    return this.get<Box>(`/v1/boxes/${encodeURIComponent(name)}`);
+  }
+
+  async boxVerb(name: string, verb: BoxVerb, ifMatchVersion?: number): Promise<Box> {
+    const headers = ifMatchVersion !== undefined ? { 'if-match': `"v${ifMatchVersion}"` } : undefined;
+    return (await this.request<Box>('POST', `/v1/boxes/${encodeURIComponent(name)}/${verb}`, { headers })).body;
+  }
+
+  async deleteBox(name: string, ifMatchVersion?: number): Promise<Box> {
+    const headers = ifMatchVersion !== undefined ? { 'if-match': `"v${ifMatchVersion}"` } : undefined;
+    return (await this.request<Box>('DELETE', `/v1/boxes/${encodeURIComponent(name)}`, { headers })).body;
+  }
+
+  async boxEvents(name: string): Promise<BoxEvent[]> {
+    return (await this.get<{ items: BoxEvent[] }>(`/v1/boxes/${encodeURIComponent(name)}/events`)).items;
+  }
+
+  /** Streams box snapshots as they change (first every current box). */
+  async *watchBoxes(signal?: AbortSignal): AsyncGenerator<Box> {
+    const { res } = await this.request('GET', '/v1/boxes?watch=1', { stream: true, signal, headers: { accept: 'text/event-stream' } });
+    for await (const e of readSse<Box>(res, signal)) if (e.event === 'box') yield e.data;
+  }
+
+  /** Streams a box's events: its whole timeline first, then new events. */
+  async *watchBoxEvents(name: string, signal?: AbortSignal): AsyncGenerator<BoxEvent> {
+    const { res } = await this.request('GET', `/v1/boxes/${encodeURIComponent(name)}/events?watch=1`, { stream: true, signal, headers: { accept: 'text/event-stream' } });
+    for await (const e of readSse<BoxEvent>(res, signal)) if (e.event === 'event') yield e.data;
+  }
+
+  async createExecSession(name: string, tty = false): Promise<ExecSession> {
+    return (await this.request<ExecSession>('POST', `/v1/boxes/${encodeURIComponent(name)}/exec-sessions`, { body: { tty } })).body;
+  }
+
+  // ---- templates ----
+
+  async createTemplate(req: CreateTemplateRequest): Promise<Template> {
+    return (await this.request<Template>('POST', '/v1/templates', { body: req })).body;
+  }
+
+  async listTemplates(): Promise<Template[]> {
+    return (await this.get<{ items: Template[] }>('/v1/templates')).items;
+  }
+
+  getTemplate(name: string, version?: number): Promise<Template> {
+    return this.get<Template>(`/v1/templates/${encodeURIComponent(name)}${version ? `?version=${version}` : ''}`);
+  }
+
+  async listTemplateVersions(name: string): Promise<Template[]> {
+    return (await this.get<{ items: Template[] }>(`/v1/templates/${encodeURIComponent(name)}/versions`)).items;
+  }
+
+  // ---- nodes ----
+
+  async listNodes(): Promise<Node[]> {
+    return (await this.get<{ items: Node[] }>('/v1/nodes')).items;
+  }
+
+  async setCordoned(name: string, cordoned: boolean): Promise<Node> {
+    return (await this.request<Node>('POST', `/v1/nodes/${encodeURIComponent(name)}/${cordoned ? 'cordon' : 'uncordon'}`)).body;
+  }
+
+  // ---- agent protocol ----
+
+  async registerNode(req: RegisterNodeRequest): Promise<RegisterNodeResponse> {
+    return (await this.request<RegisterNodeResponse>('POST', '/v1/agent/nodes', { body: req })).body;
+  }
+
+  async heartbeat(nodeId: string, images?: string[]): Promise<void> {
+    await this.request('POST', `/v1/agent/nodes/${nodeId}/heartbeat`, { body: { images } });
+  }
+
+  getDesiredSet(nodeId: string): Promise<DesiredSet> {
+    return this.get<DesiredSet>(`/v1/agent/nodes/${nodeId}/desired`);
+  }
+
+  async *watchDesiredSet(nodeId: string, signal?: AbortSignal): AsyncGenerator<DesiredSet> {
+    const { res } = await this.request('GET', `/v1/agent/nodes/${nodeId}/desired?watch=1`, { stream: true, signal, headers: { accept: 'text/event-stream' } });
+    for await (const e of readSse<DesiredSet>(res, signal)) if (e.event === 'desired') yield e.data;
+  }
+
+  async reportStatus(nodeId: string, reports: BoxStatusReport[]): Promise<void> {
+    await this.request('POST', `/v1/agent/nodes/${nodeId}/status`, { body: { reports } });
+  }
+}

@@ -1,0 +1,75 @@
+/**
+ * `devyard server`: the control plane in one process — store, API, reconciler. Stateless apart from
+ * the store, so it can be killed at any point and restarted: work resumes from the store.
+ */
+import { join } from 'node:path';
+import type { FastifyInstance } from 'fastify';
+import { ensureBootstrapTokens, type BootstrapTokens } from './bootstrap-tokens.js';
+import { ChangeFeed } from './change-feed.js';
+import { createApp } from './http/create-app.js';
+import { createHandlers } from './http/api-handlers.js';
+import { BoxReconciler } from './loops/box-reconciler.js';
+import { BoxService } from './services/box-service.js';
+import { NodeService } from './services/node-service.js';
+import { TemplateService } from './services/template-service.js';
+import { openSqliteDatabase } from './store/sqlite-database.js';
+import { Store } from './store/store.js';
+import type { RetryPolicy } from '@devyard/core/box-reconcile';
+import { hostname } from 'node:os';
+
+export interface ControlPlaneOptions {
+  /** Directory for the SQLite store and the bootstrap token files. */
+  dataDir: string;
+  host?: string;
+  /** 0 picks a free port. */
+  port?: number;
+  logger?: boolean | object;
+  retry?: RetryPolicy;
+  now?: () => number;
+}
+
+export interface ControlPlane {
+  url: string;
+  app: FastifyInstance;
+  store: Store;
+  feed: ChangeFeed;
+  reconciler: BoxReconciler;
+  tokens: BootstrapTokens;
+  close(): Promise<void>;
+}
+
+export async function startControlPlane(opts: ControlPlaneOptions): Promise<ControlPlane> {
+  const now = opts.now ?? Date.now;
+  const store = new Store(await openSqliteDatabase(join(opts.dataDir, 'devyard.db')));
+  const feed = new ChangeFeed();
+  const templates = new TemplateService(store, now);
+  await templates.seedBuiltins();
+  const tokens = await ensureBootstrapTokens(store, opts.dataDir, now());
+  const boxes = new BoxService(store, feed, now);
+  const nodes = new NodeService(store, feed, now, opts.retry);
+  const app = createApp({ store, handlers: createHandlers({ store, feed, boxes, templates, nodes, now }), logger: opts.logger });
+  const reconciler = new BoxReconciler(store, feed, now, {
+    holder: `${hostname()}:${process.pid}`,
+    retry: opts.retry,
+    log: (msg, fields) => app.log.warn(fields ?? {}, msg),
+  });
+  await app.listen({ host: opts.host ?? '127.0.0.1', port: opts.port ?? 0 });
+  const addr = app.server.address();
+  const port = typeof addr === 'object' && addr ? addr.port : opts.port;
+  reconciler.start();
+  return {
+    url: `http://${opts.host && opts.host !== '0.0.0.0' ? opts.host : '127.0.0.1'}:${port}`,
+    app,
+    store,
+    feed,
+    reconciler,
+    tokens,
+    async close() {
+      await reconciler.stop();
+      // SSE watchers hold connections open; end them so close() does not wait for clients.
+      app.server.closeAllConnections?.();
+      await app.close();
+      await store.close();
+    },
+  };
+}

@@ -1,0 +1,165 @@
+/** The handlers of every route in the route table, by operationId. Thin: parse, call a service, map. */
+import type { CreateBoxRequest } from '@devyard/api/box-schemas';
+import type { BoxStatusReport, RegisterNodeRequest } from '@devyard/api/node-schemas';
+import { buildOpenApiDocument } from '@devyard/api/openapi-document';
+import type { CreateTemplateRequest } from '@devyard/api/template-schemas';
+import type { Verb } from '@devyard/core/box-lifecycle';
+import { DomainError } from '@devyard/core/domain-error';
+import type { ChangeFeed } from '../change-feed.js';
+import type { BoxService, Subject } from '../services/box-service.js';
+import { toApiBox, toApiEvent, toApiNode, toApiTemplate } from '../services/box-views.js';
+import type { NodeService } from '../services/node-service.js';
+import type { TemplateService } from '../services/template-service.js';
+import type { BoxRecord } from '../store/box-records.js';
+import type { Store } from '../store/store.js';
+import { etag, parseIfMatch, type HandlerContext, type Handlers } from './create-app.js';
+import { openSse } from './sse-stream.js';
+
+export interface HandlerDeps {
+  store: Store;
+  feed: ChangeFeed;
+  boxes: BoxService;
+  templates: TemplateService;
+  nodes: NodeService;
+  now: () => number;
+}
+
+const isWatch = (q: Record<string, unknown>) => q.watch === '1' || q.watch === 'true';
+
+export function createHandlers(d: HandlerDeps): Handlers {
+  const nodeNames = async () => new Map((await d.store.listNodes()).map((n) => [n.id, n.name]));
+  const view = async (b: BoxRecord) => toApiBox(b, b.nodeId ? ((await d.store.getNode(b.nodeId))?.name ?? null) : null);
+
+  /** Answers a box with its ETag (the version), as every box-returning route does. */
+  const withEtag = async (ctx: HandlerContext, b: BoxRecord) => {
+    void ctx.reply.header('etag', etag(b.version));
+    return view(b);
+  };
+
+  const verb = (v: Verb) => async (ctx: HandlerContext) => {
+    const box = await d.boxes.applyVerb(ctx.subject, ctx.params.name!, v, parseIfMatch(ctx.req.headers['if-match']));
+    void ctx.reply.header('location', `/v1/boxes/${box.name}`);
+    return withEtag(ctx, box);
+  };
+
+  /** The node in the path must be the one the agent registered; node tokens are not per node yet. */
+  const nodeParam = async (ctx: HandlerContext) => (await d.nodes.requireNode(ctx.params.id!)).id;
+
+  const watchEvents = async (ctx: HandlerContext, filter: { boxId?: string }) => {
+    const sse = openSse(ctx.req, ctx.reply);
+    const lastId = Number(ctx.req.headers['last-event-id'] ?? NaN);
+    let cursor = Number.isFinite(lastId) ? lastId : filter.boxId ? 0 : ((await d.store.listEvents({ owner: ctx.subject.name, afterId: 0, limit: 1_000_000 })).at(-1)?.id ?? 0);
+    let busy: Promise<void> = Promise.resolve();
+    const flush = () => {
+      busy = busy.then(async () => {
+        for (const e of await d.store.listEvents({ owner: ctx.subject.name, afterId: cursor, ...filter })) {
+          sse.send('event', toApiEvent(e), e.id);
+          cursor = e.id;
+        }
+      });
+    };
+    const onBox = (b: BoxRecord) => {
+      if (b.owner === ctx.subject.name && (!filter.boxId || b.id === filter.boxId)) flush();
+    };
+    d.feed.on('box', onBox);
+    flush();
+    await sse.closed;
+    d.feed.off('box', onBox);
+  };
+
+  return {
+    healthz: async () => {
+      await d.store.listNodes();
+      return { status: 'ok' };
+    },
+    openapi: async (ctx) => buildOpenApiDocument(`${ctx.req.protocol}://${ctx.req.host}`),
+
+    createBox: async (ctx) => {
+      const key = ctx.req.headers['idempotency-key'];
+      if (Array.isArray(key) || (key !== undefined && (key.length === 0 || key.length > 200))) {
+        throw new DomainError('invalid-input', 'Idempotency-Key must be one value of 1–200 characters', { field: 'Idempotency-Key' });
+      }
+      const { box, replayed } = await d.boxes.create(ctx.subject, ctx.body as CreateBoxRequest, key);
+      void ctx.reply.header('location', `/v1/boxes/${box.name}`);
+      if (replayed) void ctx.reply.header('idempotent-replayed', 'true');
+      return withEtag(ctx, box);
+    },
+    listBoxes: async (ctx) => {
+      if (!isWatch(ctx.query)) {
+        const names = await nodeNames();
+        return { items: (await d.boxes.list(ctx.subject)).map((b) => toApiBox(b, b.nodeId ? (names.get(b.nodeId) ?? null) : null)) };
+      }
+      const sse = openSse(ctx.req, ctx.reply);
+      const onBox = async (b: BoxRecord) => {
+        if (b.owner === ctx.subject.name) sse.send('box', await view(b));
+      };
+      d.feed.on('box', onBox);
+      for (const b of await d.boxes.list(ctx.subject)) await onBox(b);
+      await sse.closed;
+      d.feed.off('box', onBox);
+      return undefined;
+    },
+    getBox: async (ctx) => withEtag(ctx, await d.boxes.get(ctx.subject, ctx.params.name!)),
+    startBox: verb('start'),
+    stopBox: verb('stop'),
+    pauseBox: verb('pause'),
+    resumeBox: verb('resume'),
+    deleteBox: verb('delete'),
+    listBoxEvents: async (ctx) => {
+      const { box, events } = await d.boxes.events(ctx.subject, ctx.params.name!);
+      if (!isWatch(ctx.query)) return { items: events.map(toApiEvent) };
+      await watchEvents(ctx, { boxId: box.id });
+      return undefined;
+    },
+    createExecSession: async (ctx) => {
+      const s = await d.boxes.createExecSession(ctx.subject, ctx.params.name!);
+      return { url: s.url, token: s.token, expiresAt: new Date(s.expiresAt).toISOString() };
+    },
+    watchEvents: async (ctx) => {
+      await watchEvents(ctx, {});
+      return undefined;
+    },
+
+    createTemplate: async (ctx) => toApiTemplate(await d.templates.create(ctx.body as CreateTemplateRequest)),
+    listTemplates: async () => ({ items: (await d.templates.list()).map(toApiTemplate) }),
+    getTemplate: async (ctx) => toApiTemplate(await d.templates.get(ctx.params.name!, ctx.query.version as number | undefined)),
+    listTemplateVersions: async (ctx) => ({ items: (await d.templates.versions(ctx.params.name!)).map(toApiTemplate) }),
+
+    listNodes: async () => ({ items: (await d.nodes.list()).map(({ node, boxes }) => toApiNode(node, d.now(), boxes)) }),
+    cordonNode: async (ctx) => toApiNode(await d.nodes.setCordoned(ctx.params.name!, true), d.now(), 0),
+    uncordonNode: async (ctx) => toApiNode(await d.nodes.setCordoned(ctx.params.name!, false), d.now(), 0),
+
+    registerNode: async (ctx) => {
+      const { node, leaseSeconds } = await d.nodes.register(ctx.body as RegisterNodeRequest);
+      return { nodeId: node.id, leaseSeconds, sessionKey: node.sessionKey };
+    },
+    heartbeatNode: async (ctx) => {
+      const exp = await d.nodes.heartbeat(await nodeParam(ctx), (ctx.body as { images?: string[] }).images);
+      return { leaseExpiresAt: new Date(exp).toISOString() };
+    },
+    getDesiredSet: async (ctx) => {
+      const nodeId = await nodeParam(ctx);
+      if (!isWatch(ctx.query)) return d.nodes.desiredSet(nodeId);
+      const sse = openSse(ctx.req, ctx.reply);
+      let timer: NodeJS.Timeout | undefined;
+      const push = () => {
+        // Coalesce bursts (a verb touches the box several times) into one snapshot.
+        clearTimeout(timer);
+        timer = setTimeout(async () => sse.send('desired', await d.nodes.desiredSet(nodeId)), 5);
+      };
+      const onNode = (id: string) => id === nodeId && push();
+      d.feed.on('node', onNode);
+      sse.send('desired', await d.nodes.desiredSet(nodeId));
+      await sse.closed;
+      clearTimeout(timer);
+      d.feed.off('node', onNode);
+      return undefined;
+    },
+    reportStatus: async (ctx) => {
+      await d.nodes.report(await nodeParam(ctx), (ctx.body as { reports: BoxStatusReport[] }).reports);
+      return undefined;
+    },
+  } satisfies Record<string, (ctx: HandlerContext) => Promise<unknown>> as Handlers;
+}
+
+export type { Subject };

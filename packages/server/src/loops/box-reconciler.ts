@@ -1,0 +1,278 @@
+/**
+ * The server-side box reconciler (DESIGN.md §3). For each box it takes a lease with a fencing
+ * token, reads the whole box, asks `decideBox` what to do, and performs that one step in a
+ * transaction that re-checks the lease, so a worker that lost its lease cannot write. It is woken by
+ * the change feed and also resyncs every box periodically, so a lost wake-up only delays work.
+ */
+import { decideBox, DEFAULT_RETRY_POLICY, type BoxDecision, type RetryPolicy } from '@devyard/core/box-reconcile';
+import { DomainError } from '@devyard/core/domain-error';
+import { add, computeOnly, diskOnly, shortfall, subtract, type Resources } from '@devyard/core/resources';
+import { describeRejection, schedule, type NodeSnapshot } from '@devyard/core/scheduler';
+import type { ChangeFeed } from '../change-feed.js';
+import { setCondition, type BoxRecord } from '../store/box-records.js';
+import type { Executor, NodeRecord, Store } from '../store/store.js';
+
+export interface ReconcilerOptions {
+  /** Name of this worker; leases are held in its name. */
+  holder: string;
+  leaseTtlMs?: number;
+  resyncMs?: number;
+  retry?: RetryPolicy;
+  log?: (msg: string, fields?: Record<string, unknown>) => void;
+}
+
+const UNSCHEDULABLE_RETRY_MS = 3000;
+
+export class BoxReconciler {
+  private readonly due = new Map<string, number>();
+  private timer: NodeJS.Timeout | undefined;
+  private resyncTimer: NodeJS.Timeout | undefined;
+  private running = false;
+  private stopped = true;
+  private readonly onBox = (b: BoxRecord) => this.enqueue(b.id, 0);
+  private readonly leaseTtlMs: number;
+  private readonly retry: RetryPolicy;
+
+  constructor(
+    private readonly store: Store,
+    private readonly feed: ChangeFeed,
+    private readonly now: () => number,
+    private readonly opts: ReconcilerOptions,
+  ) {
+    this.leaseTtlMs = opts.leaseTtlMs ?? 30_000;
+    this.retry = opts.retry ?? DEFAULT_RETRY_POLICY;
+  }
+
+  start(): void {
+    this.stopped = false;
+    this.feed.on('box', this.onBox);
+    const resync = async () => {
+      try {
+        for (const b of await this.store.listBoxes()) this.enqueue(b.id, 0);
+      } catch (e) {
+        this.opts.log?.('resync failed', { err: String(e) });
+      }
+    };
+    void resync();
+    this.resyncTimer = setInterval(resync, this.opts.resyncMs ?? 5000);
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    this.feed.off('box', this.onBox);
+    clearInterval(this.resyncTimer);
+    clearTimeout(this.timer);
+    while (this.running) await new Promise((r) => setTimeout(r, 5));
+  }
+
+  /** Number of boxes waiting for a pass (the reconcile queue depth). */
+  get queueDepth(): number {
+    return this.due.size;
+  }
+
+  enqueue(boxId: string, delayMs: number): void {
+    const at = this.now() + delayMs;
+    const prev = this.due.get(boxId);
+    if (prev === undefined || at < prev) this.due.set(boxId, at);
+    this.schedulePump();
+  }
+
+  private schedulePump(): void {
+    if (this.stopped || this.running) return;
+    clearTimeout(this.timer);
+    const next = Math.min(...this.due.values());
+    if (!Number.isFinite(next)) return;
+    this.timer = setTimeout(() => void this.pump(), Math.max(0, next - this.now()));
+  }
+
+  private async pump(): Promise<void> {
+    if (this.running || this.stopped) return;
+    this.running = true;
+    try {
+      for (;;) {
+        const now = this.now();
+        const ready = [...this.due.entries()].filter(([, at]) => at <= now).map(([id]) => id);
+        if (ready.length === 0 || this.stopped) break;
+        for (const id of ready) {
+          this.due.delete(id);
+          const requeue = await this.reconcileSafely(id);
+          if (requeue !== null) this.enqueue(id, requeue);
+        }
+      }
+    } finally {
+      this.running = false;
+      this.schedulePump();
+    }
+  }
+
+  private async reconcileSafely(boxId: string): Promise<number | null> {
+    try {
+      return await this.reconcile(boxId);
+    } catch (e) {
+      // Conflicts and stale leases mean someone else moved the box: look again soon.
+      const expected = e instanceof DomainError && (e.code === 'conflict' || e.code === 'stale-lease');
+      if (!expected) this.opts.log?.('reconcile error', { boxId, err: String(e) });
+      return expected ? 50 : 1000;
+    }
+  }
+
+  /** One pass over one box. Returns when to look again (ms), or null when it is settled. */
+  async reconcile(boxId: string): Promise<number | null> {
+    const leaseName = `box:${boxId}`;
+    const token = await this.store.acquireLease(leaseName, this.opts.holder, this.leaseTtlMs, this.now());
+    if (token === null) return this.leaseTtlMs / 2;
+    try {
+      const box = await this.store.getBox(boxId);
+      if (!box) return null;
+      const decision = decideBox({ ...box, finalized: box.deletedAt !== null }, this.now(), this.retry);
+      return await this.perform(box, decision, leaseName, token);
+    } finally {
+      await this.store.releaseLease(leaseName, this.opts.holder, token);
+    }
+  }
+
+  private async perform(box: BoxRecord, d: BoxDecision, leaseName: string, token: number): Promise<number | null> {
+    switch (d.kind) {
+      case 'done':
+        return null;
+      case 'wait':
+        return d.requeueAfterMs;
+      case 'schedule':
+        return this.scheduleBox(box, leaseName, token);
+      case 'reserve-compute':
+        return this.reserveCompute(box, leaseName, token);
+      case 'release-compute':
+        await this.write(box, leaseName, token, async (tx, now) => {
+          const node = box.nodeId ? await this.store.getNode(box.nodeId, tx) : undefined;
+          if (node) await this.store.updateNode({ ...node, allocated: subtract(node.allocated, computeOnly(box.resources)) }, node.version, tx);
+          return { next: { ...box, computeReserved: false, updatedAt: now }, event: null };
+        });
+        return 0;
+      case 'retry':
+        await this.write(box, leaseName, token, async (_tx, now) => ({
+          next: { ...box, attempt: d.attempt, nextAttemptAt: null, updatedAt: now },
+          event: { type: 'Retrying', message: `retrying (attempt ${d.attempt} of ${this.retry.maxAttempts})` },
+        }));
+        return 0;
+      case 'fail':
+        await this.write(box, leaseName, token, async (_tx, now) => ({
+          next: {
+            ...box,
+            phase: 'failed',
+            updatedAt: now,
+            conditions: setCondition(box.conditions, { type: 'Ready', status: 'False', reason: 'Failed', message: d.reason }, now),
+          },
+          event: { type: 'Failed', message: d.reason },
+        }));
+        return null;
+      case 'finalize-delete':
+        await this.write(box, leaseName, token, async (tx, now) => {
+          const node = box.nodeId ? await this.store.getNode(box.nodeId, tx) : undefined;
+          if (node) {
+            const held = box.computeReserved ? box.resources : diskOnly(box.resources);
+            await this.store.updateNode({ ...node, allocated: subtract(node.allocated, held) }, node.version, tx);
+          }
+          return { next: { ...box, phase: 'deleted', computeReserved: false, deletedAt: now, updatedAt: now }, event: { type: 'Deleted', message: 'box deleted; its name is free again' } };
+        });
+        return null;
+    }
+  }
+
+  /** Writes the box (and whatever fn wrote) only if the lease is still ours. */
+  private async write(
+    box: BoxRecord,
+    leaseName: string,
+    token: number,
+    fn: (tx: Executor, now: number) => Promise<{ next: BoxRecord; event: { type: string; message: string } | null }>,
+  ): Promise<BoxRecord> {
+    const saved = await this.store.transaction(async (tx) => {
+      const now = this.now();
+      await this.store.assertLease(leaseName, this.opts.holder, token, now, tx);
+      const { next, event } = await fn(tx, now);
+      const stored = await this.store.updateBox(next, box.version, tx);
+      if (event) await this.store.appendEvent({ boxId: box.id, boxName: box.name, owner: box.owner, time: now, type: event.type, phase: stored.phase, message: event.message }, tx);
+      return stored;
+    });
+    this.feed.emit('box', saved);
+    if (saved.nodeId) this.feed.emit('node', saved.nodeId);
+    return saved;
+  }
+
+  private snapshot(nodes: NodeRecord[], now: number): NodeSnapshot[] {
+    return nodes.map((n) => ({
+      id: n.id,
+      name: n.name,
+      ready: n.leaseExpiresAt > now,
+      cordoned: n.cordoned,
+      runtimes: n.runtimes,
+      arch: n.arch,
+      region: n.region,
+      capacity: n.capacity,
+      allocated: n.allocated,
+      images: n.images,
+    }));
+  }
+
+  private async scheduleBox(box: BoxRecord, leaseName: string, token: number): Promise<number | null> {
+    const now = this.now();
+    const nodes = await this.store.listNodes();
+    const wantsCompute = box.desiredState === 'running' || box.desiredState === 'paused';
+    const request: Resources = wantsCompute ? box.resources : diskOnly(box.resources);
+    const result = schedule(this.snapshot(nodes, now), { runtime: box.runtime, resources: request, image: box.image });
+    if (!result.ok) {
+      const message = describeRejection(result.reasons);
+      await this.markUnschedulable(box, leaseName, token, message);
+      return UNSCHEDULABLE_RETRY_MS;
+    }
+    const node = nodes.find((n) => n.id === result.nodeId)!;
+    await this.write(box, leaseName, token, async (tx, t) => {
+      // Optimistic on the node's version: if another box took the capacity meanwhile, this throws
+      // a conflict and the next pass schedules against fresh numbers.
+      await this.store.updateNode({ ...node, allocated: add(node.allocated, request) }, node.version, tx);
+      return {
+        next: {
+          ...box,
+          nodeId: node.id,
+          computeReserved: wantsCompute,
+          phase: box.desiredState === 'deleted' ? box.phase : 'provisioning',
+          updatedAt: t,
+          conditions: setCondition(box.conditions, { type: 'Scheduled', status: 'True', reason: 'Scheduled', message: `placed on ${node.name}` }, t),
+        },
+        event: { type: 'Scheduled', message: `placed on node ${node.name}` },
+      };
+    });
+    return 0;
+  }
+
+  private async reserveCompute(box: BoxRecord, leaseName: string, token: number): Promise<number | null> {
+    const node = box.nodeId ? await this.store.getNode(box.nodeId) : undefined;
+    if (!node) return UNSCHEDULABLE_RETRY_MS;
+    const short = shortfall(node.capacity, node.allocated, computeOnly(box.resources));
+    if (short.length > 0) {
+      await this.markUnschedulable(box, leaseName, token, `node ${node.name} has no room to start the box: ${short.join(', ')} short`);
+      return UNSCHEDULABLE_RETRY_MS;
+    }
+    await this.write(box, leaseName, token, async (tx, now) => {
+      await this.store.updateNode({ ...node, allocated: add(node.allocated, computeOnly(box.resources)) }, node.version, tx);
+      return {
+        next: { ...box, computeReserved: true, updatedAt: now, conditions: setCondition(box.conditions, { type: 'Scheduled', status: 'True', reason: 'Reserved', message: `compute reserved on ${node.name}` }, now) },
+        event: null,
+      };
+    });
+    return 0;
+  }
+
+  private async markUnschedulable(box: BoxRecord, leaseName: string, token: number, message: string): Promise<void> {
+    const prev = box.conditions.find((c) => c.type === 'Scheduled');
+    if (prev?.status === 'False' && prev.message === message) return;
+    await this.write(box, leaseName, token, async (_tx, now) => ({
+      next: {
+        ...box,
+        phase: box.nodeId === null && box.desiredState !== 'deleted' ? 'pending' : box.phase,
+        updatedAt: now,
+        conditions: setCondition(box.conditions, { type: 'Scheduled', status: 'False', reason: 'Unschedulable', message }, now),
+      },
+      event: { type: 'Unschedulable', message },
+    }));
+  }
+}

@@ -1,0 +1,188 @@
+/**
+ * Box use cases behind the API: create, read, lifecycle verbs, events and sessions. Verbs only
+ * change the desired state (in one transaction with the event, the operation record and the
+ * idempotency key); the reconciler does the rest.
+ */
+import { createHash } from 'node:crypto';
+import type { CreateBoxRequest } from '@devyard/api/box-schemas';
+import { signSessionToken } from '@devyard/api/session-tokens';
+import { planVerb, type Verb } from '@devyard/core/box-lifecycle';
+import { DomainError } from '@devyard/core/domain-error';
+import { parseBytes, parseCpu, shortfall, type Resources } from '@devyard/core/resources';
+import type { ChangeFeed } from '../change-feed.js';
+import { newId } from '../ids.js';
+import type { BoxRecord } from '../store/box-records.js';
+import type { Executor, Store } from '../store/store.js';
+
+/** The authenticated caller of a use case. */
+export interface Subject {
+  /** User (or system loop) name; boxes are scoped by it. */
+  name: string;
+  kind: 'user' | 'node' | 'system';
+}
+
+/** Requested resources over the template's defaults, checked against its maximum. */
+export function resolveResources(
+  input: CreateBoxRequest['resources'],
+  defaults: Resources,
+  max: Resources,
+): Resources {
+  const r: Resources = {
+    cpuMillis: input?.cpu !== undefined ? parseCpu(input.cpu, 'resources.cpu') : defaults.cpuMillis,
+    memoryBytes: input?.memory !== undefined ? parseBytes(input.memory, 'resources.memory') : defaults.memoryBytes,
+    diskBytes: input?.disk !== undefined ? parseBytes(input.disk, 'resources.disk') : defaults.diskBytes,
+  };
+  if (r.memoryBytes < 16 * 1024 * 1024) throw new DomainError('invalid-input', 'resources.memory must be at least 16MiB', { field: 'resources.memory' });
+  const over = shortfall(max, { cpuMillis: 0, memoryBytes: 0, diskBytes: 0 }, r);
+  if (over.length > 0) {
+    const field = { cpuMillis: 'resources.cpu', memoryBytes: 'resources.memory', diskBytes: 'resources.disk' }[over[0]!];
+    throw new DomainError('invalid-input', `${field} exceeds the template's maximum`, { field, max });
+  }
+  return r;
+}
+
+export class BoxService {
+  constructor(
+    private readonly store: Store,
+    private readonly feed: ChangeFeed,
+    private readonly now: () => number,
+  ) {}
+
+  async create(subject: Subject, req: CreateBoxRequest, idempotencyKey?: string): Promise<{ box: BoxRecord; replayed: boolean }> {
+    const requestHash = createHash('sha256').update(JSON.stringify(req)).digest('hex');
+    const now = this.now();
+    const result = await this.store.transaction(async (tx) => {
+      if (idempotencyKey !== undefined) {
+        const prior = await this.store.getIdempotencyKey(subject.name, idempotencyKey, tx);
+        if (prior) {
+          if (prior.request_hash !== requestHash) {
+            throw new DomainError('conflict', 'Idempotency-Key was already used with a different request body', { header: 'Idempotency-Key' });
+          }
+          const box = await this.store.getBox(prior.box_id, tx);
+          if (!box) throw new DomainError('internal', 'idempotency key points at a missing box');
+          return { box, replayed: true };
+        }
+      }
+      const template = await this.store.getTemplate(req.template, req.templateVersion, tx);
+      if (!template) {
+        const what = req.templateVersion ? `template "${req.template}" version ${req.templateVersion}` : `template "${req.template}"`;
+        throw new DomainError('invalid-input', `${what} does not exist (see \`devyard templates\`)`, { field: 'template' });
+      }
+      const runtime = req.runtime ?? template.runtime;
+      if (runtime === 'sim') throw new DomainError('invalid-input', 'runtime "sim" is for scale tests only and not offered to users', { field: 'runtime' });
+      const resources = resolveResources(req.resources, template.defaultResources, template.maxResources);
+      const box: BoxRecord = {
+        id: newId('b'),
+        name: req.name,
+        owner: subject.name,
+        templateName: template.name,
+        templateVersion: template.version,
+        image: template.image,
+        runtime,
+        desiredState: 'running',
+        phase: 'pending',
+        generation: 1,
+        observedGeneration: 0,
+        nodeId: null,
+        computeReserved: false,
+        resources,
+        env: { ...template.env, ...(req.env ?? {}) },
+        attempt: 1,
+        lastError: null,
+        nextAttemptAt: null,
+        conditions: [],
+        ip: null,
+        createdAt: now,
+        updatedAt: now,
+        deletedAt: null,
+        version: 1,
+      };
+      await this.store.insertBox(box, tx);
+      if (idempotencyKey !== undefined) await this.store.putIdempotencyKey({ owner: subject.name, key: idempotencyKey, requestHash, boxId: box.id, now }, tx);
+      await this.recordChange(tx, box, 'Created', `created from template ${template.name} v${template.version} by ${subject.name}`);
+      return { box, replayed: false };
+    });
+    if (!result.replayed) this.feed.emit('box', result.box);
+    return result;
+  }
+
+  async get(subject: Subject, name: string): Promise<BoxRecord> {
+    const box = await this.store.getBoxByName(subject.name, name);
+    if (!box) throw new DomainError('not-found', `box "${name}" not found`, { name });
+    return box;
+  }
+
+  list(subject: Subject): Promise<BoxRecord[]> {
+    return this.store.listBoxes({ owner: subject.name });
+  }
+
+  /** Applies a lifecycle verb. `ifMatch` is the box version the caller saw (ETag), if it sent one. */
+  async applyVerb(subject: Subject, name: string, verb: Verb, ifMatch?: number): Promise<BoxRecord> {
+    const now = this.now();
+    const { box, changed } = await this.store.transaction(async (tx) => {
+      const cur = await this.store.getBoxByName(subject.name, name, tx);
+      if (!cur) throw new DomainError('not-found', `box "${name}" not found`, { name });
+      if (ifMatch !== undefined && ifMatch !== cur.version) {
+        throw new DomainError('precondition-failed', `box "${name}" changed since version ${ifMatch} (now ${cur.version})`, { version: cur.version });
+      }
+      const plan = planVerb(cur, verb);
+      if (!plan.changed) return { box: cur, changed: false };
+      const next: BoxRecord = {
+        ...cur,
+        desiredState: plan.desiredState,
+        phase: plan.phase,
+        generation: cur.generation + 1,
+        attempt: 1,
+        lastError: null,
+        nextAttemptAt: null,
+        updatedAt: now,
+      };
+      const saved = await this.store.updateBox(next, cur.version, tx);
+      await this.recordChange(tx, saved, verb === 'delete' ? 'DeleteRequested' : `${verb[0]!.toUpperCase()}${verb.slice(1)}Requested`, `${verb} requested by ${subject.name}`);
+      return { box: saved, changed: true };
+    });
+    if (changed) {
+      this.feed.emit('box', box);
+      if (box.nodeId) this.feed.emit('node', box.nodeId);
+    }
+    return box;
+  }
+
+  async events(subject: Subject, name: string) {
+    const box = await this.get(subject, name);
+    return { box, events: await this.store.listEvents({ boxId: box.id }) };
+  }
+
+  /** Signs a short-lived token the box's node agent accepts for one command session. */
+  async createExecSession(subject: Subject, name: string): Promise<{ url: string; token: string; expiresAt: number }> {
+    const box = await this.get(subject, name);
+    if (box.phase !== 'running' || box.desiredState !== 'running') {
+      throw new DomainError('invalid-state', `box "${name}" is ${box.phase}, not running; start or resume it first`, { phase: box.phase });
+    }
+    const node = box.nodeId ? await this.store.getNode(box.nodeId) : undefined;
+    if (!node) throw new DomainError('unavailable', `box "${name}" has no node`, {});
+    const expiresAt = this.now() + 60_000;
+    const token = signSessionToken({ boxId: box.id, sub: subject.name, exp: expiresAt }, node.sessionKey);
+    const url = `${node.agentUrl.replace(/^http/, 'ws')}/v1/boxes/${box.id}/exec`;
+    return { url, token, expiresAt };
+  }
+
+  /** Appends the event and the operation record that go with a change of desired state. */
+  private async recordChange(tx: Executor, box: BoxRecord, type: string, message: string): Promise<void> {
+    await this.store.appendEvent({ boxId: box.id, boxName: box.name, owner: box.owner, time: box.updatedAt, type, phase: box.phase, message }, tx);
+    await this.store.upsertOperation(
+      {
+        id: `${box.id}:${box.generation}.${box.attempt}`,
+        box_id: box.id,
+        target_state: box.desiredState,
+        generation: box.generation,
+        attempt: box.attempt,
+        state: 'pending',
+        error: null,
+        created_at: box.updatedAt,
+        finished_at: null,
+      },
+      tx,
+    );
+  }
+}

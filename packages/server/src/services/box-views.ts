@@ -1,0 +1,77 @@
+/** Maps stored records to the API's shapes. */
+import type { Box, BoxEvent } from '@devyard/api/box-schemas';
+import type { Node } from '@devyard/api/node-schemas';
+import type { Template } from '@devyard/api/template-schemas';
+import type { BoxRecord } from '../store/box-records.js';
+import type { BoxEventRecord, NodeRecord, TemplateRecord } from '../store/store.js';
+
+/** What pause keeps, per runtime: users must be able to tell an honest pause from a stop. */
+const PAUSE_SEMANTICS: Record<string, { keepsMemory: boolean; description: string }> = {
+  sandbox: { keepsMemory: true, description: 'cgroup freezer: processes keep their memory on the node; CPU stops; memory stays reserved' },
+  microvm: { keepsMemory: true, description: 'RAM and device snapshot to a file; processes continue on resume' },
+  sim: { keepsMemory: true, description: 'simulated' },
+};
+
+const iso = (ms: number) => new Date(ms).toISOString();
+
+export function toApiBox(b: BoxRecord, nodeName: string | null): Box {
+  return {
+    id: b.id,
+    name: b.name,
+    owner: b.owner,
+    template: b.templateName,
+    templateVersion: b.templateVersion,
+    image: b.image,
+    runtime: b.runtime as Box['runtime'],
+    desiredState: b.desiredState,
+    phase: b.phase,
+    generation: b.generation,
+    observedGeneration: b.observedGeneration,
+    node: nodeName,
+    resources: b.resources,
+    ip: b.ip,
+    conditions: b.conditions,
+    lastError: b.lastError?.message ?? null,
+    pause: PAUSE_SEMANTICS[b.runtime] ?? { keepsMemory: false, description: 'unknown runtime' },
+    createdAt: iso(b.createdAt),
+    updatedAt: iso(b.updatedAt),
+    version: b.version,
+  };
+}
+
+export function toApiEvent(e: BoxEventRecord): BoxEvent {
+  return { id: e.id, boxId: e.boxId, boxName: e.boxName, time: iso(e.time), type: e.type, phase: (e.phase as BoxEvent['phase']) ?? null, message: e.message };
+}
+
+export function toApiTemplate(t: TemplateRecord): Template {
+  return {
+    name: t.name,
+    version: t.version,
+    description: t.description,
+    image: t.image,
+    runtime: t.runtime as Template['runtime'],
+    defaultResources: t.defaultResources,
+    maxResources: t.maxResources,
+    env: t.env,
+    createdAt: iso(t.createdAt),
+  };
+}
+
+export function toApiNode(n: NodeRecord, now: number, boxes: number): Node {
+  return {
+    id: n.id,
+    name: n.name,
+    status: n.leaseExpiresAt > now ? 'ready' : 'not-ready',
+    cordoned: n.cordoned,
+    runtimes: n.runtimes,
+    arch: n.arch,
+    region: n.region,
+    labels: n.labels,
+    capacity: n.capacity,
+    allocated: n.allocated,
+    images: n.images,
+    leaseExpiresAt: iso(n.leaseExpiresAt),
+    agentUrl: n.agentUrl,
+    boxes,
+  };
+}

@@ -1,0 +1,165 @@
+/**
+ * The control plane's side of the agent protocol: registration, heartbeats (the node lease), the
+ * desired set each node must run, and the phases agents observe. Agents dial in; the server never
+ * needs to reach a node to keep a box alive.
+ */
+import { randomBytes } from 'node:crypto';
+import type { BoxStatusReport, DesiredSet, RegisterNodeRequest } from '@devyard/api/node-schemas';
+import { agentDesired, backoffMs, DEFAULT_RETRY_POLICY, type RetryPolicy } from '@devyard/core/box-reconcile';
+import { AGENT_PHASES, TARGET_PHASE } from '@devyard/core/box-lifecycle';
+import { DomainError } from '@devyard/core/domain-error';
+import { ZERO } from '@devyard/core/resources';
+import type { ChangeFeed } from '../change-feed.js';
+import { newId } from '../ids.js';
+import type { BoxRecord } from '../store/box-records.js';
+import type { NodeRecord, Store } from '../store/store.js';
+
+export const NODE_LEASE_MS = 20_000;
+
+export class NodeService {
+  private revision = 0;
+
+  constructor(
+    private readonly store: Store,
+    private readonly feed: ChangeFeed,
+    private readonly now: () => number,
+    private readonly retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+  ) {}
+
+  async register(req: RegisterNodeRequest): Promise<{ node: NodeRecord; leaseSeconds: number }> {
+    const now = this.now();
+    const node = await this.store.transaction(async (tx) => {
+      const cur = await this.store.getNodeByName(req.name, tx);
+      const fields = {
+        arch: req.arch,
+        region: req.region,
+        labels: req.labels,
+        runtimes: req.runtimes,
+        capacity: req.capacity,
+        images: req.images,
+        agentUrl: req.agentUrl,
+        leaseExpiresAt: now + NODE_LEASE_MS,
+      };
+      if (cur) return this.store.updateNode({ ...cur, ...fields }, cur.version, tx);
+      const created: NodeRecord = {
+        id: newId('n'),
+        name: req.name,
+        ...fields,
+        allocated: { ...ZERO },
+        // The key signs session tokens for this node; kept across re-registrations so tokens stay valid.
+        sessionKey: randomBytes(32).toString('hex'),
+        cordoned: false,
+        registeredAt: now,
+        version: 1,
+      };
+      await this.store.insertNode(created, tx);
+      return created;
+    });
+    this.feed.emit('node', node.id);
+    return { node, leaseSeconds: NODE_LEASE_MS / 1000 };
+  }
+
+  async heartbeat(nodeId: string, images?: string[]): Promise<number> {
+    const now = this.now();
+    for (;;) {
+      const cur = await this.requireNode(nodeId);
+      try {
+        const next = await this.store.updateNode({ ...cur, leaseExpiresAt: now + NODE_LEASE_MS, images: images ?? cur.images }, cur.version);
+        return next.leaseExpiresAt;
+      } catch (e) {
+        // Lost a race with a capacity reservation on the same row: read again and renew.
+        if (e instanceof DomainError && e.code === 'conflict') continue;
+        throw e;
+      }
+    }
+  }
+
+  async requireNode(nodeId: string): Promise<NodeRecord> {
+    const node = await this.store.getNode(nodeId);
+    if (!node) throw new DomainError('not-found', `node ${nodeId} is not registered; register first`, { nodeId });
+    return node;
+  }
+
+  async desiredSet(nodeId: string): Promise<DesiredSet> {
+    await this.requireNode(nodeId);
+    const boxes = await this.store.listBoxes({ nodeId });
+    return {
+      nodeId,
+      revision: ++this.revision,
+      boxes: boxes.map((b) => {
+        const d = agentDesired(b);
+        return {
+          boxId: b.id,
+          name: b.name,
+          desiredState: d.desiredState,
+          generation: d.generation,
+          operationId: d.operationId,
+          image: b.image,
+          runtime: b.runtime,
+          resources: b.resources,
+          env: b.env,
+        };
+      }),
+    };
+  }
+
+  /**
+   * Records what an agent observed. Reports are accepted only for boxes bound to that node and
+   * only if not older than what was already observed, so duplicated, reordered or stale reports
+   * cannot move a box backwards.
+   */
+  async report(nodeId: string, reports: BoxStatusReport[]): Promise<void> {
+    const now = this.now();
+    const changed: BoxRecord[] = [];
+    for (const r of reports) {
+      if (!AGENT_PHASES.has(r.phase)) throw new DomainError('invalid-input', `phase "${r.phase}" cannot be reported by an agent`, { field: 'phase' });
+      const saved = await this.store.transaction(async (tx) => {
+        const box = await this.store.getBox(r.boxId, tx);
+        if (!box || box.nodeId !== nodeId || box.deletedAt !== null) return null;
+        if (r.observedGeneration < box.observedGeneration || r.observedGeneration > box.generation) return null;
+        const current = r.observedGeneration === box.generation;
+        const attempt = Number(r.operationId.split('.').pop()) || box.attempt;
+        const failedNow = box.phase === 'failed';
+        const next: BoxRecord = { ...box, observedGeneration: r.observedGeneration, ip: r.ip ?? box.ip, updatedAt: now };
+        if (current && !failedNow) next.phase = r.phase;
+        const events: Array<{ type: string; message: string }> = [];
+        if (current && r.error && attempt === box.attempt && !(box.lastError?.generation === box.generation && box.lastError.attempt === attempt)) {
+          next.lastError = { generation: box.generation, attempt, message: r.error };
+          next.nextAttemptAt = now + backoffMs(this.retry, attempt);
+          events.push({ type: 'OperationFailed', message: `attempt ${attempt}: ${r.error}` });
+          await this.store.upsertOperation({ id: r.operationId, box_id: box.id, target_state: box.desiredState, generation: box.generation, attempt, state: 'failed', error: r.error, created_at: now, finished_at: now }, tx);
+        }
+        if (next.phase !== box.phase) events.push({ type: 'PhaseChanged', message: r.message || `${box.phase} → ${next.phase}` });
+        if (current && !r.error && next.phase === TARGET_PHASE[box.desiredState] && box.phase !== next.phase) {
+          await this.store.upsertOperation({ id: r.operationId, box_id: box.id, target_state: box.desiredState, generation: box.generation, attempt, state: 'succeeded', error: null, created_at: now, finished_at: now }, tx);
+        }
+        const unchanged = events.length === 0 && next.ip === box.ip && next.observedGeneration === box.observedGeneration;
+        if (unchanged) return null;
+        const stored = await this.store.updateBox(next, box.version, tx);
+        for (const e of events) await this.store.appendEvent({ boxId: box.id, boxName: box.name, owner: box.owner, time: now, type: e.type, phase: stored.phase, message: e.message }, tx);
+        return stored;
+      });
+      if (saved) changed.push(saved);
+    }
+    for (const b of changed) this.feed.emit('box', b);
+  }
+
+  async list(): Promise<Array<{ node: NodeRecord; boxes: number }>> {
+    const nodes = await this.store.listNodes();
+    const boxes = await this.store.listBoxes();
+    return nodes.map((node) => ({ node, boxes: boxes.filter((b) => b.nodeId === node.id).length }));
+  }
+
+  async setCordoned(name: string, cordoned: boolean): Promise<NodeRecord> {
+    for (;;) {
+      const cur = await this.store.getNodeByName(name);
+      if (!cur) throw new DomainError('not-found', `node "${name}" not found`, { name });
+      try {
+        return await this.store.updateNode({ ...cur, cordoned }, cur.version);
+      } catch (e) {
+        if (e instanceof DomainError && e.code === 'conflict') continue;
+        throw e;
+      }
+    }
+  }
+}

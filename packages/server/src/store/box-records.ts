@@ -1,0 +1,105 @@
+/** Row ↔ record mapping for boxes, so callers never see JSON-in-text columns. */
+import type { DesiredState, Phase } from '@devyard/core/box-lifecycle';
+import type { Resources } from '@devyard/core/resources';
+import type { Selectable } from 'kysely';
+import type { BoxTable } from './database-schema.js';
+
+export interface Condition {
+  type: string;
+  status: 'True' | 'False' | 'Unknown';
+  reason: string;
+  message: string;
+  lastTransitionTime: string;
+}
+
+export interface BoxRecord {
+  id: string;
+  name: string;
+  owner: string;
+  templateName: string;
+  templateVersion: number;
+  image: string;
+  runtime: string;
+  desiredState: DesiredState;
+  phase: Phase;
+  generation: number;
+  observedGeneration: number;
+  nodeId: string | null;
+  computeReserved: boolean;
+  resources: Resources;
+  env: Record<string, string>;
+  attempt: number;
+  lastError: { generation: number; attempt: number; message: string } | null;
+  nextAttemptAt: number | null;
+  conditions: Condition[];
+  ip: string | null;
+  createdAt: number;
+  updatedAt: number;
+  deletedAt: number | null;
+  version: number;
+}
+
+export function boxFromRow(r: Selectable<BoxTable>): BoxRecord {
+  return {
+    id: r.id,
+    name: r.name,
+    owner: r.owner,
+    templateName: r.template_name,
+    templateVersion: r.template_version,
+    image: r.image,
+    runtime: r.runtime,
+    desiredState: r.desired_state as DesiredState,
+    phase: r.phase as Phase,
+    generation: Number(r.generation),
+    observedGeneration: Number(r.observed_generation),
+    nodeId: r.node_id,
+    computeReserved: r.compute_reserved === 1,
+    resources: JSON.parse(r.resources) as Resources,
+    env: JSON.parse(r.env) as Record<string, string>,
+    attempt: Number(r.attempt),
+    lastError: r.last_error ? (JSON.parse(r.last_error) as BoxRecord['lastError']) : null,
+    nextAttemptAt: r.next_attempt_at === null ? null : Number(r.next_attempt_at),
+    conditions: JSON.parse(r.conditions) as Condition[],
+    ip: r.ip,
+    createdAt: Number(r.created_at),
+    updatedAt: Number(r.updated_at),
+    deletedAt: r.deleted_at === null ? null : Number(r.deleted_at),
+    version: Number(r.version),
+  };
+}
+
+export function boxToRow(b: BoxRecord): Selectable<BoxTable> {
+  return {
+    id: b.id,
+    name: b.name,
+    owner: b.owner,
+    template_name: b.templateName,
+    template_version: b.templateVersion,
+    image: b.image,
+    runtime: b.runtime,
+    desired_state: b.desiredState,
+    phase: b.phase,
+    generation: b.generation,
+    observed_generation: b.observedGeneration,
+    node_id: b.nodeId,
+    compute_reserved: b.computeReserved ? 1 : 0,
+    resources: JSON.stringify(b.resources),
+    env: JSON.stringify(b.env),
+    attempt: b.attempt,
+    last_error: b.lastError ? JSON.stringify(b.lastError) : null,
+    next_attempt_at: b.nextAttemptAt,
+    conditions: JSON.stringify(b.conditions),
+    ip: b.ip,
+    created_at: b.createdAt,
+    updated_at: b.updatedAt,
+    deleted_at: b.deletedAt,
+    version: b.version,
+  };
+}
+
+/** Sets or replaces a condition, keeping lastTransitionTime when the status did not change. */
+export function setCondition(list: Condition[], c: Omit<Condition, 'lastTransitionTime'>, now: number): Condition[] {
+  const prev = list.find((x) => x.type === c.type);
+  const time = prev && prev.status === c.status ? prev.lastTransitionTime : new Date(now).toISOString();
+  return [...list.filter((x) => x.type !== c.type), { ...c, lastTransitionTime: time }];
+}

@@ -1,0 +1,120 @@
+/**
+ * Table types for Kysely. Times are epoch milliseconds, JSON columns are text: both map one-to-one
+ * onto SQLite and PostgreSQL, so a PostgreSQL dialect is a new `createDatabase` and nothing else.
+ */
+import type { Generated } from 'kysely';
+
+export interface TemplateTable {
+  name: string;
+  version: number;
+  description: string;
+  image: string;
+  runtime: string;
+  default_resources: string;
+  max_resources: string;
+  env: string;
+  created_at: number;
+}
+
+export interface BoxTable {
+  id: string;
+  name: string;
+  owner: string;
+  template_name: string;
+  template_version: number;
+  image: string;
+  runtime: string;
+  desired_state: string;
+  phase: string;
+  generation: number;
+  observed_generation: number;
+  node_id: string | null;
+  compute_reserved: number;
+  resources: string;
+  env: string;
+  attempt: number;
+  last_error: string | null;
+  next_attempt_at: number | null;
+  conditions: string;
+  ip: string | null;
+  created_at: number;
+  updated_at: number;
+  deleted_at: number | null;
+  version: number;
+}
+
+export interface BoxEventTable {
+  id: Generated<number>;
+  box_id: string;
+  box_name: string;
+  owner: string;
+  time: number;
+  type: string;
+  phase: string | null;
+  message: string;
+}
+
+export interface NodeTable {
+  id: string;
+  name: string;
+  arch: string;
+  region: string | null;
+  labels: string;
+  runtimes: string;
+  capacity: string;
+  allocated: string;
+  images: string;
+  agent_url: string;
+  session_key: string;
+  lease_expires_at: number;
+  cordoned: number;
+  registered_at: number;
+  version: number;
+}
+
+export interface OperationTable {
+  id: string;
+  box_id: string;
+  target_state: string;
+  generation: number;
+  attempt: number;
+  state: string;
+  error: string | null;
+  created_at: number;
+  finished_at: number | null;
+}
+
+export interface LeaseTable {
+  name: string;
+  holder: string;
+  token: number;
+  expires_at: number;
+}
+
+export interface IdempotencyKeyTable {
+  owner: string;
+  key: string;
+  request_hash: string;
+  box_id: string;
+  created_at: number;
+}
+
+export interface ApiTokenTable {
+  id: string;
+  token_hash: string;
+  name: string;
+  kind: string;
+  subject: string;
+  created_at: number;
+}
+
+export interface Database {
+  templates: TemplateTable;
+  boxes: BoxTable;
+  box_events: BoxEventTable;
+  nodes: NodeTable;
+  operations: OperationTable;
+  leases: LeaseTable;
+  idempotency_keys: IdempotencyKeyTable;
+  api_tokens: ApiTokenTable;
+}

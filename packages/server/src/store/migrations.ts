@@ -1,0 +1,134 @@
+/**
+ * Versioned schema migrations, applied in name order by Kysely's Migrator. Never edit a migration
+ * that has shipped: add a new one.
+ */
+import { sql, type Kysely, type Migration, type MigrationProvider } from 'kysely';
+
+const m0001: Migration = {
+  async up(db: Kysely<unknown>) {
+    await db.schema
+      .createTable('templates')
+      .addColumn('name', 'text', (c) => c.notNull())
+      .addColumn('version', 'integer', (c) => c.notNull())
+      .addColumn('description', 'text', (c) => c.notNull())
+      .addColumn('image', 'text', (c) => c.notNull())
+      .addColumn('runtime', 'text', (c) => c.notNull())
+      .addColumn('default_resources', 'text', (c) => c.notNull())
+      .addColumn('max_resources', 'text', (c) => c.notNull())
+      .addColumn('env', 'text', (c) => c.notNull())
+      .addColumn('created_at', 'bigint', (c) => c.notNull())
+      .addPrimaryKeyConstraint('templates_pk', ['name', 'version'])
+      .execute();
+
+    await db.schema
+      .createTable('boxes')
+      .addColumn('id', 'text', (c) => c.primaryKey())
+      .addColumn('name', 'text', (c) => c.notNull())
+      .addColumn('owner', 'text', (c) => c.notNull())
+      .addColumn('template_name', 'text', (c) => c.notNull())
+      .addColumn('template_version', 'integer', (c) => c.notNull())
+      .addColumn('image', 'text', (c) => c.notNull())
+      .addColumn('runtime', 'text', (c) => c.notNull())
+      .addColumn('desired_state', 'text', (c) => c.notNull())
+      .addColumn('phase', 'text', (c) => c.notNull())
+      .addColumn('generation', 'integer', (c) => c.notNull())
+      .addColumn('observed_generation', 'integer', (c) => c.notNull())
+      .addColumn('node_id', 'text')
+      .addColumn('compute_reserved', 'integer', (c) => c.notNull())
+      .addColumn('resources', 'text', (c) => c.notNull())
+      .addColumn('env', 'text', (c) => c.notNull())
+      .addColumn('attempt', 'integer', (c) => c.notNull())
+      .addColumn('last_error', 'text')
+      .addColumn('next_attempt_at', 'bigint')
+      .addColumn('conditions', 'text', (c) => c.notNull())
+      .addColumn('ip', 'text')
+      .addColumn('created_at', 'bigint', (c) => c.notNull())
+      .addColumn('updated_at', 'bigint', (c) => c.notNull())
+      .addColumn('deleted_at', 'bigint')
+      .addColumn('version', 'integer', (c) => c.notNull())
+      .execute();
+    // A name is unique per owner among boxes that still exist; deleted names can be reused.
+    await sql`CREATE UNIQUE INDEX boxes_owner_name_live ON boxes (owner, name) WHERE deleted_at IS NULL`.execute(db);
+    await db.schema.createIndex('boxes_node').on('boxes').column('node_id').execute();
+
+    await db.schema
+      .createTable('box_events')
+      .addColumn('id', 'integer', (c) => c.primaryKey().autoIncrement())
+      .addColumn('box_id', 'text', (c) => c.notNull())
+      .addColumn('box_name', 'text', (c) => c.notNull())
+      .addColumn('owner', 'text', (c) => c.notNull())
+      .addColumn('time', 'bigint', (c) => c.notNull())
+      .addColumn('type', 'text', (c) => c.notNull())
+      .addColumn('phase', 'text')
+      .addColumn('message', 'text', (c) => c.notNull())
+      .execute();
+    await db.schema.createIndex('box_events_box').on('box_events').columns(['box_id', 'id']).execute();
+
+    await db.schema
+      .createTable('nodes')
+      .addColumn('id', 'text', (c) => c.primaryKey())
+      .addColumn('name', 'text', (c) => c.notNull().unique())
+      .addColumn('arch', 'text', (c) => c.notNull())
+      .addColumn('region', 'text')
+      .addColumn('labels', 'text', (c) => c.notNull())
+      .addColumn('runtimes', 'text', (c) => c.notNull())
+      .addColumn('capacity', 'text', (c) => c.notNull())
+      .addColumn('allocated', 'text', (c) => c.notNull())
+      .addColumn('images', 'text', (c) => c.notNull())
+      .addColumn('agent_url', 'text', (c) => c.notNull())
+      .addColumn('session_key', 'text', (c) => c.notNull())
+      .addColumn('lease_expires_at', 'bigint', (c) => c.notNull())
+      .addColumn('cordoned', 'integer', (c) => c.notNull())
+      .addColumn('registered_at', 'bigint', (c) => c.notNull())
+      .addColumn('version', 'integer', (c) => c.notNull())
+      .execute();
+
+    await db.schema
+      .createTable('operations')
+      .addColumn('id', 'text', (c) => c.primaryKey())
+      .addColumn('box_id', 'text', (c) => c.notNull())
+      .addColumn('target_state', 'text', (c) => c.notNull())
+      .addColumn('generation', 'integer', (c) => c.notNull())
+      .addColumn('attempt', 'integer', (c) => c.notNull())
+      .addColumn('state', 'text', (c) => c.notNull())
+      .addColumn('error', 'text')
+      .addColumn('created_at', 'bigint', (c) => c.notNull())
+      .addColumn('finished_at', 'bigint')
+      .execute();
+    await db.schema.createIndex('operations_box').on('operations').column('box_id').execute();
+
+    await db.schema
+      .createTable('leases')
+      .addColumn('name', 'text', (c) => c.primaryKey())
+      .addColumn('holder', 'text', (c) => c.notNull())
+      .addColumn('token', 'bigint', (c) => c.notNull())
+      .addColumn('expires_at', 'bigint', (c) => c.notNull())
+      .execute();
+
+    await db.schema
+      .createTable('idempotency_keys')
+      .addColumn('owner', 'text', (c) => c.notNull())
+      .addColumn('key', 'text', (c) => c.notNull())
+      .addColumn('request_hash', 'text', (c) => c.notNull())
+      .addColumn('box_id', 'text', (c) => c.notNull())
+      .addColumn('created_at', 'bigint', (c) => c.notNull())
+      .addPrimaryKeyConstraint('idempotency_keys_pk', ['owner', 'key'])
+      .execute();
+
+    await db.schema
+      .createTable('api_tokens')
+      .addColumn('id', 'text', (c) => c.primaryKey())
+      .addColumn('token_hash', 'text', (c) => c.notNull().unique())
+      .addColumn('name', 'text', (c) => c.notNull())
+      .addColumn('kind', 'text', (c) => c.notNull())
+      .addColumn('subject', 'text', (c) => c.notNull())
+      .addColumn('created_at', 'bigint', (c) => c.notNull())
+      .execute();
+  },
+};
+
+export const migrationProvider: MigrationProvider = {
+  async getMigrations() {
+    return { '0001_initial': m0001 };
+  },
+};

@@ -1,0 +1,341 @@
+/**
+ * The data layer. Every read and write of the control plane goes through here, over Kysely, so the
+ * SQL is portable between the embedded SQLite store and PostgreSQL. Methods take an optional
+ * executor so callers can group several of them into one transaction.
+ */
+import { DomainError } from '@devyard/core/domain-error';
+import type { Resources } from '@devyard/core/resources';
+import type { Kysely, Selectable, Transaction } from 'kysely';
+import { boxFromRow, boxToRow, type BoxRecord } from './box-records.js';
+import type { ApiTokenTable, Database, NodeTable, OperationTable, TemplateTable } from './database-schema.js';
+
+export type Executor = Kysely<Database> | Transaction<Database>;
+
+export interface NodeRecord {
+  id: string;
+  name: string;
+  arch: string;
+  region: string | null;
+  labels: Record<string, string>;
+  runtimes: string[];
+  capacity: Resources;
+  allocated: Resources;
+  images: string[];
+  agentUrl: string;
+  sessionKey: string;
+  leaseExpiresAt: number;
+  cordoned: boolean;
+  registeredAt: number;
+  version: number;
+}
+
+export interface TemplateRecord {
+  name: string;
+  version: number;
+  description: string;
+  image: string;
+  runtime: string;
+  defaultResources: Resources;
+  maxResources: Resources;
+  env: Record<string, string>;
+  createdAt: number;
+}
+
+export interface BoxEventRecord {
+  id: number;
+  boxId: string;
+  boxName: string;
+  owner: string;
+  time: number;
+  type: string;
+  phase: string | null;
+  message: string;
+}
+
+function nodeFromRow(r: Selectable<NodeTable>): NodeRecord {
+  return {
+    id: r.id,
+    name: r.name,
+    arch: r.arch,
+    region: r.region,
+    labels: JSON.parse(r.labels),
+    runtimes: JSON.parse(r.runtimes),
+    capacity: JSON.parse(r.capacity),
+    allocated: JSON.parse(r.allocated),
+    images: JSON.parse(r.images),
+    agentUrl: r.agent_url,
+    sessionKey: r.session_key,
+    leaseExpiresAt: Number(r.lease_expires_at),
+    cordoned: r.cordoned === 1,
+    registeredAt: Number(r.registered_at),
+    version: Number(r.version),
+  };
+}
+
+function templateFromRow(r: Selectable<TemplateTable>): TemplateRecord {
+  return {
+    name: r.name,
+    version: Number(r.version),
+    description: r.description,
+    image: r.image,
+    runtime: r.runtime,
+    defaultResources: JSON.parse(r.default_resources),
+    maxResources: JSON.parse(r.max_resources),
+    env: JSON.parse(r.env),
+    createdAt: Number(r.created_at),
+  };
+}
+
+/** True when a database error is a unique-constraint violation (SQLite or PostgreSQL). */
+export function isUniqueViolation(e: unknown): boolean {
+  const err = e as { code?: string; message?: string };
+  return err?.code === 'SQLITE_CONSTRAINT_UNIQUE' || err?.code === 'SQLITE_CONSTRAINT_PRIMARYKEY' || err?.code === '23505';
+}
+
+export class Store {
+  constructor(readonly db: Kysely<Database>) {}
+
+  /** Runs fn in one transaction; everything it writes lands together or not at all. */
+  transaction<T>(fn: (tx: Transaction<Database>) => Promise<T>): Promise<T> {
+    return this.db.transaction().execute(fn);
+  }
+
+  async close(): Promise<void> {
+    await this.db.destroy();
+  }
+
+  // ---- boxes ----
+
+  async insertBox(box: BoxRecord, ex: Executor = this.db): Promise<void> {
+    try {
+      await ex.insertInto('boxes').values(boxToRow(box)).execute();
+    } catch (e) {
+      if (isUniqueViolation(e)) throw new DomainError('conflict', `a box named "${box.name}" already exists`, { field: 'name', name: box.name });
+      throw e;
+    }
+  }
+
+  async getBox(id: string, ex: Executor = this.db): Promise<BoxRecord | undefined> {
+    const r = await ex.selectFrom('boxes').selectAll().where('id', '=', id).executeTakeFirst();
+    return r && boxFromRow(r);
+  }
+
+  /** The live (not finalized) box with this name in the owner's scope. */
+  async getBoxByName(owner: string, name: string, ex: Executor = this.db): Promise<BoxRecord | undefined> {
+    const r = await ex.selectFrom('boxes').selectAll().where('owner', '=', owner).where('name', '=', name).where('deleted_at', 'is', null).executeTakeFirst();
+    return r && boxFromRow(r);
+  }
+
+  async listBoxes(filter: { owner?: string; nodeId?: string; includeDeleted?: boolean } = {}, ex: Executor = this.db): Promise<BoxRecord[]> {
+    let q = ex.selectFrom('boxes').selectAll().orderBy('created_at').orderBy('id');
+    if (filter.owner !== undefined) q = q.where('owner', '=', filter.owner);
+    if (filter.nodeId !== undefined) q = q.where('node_id', '=', filter.nodeId);
+    if (!filter.includeDeleted) q = q.where('deleted_at', 'is', null);
+    return (await q.execute()).map(boxFromRow);
+  }
+
+  /**
+   * Writes a changed box if nobody changed it since it was read (optimistic concurrency on
+   * `version`). Returns the stored record with its new version.
+   */
+  async updateBox(next: BoxRecord, expectedVersion: number, ex: Executor = this.db): Promise<BoxRecord> {
+    const row = boxToRow({ ...next, version: expectedVersion + 1 });
+    const res = await ex.updateTable('boxes').set(row).where('id', '=', next.id).where('version', '=', expectedVersion).executeTakeFirst();
+    if (Number(res.numUpdatedRows) !== 1) {
+      throw new DomainError('conflict', `box "${next.name}" was changed concurrently; retry`, { boxId: next.id, reason: 'version-mismatch' });
+    }
+    return { ...next, version: expectedVersion + 1 };
+  }
+
+  async appendEvent(ev: Omit<BoxEventRecord, 'id'>, ex: Executor = this.db): Promise<number> {
+    const r = await ex
+      .insertInto('box_events')
+      .values({ box_id: ev.boxId, box_name: ev.boxName, owner: ev.owner, time: ev.time, type: ev.type, phase: ev.phase, message: ev.message })
+      .returning('id')
+      .executeTakeFirstOrThrow();
+    return Number(r.id);
+  }
+
+  async listEvents(filter: { boxId?: string; owner?: string; afterId?: number; limit?: number }, ex: Executor = this.db): Promise<BoxEventRecord[]> {
+    let q = ex.selectFrom('box_events').selectAll().orderBy('id').limit(filter.limit ?? 1000);
+    if (filter.boxId !== undefined) q = q.where('box_id', '=', filter.boxId);
+    if (filter.owner !== undefined) q = q.where('owner', '=', filter.owner);
+    if (filter.afterId !== undefined) q = q.where('id', '>', filter.afterId);
+    return (await q.execute()).map((r) => ({
+      id: Number(r.id),
+      boxId: r.box_id,
+      boxName: r.box_name,
+      owner: r.owner,
+      time: Number(r.time),
+      type: r.type,
+      phase: r.phase,
+      message: r.message,
+    }));
+  }
+
+  // ---- operations ----
+
+  async upsertOperation(op: Selectable<OperationTable>, ex: Executor = this.db): Promise<void> {
+    await ex
+      .insertInto('operations')
+      .values(op)
+      .onConflict((oc) => oc.column('id').doUpdateSet({ state: op.state, error: op.error, finished_at: op.finished_at }))
+      .execute();
+  }
+
+  async listOperations(boxId: string, ex: Executor = this.db): Promise<Array<Selectable<OperationTable>>> {
+    return ex.selectFrom('operations').selectAll().where('box_id', '=', boxId).orderBy('created_at').execute();
+  }
+
+  // ---- idempotency ----
+
+  async getIdempotencyKey(owner: string, key: string, ex: Executor = this.db) {
+    return ex.selectFrom('idempotency_keys').selectAll().where('owner', '=', owner).where('key', '=', key).executeTakeFirst();
+  }
+
+  async putIdempotencyKey(v: { owner: string; key: string; requestHash: string; boxId: string; now: number }, ex: Executor = this.db): Promise<void> {
+    await ex.insertInto('idempotency_keys').values({ owner: v.owner, key: v.key, request_hash: v.requestHash, box_id: v.boxId, created_at: v.now }).execute();
+  }
+
+  // ---- templates ----
+
+  async insertTemplate(t: TemplateRecord, ex: Executor = this.db): Promise<void> {
+    await ex
+      .insertInto('templates')
+      .values({
+        name: t.name,
+        version: t.version,
+        description: t.description,
+        image: t.image,
+        runtime: t.runtime,
+        default_resources: JSON.stringify(t.defaultResources),
+        max_resources: JSON.stringify(t.maxResources),
+        env: JSON.stringify(t.env),
+        created_at: t.createdAt,
+      })
+      .execute();
+  }
+
+  async getTemplate(name: string, version?: number, ex: Executor = this.db): Promise<TemplateRecord | undefined> {
+    let q = ex.selectFrom('templates').selectAll().where('name', '=', name);
+    q = version === undefined ? q.orderBy('version', 'desc').limit(1) : q.where('version', '=', version);
+    const r = await q.executeTakeFirst();
+    return r && templateFromRow(r);
+  }
+
+  async listTemplateVersions(name: string, ex: Executor = this.db): Promise<TemplateRecord[]> {
+    return (await ex.selectFrom('templates').selectAll().where('name', '=', name).orderBy('version').execute()).map(templateFromRow);
+  }
+
+  /** The latest version of every template. */
+  async listTemplates(ex: Executor = this.db): Promise<TemplateRecord[]> {
+    const rows = await ex
+      .selectFrom('templates as t')
+      .selectAll('t')
+      .where(({ eb, selectFrom }) =>
+        eb('t.version', '=', selectFrom('templates as t2').select(({ fn }) => fn.max('t2.version').as('v')).whereRef('t2.name', '=', 't.name')),
+      )
+      .orderBy('t.name')
+      .execute();
+    return rows.map(templateFromRow);
+  }
+
+  // ---- nodes ----
+
+  async getNode(id: string, ex: Executor = this.db): Promise<NodeRecord | undefined> {
+    const r = await ex.selectFrom('nodes').selectAll().where('id', '=', id).executeTakeFirst();
+    return r && nodeFromRow(r);
+  }
+
+  async getNodeByName(name: string, ex: Executor = this.db): Promise<NodeRecord | undefined> {
+    const r = await ex.selectFrom('nodes').selectAll().where('name', '=', name).executeTakeFirst();
+    return r && nodeFromRow(r);
+  }
+
+  async listNodes(ex: Executor = this.db): Promise<NodeRecord[]> {
+    return (await ex.selectFrom('nodes').selectAll().orderBy('name').execute()).map(nodeFromRow);
+  }
+
+  async insertNode(n: NodeRecord, ex: Executor = this.db): Promise<void> {
+    await ex.insertInto('nodes').values(this.nodeRow(n)).execute();
+  }
+
+  /** Optimistic update on the node's version: capacity is reserved only against what was read. */
+  async updateNode(next: NodeRecord, expectedVersion: number, ex: Executor = this.db): Promise<NodeRecord> {
+    const res = await ex
+      .updateTable('nodes')
+      .set(this.nodeRow({ ...next, version: expectedVersion + 1 }))
+      .where('id', '=', next.id)
+      .where('version', '=', expectedVersion)
+      .executeTakeFirst();
+    if (Number(res.numUpdatedRows) !== 1) throw new DomainError('conflict', `node "${next.name}" was changed concurrently; retry`, { nodeId: next.id, reason: 'version-mismatch' });
+    return { ...next, version: expectedVersion + 1 };
+  }
+
+  private nodeRow(n: NodeRecord): Selectable<NodeTable> {
+    return {
+      id: n.id,
+      name: n.name,
+      arch: n.arch,
+      region: n.region,
+      labels: JSON.stringify(n.labels),
+      runtimes: JSON.stringify(n.runtimes),
+      capacity: JSON.stringify(n.capacity),
+      allocated: JSON.stringify(n.allocated),
+      images: JSON.stringify(n.images),
+      agent_url: n.agentUrl,
+      session_key: n.sessionKey,
+      lease_expires_at: n.leaseExpiresAt,
+      cordoned: n.cordoned ? 1 : 0,
+      registered_at: n.registeredAt,
+      version: n.version,
+    };
+  }
+
+  // ---- leases with fencing tokens ----
+
+  /**
+   * Takes or renews a named lease. The token grows every time the lease changes hands, so a
+   * worker that lost its lease (paused, partitioned) can be told its writes are stale.
+   * Returns the token, or null while another holder's lease is still valid.
+   */
+  async acquireLease(name: string, holder: string, ttlMs: number, now: number): Promise<number | null> {
+    return this.transaction(async (tx) => {
+      const cur = await tx.selectFrom('leases').selectAll().where('name', '=', name).executeTakeFirst();
+      if (!cur) {
+        await tx.insertInto('leases').values({ name, holder, token: 1, expires_at: now + ttlMs }).execute();
+        return 1;
+      }
+      const token = Number(cur.token);
+      if (cur.holder === holder && Number(cur.expires_at) > now) {
+        await tx.updateTable('leases').set({ expires_at: now + ttlMs }).where('name', '=', name).execute();
+        return token;
+      }
+      if (Number(cur.expires_at) > now) return null;
+      await tx.updateTable('leases').set({ holder, token: token + 1, expires_at: now + ttlMs }).where('name', '=', name).where('token', '=', token).execute();
+      return token + 1;
+    });
+  }
+
+  async releaseLease(name: string, holder: string, token: number): Promise<void> {
+    await this.db.updateTable('leases').set({ expires_at: 0 }).where('name', '=', name).where('holder', '=', holder).where('token', '=', token).execute();
+  }
+
+  /** Refuses (stale-lease) unless `holder` still holds `name` with `token`; call inside the write's transaction. */
+  async assertLease(name: string, holder: string, token: number, now: number, ex: Executor): Promise<void> {
+    const cur = await ex.selectFrom('leases').selectAll().where('name', '=', name).executeTakeFirst();
+    if (!cur || cur.holder !== holder || Number(cur.token) !== token || Number(cur.expires_at) <= now) {
+      throw new DomainError('stale-lease', `lease ${name} is no longer held with token ${token}`, { lease: name, token });
+    }
+  }
+
+  // ---- API tokens ----
+
+  async insertToken(t: Selectable<ApiTokenTable>, ex: Executor = this.db): Promise<void> {
+    await ex.insertInto('api_tokens').values(t).execute();
+  }
+
+  async findTokenByHash(hash: string, ex: Executor = this.db): Promise<Selectable<ApiTokenTable> | undefined> {
+    return ex.selectFrom('api_tokens').selectAll().where('token_hash', '=', hash).executeTakeFirst();
+  }
+}
