@@ -14,7 +14,8 @@ function toSchema(schema: z.ZodType, io: 'input' | 'output', components: Record<
   Object.assign(components, $defs ?? {});
   const id = (z.globalRegistry.get(schema) as { id?: string } | undefined)?.id;
   if (id) {
-    components[id] = rest;
+    // zod answers a named root either inline or as a $ref into $defs (already merged above).
+    if (!('$ref' in rest)) components[id] = rest;
     return { $ref: `#/components/schemas/${id}` };
   }
   return rest;

@@ -159,6 +159,7 @@ export class BoxReconciler {
           next: {
             ...box,
             phase: 'failed',
+            lastError: box.lastError && { ...box.lastError, message: d.reason },
             updatedAt: now,
             conditions: setCondition(box.conditions, { type: 'Ready', status: 'False', reason: 'Failed', message: d.reason }, now),
           },

@@ -1,0 +1,389 @@
+/**
+ * In-process HTTP tests of every route, against a real SQLite store. The node agent here is a
+ * scripted test double speaking the real agent protocol through the SDK; the real agent and
+ * runtime are covered by the end-to-end tests.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ROUTES } from '@devyard/api/routes';
+import { verifySessionToken } from '@devyard/api/session-tokens';
+import { ApiError } from '@devyard/sdk/api-error';
+import { DevyardClient } from '@devyard/sdk/devyard-client';
+import { startControlPlane, type ControlPlane } from '@devyard/server/control-plane';
+import type { DesiredSet } from '@devyard/api/node-schemas';
+
+const covered = new Set<string>();
+const cover = (...ids: string[]) => ids.forEach((id) => covered.add(id));
+
+let dir: string;
+let cp: ControlPlane;
+let user: DevyardClient;
+let node: DevyardClient;
+let nodeId: string;
+let sessionKey: string;
+
+async function raw(method: string, path: string, opts: { body?: string; headers?: Record<string, string>; token?: string | null } = {}) {
+  const token = opts.token === undefined ? cp.tokens.adminToken : opts.token;
+  const res = await fetch(cp.url + path, {
+    method,
+    headers: { ...(token ? { authorization: `Bearer ${token}` } : {}), ...(opts.body !== undefined ? { 'content-type': 'application/json' } : {}), ...opts.headers },
+    body: opts.body,
+  });
+  const text = await res.text();
+  return { status: res.status, headers: res.headers, body: text ? JSON.parse(text) : undefined };
+}
+
+async function problemOf(p: Promise<unknown>): Promise<ApiError> {
+  try {
+    await p;
+  } catch (e) {
+    if (e instanceof ApiError) return e;
+    throw e;
+  }
+  throw new Error('expected an API error');
+}
+
+/** Plays the agent: reports every desired box as having reached its desired state. */
+async function agentConverges(): Promise<DesiredSet> {
+  const set = await node.getDesiredSet(nodeId);
+  await node.reportStatus(
+    nodeId,
+    set.boxes.map((b) => ({ boxId: b.boxId, phase: b.desiredState, observedGeneration: b.generation, operationId: b.operationId, ip: '10.0.0.2', error: null, message: '' })),
+  );
+  return set;
+}
+
+async function until<T>(fn: () => Promise<T>, ok: (v: T) => boolean, ms = 5000): Promise<T> {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = await fn();
+    if (ok(v)) return v;
+    if (Date.now() > end) throw new Error(`condition not met; last value: ${JSON.stringify(v)}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+beforeAll(async () => {
+  dir = mkdtempSync(join(tmpdir(), 'devyard-api-'));
+  cp = await startControlPlane({ dataDir: dir, retry: { maxAttempts: 2, baseBackoffMs: 10, maxBackoffMs: 10 } });
+  user = new DevyardClient({ url: cp.url, token: cp.tokens.adminToken });
+  node = new DevyardClient({ url: cp.url, token: cp.tokens.nodeToken });
+  const reg = await node.registerNode({
+    name: 'node-a',
+    arch: 'x86_64',
+    region: null,
+    labels: {},
+    runtimes: ['sandbox'],
+    capacity: { cpuMillis: 2000, memoryBytes: 4 * 1024 ** 3, diskBytes: 100 * 1024 ** 3 },
+    images: ['tiny'],
+    agentUrl: 'http://127.0.0.1:1',
+  });
+  nodeId = reg.nodeId;
+  sessionKey = reg.sessionKey;
+  cover('registerNode');
+});
+
+afterAll(async () => {
+  await cp.close();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe('system routes', () => {
+  it('healthz answers without a token', async () => {
+    const r = await raw('GET', '/healthz', { token: null });
+    expect(r.status).toBe(200);
+    expect(r.body).toEqual({ status: 'ok' });
+    cover('healthz');
+  });
+
+  it('serves an OpenAPI document generated from the route table', async () => {
+    const r = await raw('GET', '/v1/openapi.json', { token: null });
+    expect(r.status).toBe(200);
+    expect(r.body.openapi).toBe('3.1.0');
+    for (const route of ROUTES) {
+      const op = r.body.paths[route.path]?.[route.method.toLowerCase()];
+      expect(op?.operationId, `${route.method} ${route.path}`).toBe(route.operationId);
+    }
+    expect(r.body.components.schemas.Box.properties.phase).toBeDefined();
+    cover('openapi');
+  });
+
+  it('answers unknown routes, missing and bad tokens with problem+json', async () => {
+    const unknown = await raw('GET', '/v1/nope');
+    expect(unknown.status).toBe(404);
+    expect(unknown.headers.get('content-type')).toContain('application/problem+json');
+    expect((await raw('GET', '/v1/boxes', { token: null })).status).toBe(401);
+    expect((await raw('GET', '/v1/boxes', { token: 'dy_u_forged' })).status).toBe(401);
+    // A node token cannot act as a user, nor a user token as a node.
+    expect((await raw('GET', '/v1/boxes', { token: cp.tokens.nodeToken })).status).toBe(403);
+    expect((await raw('GET', `/v1/agent/nodes/${nodeId}/desired`)).status).toBe(403);
+  });
+});
+
+describe('templates', () => {
+  it('lists the built-in templates and publishes immutable versions', async () => {
+    const names = (await user.listTemplates()).map((t) => t.name);
+    expect(names).toEqual(expect.arrayContaining(['base', 'tiny']));
+    const v1 = await user.createTemplate({ name: 'web', image: 'tiny', runtime: 'sandbox', defaultResources: { cpu: 1, memory: '256MiB' }, maxResources: { cpu: 2, memory: '1GiB' } });
+    const v2 = await user.createTemplate({ name: 'web', image: 'base', runtime: 'sandbox', description: 'second' });
+    expect([v1.version, v2.version]).toEqual([1, 2]);
+    expect((await user.getTemplate('web')).version).toBe(2);
+    expect((await user.getTemplate('web', 1)).image).toBe('tiny');
+    expect((await user.listTemplateVersions('web')).map((t) => t.version)).toEqual([1, 2]);
+    expect((await user.listTemplates()).filter((t) => t.name === 'web')).toHaveLength(1);
+    cover('createTemplate', 'listTemplates', 'getTemplate', 'listTemplateVersions');
+  });
+
+  it('refuses bad templates and unknown names', async () => {
+    const bad = await raw('POST', '/v1/templates', { body: JSON.stringify({ name: 'x', image: 'ubuntu' }) });
+    expect(bad.status).toBe(400);
+    expect(bad.body.errors[0].field).toBe('image');
+    const tooBig = await problemOf(user.createTemplate({ name: 'y', image: 'tiny', runtime: 'sandbox', defaultResources: { cpu: 4 }, maxResources: { cpu: 2 } }));
+    expect(tooBig.status).toBe(400);
+    expect((await problemOf(user.getTemplate('missing'))).status).toBe(404);
+    expect((await problemOf(user.getTemplate('web', 9))).status).toBe(404);
+    expect((await problemOf(user.listTemplateVersions('missing'))).status).toBe(404);
+    expect((await user.listTemplates()).map((t) => t.name)).not.toContain('y');
+  });
+});
+
+describe('boxes', () => {
+  it('creates a box asynchronously, schedules it and follows agent reports', async () => {
+    const r = await raw('POST', '/v1/boxes', { body: JSON.stringify({ name: 'one', template: 'tiny', resources: { cpu: '250m', memory: '64MiB' } }) });
+    expect(r.status).toBe(202);
+    expect(r.headers.get('etag')).toBe(`"v${r.body.version}"`);
+    expect(r.body).toMatchObject({ name: 'one', template: 'tiny', desiredState: 'running', runtime: 'sandbox', resources: { cpuMillis: 250, memoryBytes: 64 * 1024 ** 2 } });
+    const scheduled = await until(() => user.getBox('one'), (b) => b.node === 'node-a');
+    expect(scheduled.phase).toBe('provisioning');
+    const set = await agentConverges();
+    expect(set.boxes.find((b) => b.name === 'one')?.desiredState).toBe('running');
+    const running = await user.getBox('one');
+    expect(running).toMatchObject({ phase: 'running', observedGeneration: 1, ip: '10.0.0.2' });
+    expect(running.pause.keepsMemory).toBe(true);
+    expect((await user.listBoxes()).map((b) => b.name)).toContain('one');
+    const nodes = await user.listNodes();
+    expect(nodes[0]!.allocated.cpuMillis).toBe(250);
+    cover('createBox', 'getBox', 'listBoxes', 'getDesiredSet', 'reportStatus', 'listNodes');
+  });
+
+  it('honours Idempotency-Key: same body → same box, different body → 409', async () => {
+    const a = await user.createBox({ name: 'idem', template: 'tiny' }, 'key-1');
+    const b = await raw('POST', '/v1/boxes', { body: JSON.stringify({ name: 'idem', template: 'tiny' }), headers: { 'idempotency-key': 'key-1' } });
+    expect(b.status).toBe(202);
+    expect(b.body.id).toBe(a.id);
+    expect(b.headers.get('idempotent-replayed')).toBe('true');
+    const c = await raw('POST', '/v1/boxes', { body: JSON.stringify({ name: 'idem2', template: 'tiny' }), headers: { 'idempotency-key': 'key-1' } });
+    expect(c.status).toBe(409);
+    expect((await user.listBoxes()).filter((x) => x.name.startsWith('idem')).map((x) => x.name)).toEqual(['idem']);
+  });
+
+  it('refuses bad input with a problem naming the field, and creates nothing', async () => {
+    const before = (await user.listBoxes()).length;
+    const cases: Array<[unknown, number, string]> = [
+      [{ name: 'x1', template: 'nope' }, 400, 'template'],
+      [{ name: 'Bad_Name', template: 'tiny' }, 400, 'name'],
+      [{ name: 'x2', template: 'tiny', resources: { memory: 'lots' } }, 400, 'resources.memory'],
+      [{ name: 'x3', template: 'tiny', resources: { cpu: 64 } }, 400, 'resources.cpu'],
+      [{ name: 'x4', template: 'tiny', resources: { cpu: '0m' } }, 400, 'resources.cpu'],
+      [{ name: 'x5', template: 'tiny', extra: true }, 400, '(body)'],
+      [{ name: 'x6', template: 'tiny', runtime: 'sim' }, 400, 'runtime'],
+      [{ name: 'one', template: 'tiny' }, 409, 'name'],
+    ];
+    for (const [body, status, field] of cases) {
+      const r = await raw('POST', '/v1/boxes', { body: JSON.stringify(body) });
+      expect(r.status, JSON.stringify(body)).toBe(status);
+      expect(r.headers.get('content-type')).toContain('application/problem+json');
+      expect(r.body.errors?.[0]?.field ?? r.body.field, JSON.stringify(r.body)).toBe(field);
+    }
+    const malformed = await raw('POST', '/v1/boxes', { body: '{"name":' });
+    expect(malformed.status).toBe(400);
+    const huge = await raw('POST', '/v1/boxes', { body: JSON.stringify({ name: 'big', template: 'tiny', env: { A: 'x'.repeat(2 * 1024 * 1024) } }) });
+    expect(huge.status).toBe(413);
+    expect((await user.listBoxes()).length).toBe(before);
+  });
+
+  it('drives the lifecycle through verbs: 202, transient phase, convergence', async () => {
+    const allocatedBefore = (await user.listNodes())[0]!.allocated;
+    const stop = await raw('POST', '/v1/boxes/one/stop');
+    expect(stop.status).toBe(202);
+    expect(stop.body).toMatchObject({ desiredState: 'stopped', phase: 'stopping', generation: 2 });
+    await agentConverges();
+    await until(() => user.getBox('one'), (b) => b.phase === 'stopped');
+    // Stop releases CPU and memory, keeps the disk.
+    const afterStop = await until(() => user.listNodes(), (n) => n[0]!.allocated.cpuMillis === allocatedBefore.cpuMillis - 250);
+    expect(afterStop[0]!.allocated.memoryBytes).toBe(allocatedBefore.memoryBytes - 64 * 1024 ** 2);
+    expect(afterStop[0]!.allocated.diskBytes).toBe(allocatedBefore.diskBytes);
+
+    expect((await problemOf(user.boxVerb('one', 'resume'))).code).toBe('invalid-state');
+    expect((await problemOf(user.boxVerb('one', 'pause'))).code).toBe('invalid-state');
+
+    await user.boxVerb('one', 'start');
+    // The agent is held stopped until the reconciler reserved compute again.
+    const set = await until(() => node.getDesiredSet(nodeId), (s) => s.boxes.find((b) => b.name === 'one')?.desiredState === 'running');
+    expect(set.boxes.find((b) => b.name === 'one')?.generation).toBe(3);
+    await agentConverges();
+    expect((await user.getBox('one')).phase).toBe('running');
+
+    await user.boxVerb('one', 'pause');
+    await agentConverges();
+    expect((await user.getBox('one')).phase).toBe('paused');
+    expect((await problemOf(user.boxVerb('one', 'start'))).code).toBe('invalid-state');
+    const again = await user.boxVerb('one', 'pause');
+    expect(again.generation).toBe(4); // repeating a verb is accepted and changes nothing
+    await user.boxVerb('one', 'resume');
+    await agentConverges();
+    expect((await user.getBox('one')).phase).toBe('running');
+    cover('stopBox', 'startBox', 'pauseBox', 'resumeBox');
+  });
+
+  it('refuses a stale If-Match with 412 and changes nothing', async () => {
+    const box = await user.getBox('one');
+    const r = await raw('POST', '/v1/boxes/one/stop', { headers: { 'if-match': `"v${box.version - 1}"` } });
+    expect(r.status).toBe(412);
+    expect((await user.getBox('one')).desiredState).toBe('running');
+    const bad = await raw('POST', '/v1/boxes/one/stop', { headers: { 'if-match': 'garbage' } });
+    expect(bad.status).toBe(400);
+    const ok = await user.boxVerb('one', 'stop', box.version);
+    expect(ok.desiredState).toBe('stopped');
+    await agentConverges();
+  });
+
+  it('keeps a timeline of events and streams it', async () => {
+    const events = await user.boxEvents('one');
+    const types = events.map((e) => e.type);
+    expect(types.slice(0, 2)).toEqual(['Created', 'Scheduled']);
+    expect(types).toEqual(expect.arrayContaining(['StopRequested', 'StartRequested', 'PauseRequested', 'ResumeRequested', 'PhaseChanged']));
+    const ac = new AbortController();
+    const seen: string[] = [];
+    const watching = (async () => {
+      for await (const e of user.watchBoxEvents('one', ac.signal)) {
+        seen.push(e.type);
+        if (e.type === 'StartRequested' && seen.length > events.length) break;
+      }
+    })();
+    await new Promise((r) => setTimeout(r, 50));
+    await user.boxVerb('one', 'start');
+    await watching;
+    ac.abort();
+    expect(seen.length).toBeGreaterThan(events.length);
+    cover('listBoxEvents');
+  });
+
+  it('streams box changes over SSE on /v1/boxes?watch=1 and /v1/events', async () => {
+    const ac = new AbortController();
+    const res = await fetch(`${cp.url}/v1/events`, { headers: { authorization: `Bearer ${cp.tokens.adminToken}` }, signal: ac.signal });
+    expect(res.headers.get('content-type')).toContain('text/event-stream');
+    const phases: string[] = [];
+    const watching = (async () => {
+      for await (const b of user.watchBoxes(ac.signal)) {
+        if (b.name !== 'one') continue;
+        phases.push(b.phase);
+        if (b.phase === 'running' && b.generation >= 6) return;
+      }
+    })();
+    await agentConverges();
+    await watching;
+    const reader = res.body!.getReader();
+    const chunk = new TextDecoder().decode((await reader.read()).value);
+    ac.abort();
+    expect(chunk).toContain('devyard watch');
+    expect(phases.at(-1)).toBe('running');
+    cover('watchEvents');
+  });
+
+  it('signs exec sessions for running boxes only', async () => {
+    const s = await user.createExecSession('one');
+    expect(s.url).toMatch(/^ws:\/\/127\.0\.0\.1:1\/v1\/boxes\/b_[a-z0-9]+\/exec$/);
+    const claims = verifySessionToken(s.token, sessionKey, Date.now());
+    expect(claims?.boxId).toBe((await user.getBox('one')).id);
+    expect(verifySessionToken(s.token, 'another-key', Date.now())).toBeNull();
+    expect(verifySessionToken(s.token, sessionKey, Date.now() + 120_000)).toBeNull();
+    await user.createBox({ name: 'unplaced', template: 'tiny', runtime: 'microvm' });
+    expect((await problemOf(user.createExecSession('unplaced'))).code).toBe('invalid-state');
+    cover('createExecSession');
+  });
+
+  it('keeps a box without a fitting node pending, with the reasons per node', async () => {
+    const box = await until(() => user.getBox('unplaced'), (b) => b.conditions.some((c) => c.reason === 'Unschedulable'));
+    expect(box.phase).toBe('pending');
+    expect(box.conditions.find((c) => c.type === 'Scheduled')?.message).toContain('node-a: runtime microvm not offered');
+  });
+
+  it('retries a failing operation with backoff, then fails with the reason', async () => {
+    await user.createBox({ name: 'flaky', template: 'tiny' });
+    const failOnce = async () => {
+      const set = await until(() => node.getDesiredSet(nodeId), (s) => s.boxes.some((b) => b.name === 'flaky'));
+      const b = set.boxes.find((x) => x.name === 'flaky')!;
+      await node.reportStatus(nodeId, [{ boxId: b.boxId, phase: 'provisioning', observedGeneration: b.generation, operationId: b.operationId, ip: null, error: 'image build failed: disk full', message: '' }]);
+      return b.operationId;
+    };
+    const op1 = await failOnce();
+    const op2 = await until(failOnce, (op) => op !== op1);
+    expect(op2.endsWith('.2')).toBe(true);
+    const failed = await until(() => user.getBox('flaky'), (b) => b.phase === 'failed');
+    expect(failed.lastError).toContain('image build failed: disk full');
+    expect(failed.lastError).toContain('gave up after 2 attempts');
+    expect((await user.boxEvents('flaky')).map((e) => e.type)).toEqual(expect.arrayContaining(['OperationFailed', 'Retrying', 'Failed']));
+  });
+
+  it('ignores stale and foreign reports', async () => {
+    const box = await user.getBox('one');
+    await node.reportStatus(nodeId, [{ boxId: box.id, phase: 'stopped', observedGeneration: box.generation - 1, operationId: 'old', ip: null, error: null, message: '' }]);
+    await node.reportStatus(nodeId, [{ boxId: 'b_unknown', phase: 'running', observedGeneration: 1, operationId: 'x', ip: null, error: null, message: '' }]);
+    expect((await user.getBox('one')).phase).toBe(box.phase);
+    const bad = await raw('POST', `/v1/agent/nodes/${nodeId}/status`, { token: cp.tokens.nodeToken, body: JSON.stringify({ reports: [{ boxId: box.id, phase: 'failed', observedGeneration: box.generation, operationId: 'x' }] }) });
+    expect(bad.status).toBe(400);
+  });
+
+  it('deletes: the name is freed and capacity released once the agent confirms', async () => {
+    const d = await raw('DELETE', '/v1/boxes/one');
+    expect(d.status).toBe(202);
+    expect(d.body.desiredState).toBe('deleted');
+    expect((await problemOf(user.boxVerb('one', 'start'))).code).toBe('invalid-state');
+    await agentConverges();
+    await until(() => user.listBoxes(), (l) => !l.some((b) => b.name === 'one'));
+    expect((await problemOf(user.getBox('one'))).status).toBe(404);
+    expect((await problemOf(user.boxVerb('one', 'stop'))).status).toBe(404);
+    const again = await user.createBox({ name: 'one', template: 'tiny' });
+    expect(again.id).not.toBe(d.body.id);
+    cover('deleteBox');
+  });
+
+  it('deletes a box that never reached a node right away', async () => {
+    await user.deleteBox('unplaced');
+    await until(() => user.listBoxes(), (l) => !l.some((b) => b.name === 'unplaced'));
+  });
+});
+
+describe('nodes', () => {
+  it('cordons and uncordons; cordoned nodes get no new boxes', async () => {
+    const n = await user.setCordoned('node-a', true);
+    expect(n.cordoned).toBe(true);
+    await user.createBox({ name: 'blocked', template: 'tiny' });
+    const b = await until(() => user.getBox('blocked'), (x) => x.conditions.some((c) => c.reason === 'Unschedulable'));
+    expect(b.conditions.find((c) => c.type === 'Scheduled')?.message).toContain('node-a: node is cordoned');
+    await user.setCordoned('node-a', false);
+    await until(() => user.getBox('blocked'), (x) => x.node === 'node-a');
+    expect((await problemOf(user.setCordoned('nope', true))).status).toBe(404);
+    cover('cordonNode', 'uncordonNode');
+  });
+
+  it('renews the lease by heartbeat and re-registration keeps the node id', async () => {
+    await node.heartbeat(nodeId, ['tiny', 'sha256:abc']);
+    expect((await user.listNodes())[0]!.images).toContain('sha256:abc');
+    const again = await node.registerNode({ name: 'node-a', arch: 'x86_64', region: null, labels: {}, runtimes: ['sandbox'], capacity: { cpuMillis: 2000, memoryBytes: 4 * 1024 ** 3, diskBytes: 100 * 1024 ** 3 }, images: [], agentUrl: 'http://127.0.0.1:1' });
+    expect(again.nodeId).toBe(nodeId);
+    expect(again.sessionKey).toBe(sessionKey);
+    expect((await problemOf(node.heartbeat('n_missing'))).status).toBe(404);
+    cover('heartbeatNode');
+  });
+});
+
+describe('route accounting', () => {
+  it('every route in the route table has a test', () => {
+    const missing = ROUTES.map((r) => r.operationId).filter((id) => !covered.has(id));
+    expect(missing).toEqual([]);
+  });
+});
