@@ -82,6 +82,10 @@ export interface VerbPlan {
 export function planVerb(box: { desiredState: DesiredState; phase: Phase }, verb: Verb): VerbPlan {
   const { desiredState, phase } = box;
   if (desiredState === 'deleted') {
+    // A deletion that ran out of attempts is retried by deleting again (a new generation).
+    if (verb === 'delete' && phase === 'failed') return { desiredState, phase: PHASE_AFTER_VERB.delete, changed: true };
+    // DELETE is idempotent: asking again while the deletion runs is accepted and changes nothing.
+    if (verb === 'delete') return { desiredState, phase, changed: false };
     throw new DomainError('invalid-state', 'box is being deleted', { verb, desiredState, phase });
   }
   const target = DESIRED_AFTER_VERB[verb];

@@ -72,11 +72,13 @@ export function decideBox(box: BoxReconcileState, now: number, policy: RetryPoli
     if (observed && box.phase === 'deleted') return { kind: 'finalize-delete' };
   }
 
-  // A failure stays terminal for its generation: only a new verb (a new generation) tries again.
-  if (box.phase === 'failed' && box.desiredState !== 'deleted') return { kind: 'done' };
-
   const err = box.lastError;
-  if (err && err.generation === box.generation && err.attempt === box.attempt) {
+  const errIsCurrent = err !== null && err.generation === box.generation && err.attempt === box.attempt;
+  // A failure stays terminal for its generation: only a new verb (a new generation) tries again.
+  // A box deleted after an earlier failure is not failed in this generation, so its deletion proceeds.
+  if (box.phase === 'failed' && (box.desiredState !== 'deleted' || errIsCurrent)) return { kind: 'done' };
+
+  if (err && errIsCurrent) {
     if (box.attempt >= policy.maxAttempts) {
       return { kind: 'fail', reason: `${err.message} (gave up after ${box.attempt} attempts)` };
     }

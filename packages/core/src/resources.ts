@@ -39,7 +39,7 @@ const UNITS: Record<string, number> = {
 /** Parses "512MiB", "1GiB", "2G", "1073741824" into bytes. */
 export function parseBytes(input: string | number, field = 'memory'): number {
   if (typeof input === 'number') {
-    if (Number.isInteger(input) && input > 0) return input;
+    if (Number.isSafeInteger(input) && input > 0) return input;
     throw new DomainError('invalid-input', `${field} must be a positive whole number of bytes`, { field, value: input });
   }
   const m = /^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$/.exec(input);
@@ -49,6 +49,7 @@ export function parseBytes(input: string | number, field = 'memory'): number {
   }
   const bytes = Math.round(Number(m[1]) * unit);
   if (!(bytes > 0)) throw new DomainError('invalid-input', `${field} must be greater than zero`, { field, value: input });
+  if (!Number.isSafeInteger(bytes)) throw new DomainError('invalid-input', `${field} is too large`, { field, value: input });
   return bytes;
 }
 
@@ -62,6 +63,7 @@ export function parseCpu(input: string | number, field = 'cpu'): number {
     millis = m[2] ? Math.round(Number(m[1])) : Math.round(Number(m[1]) * 1000);
   }
   if (!(millis >= 10)) throw new DomainError('invalid-input', `${field} must be at least 10m (0.01 cores)`, { field, value: input });
+  if (!Number.isSafeInteger(millis)) throw new DomainError('invalid-input', `${field} is too large`, { field, value: input });
   return millis;
 }
 
@@ -98,7 +100,8 @@ export function formatBytes(bytes: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
   let v = bytes;
   let i = 0;
-  while (v >= 1024 && i < units.length - 1) {
+  // Round before choosing the unit, so 1048575 B reads 1MiB rather than 1024.0KiB.
+  while (Math.round(v * 10) / 10 >= 1024 && i < units.length - 1) {
     v /= 1024;
     i++;
   }

@@ -135,8 +135,9 @@ describe('planVerb: verbs that contradict the state are invalid-state', () => {
     expect(e.message).toMatch(/use resume/);
   });
 
-  it.each(PHASES.filter((p) => p !== 'failed'))('every verb on a box being deleted (phase %s) is refused', (phase) => {
-    for (const verb of VERBS) {
+  it.each(PHASES.filter((p) => p !== 'failed'))('every verb but delete on a box being deleted (phase %s) is refused; delete is a no-op', (phase) => {
+    expect(planVerb({ desiredState: 'deleted', phase }, 'delete')).toEqual({ desiredState: 'deleted', phase, changed: false });
+    for (const verb of VERBS.filter((v) => v !== 'delete')) {
       const e = refusal({ desiredState: 'deleted', phase }, verb);
       expect(e.code).toBe('invalid-state');
       expect(e.details).toEqual({ verb, desiredState: 'deleted', phase });
@@ -160,7 +161,7 @@ describe('planVerb: the whole table', () => {
   /** Independent statement of the verb rules, checked against all 4 × 13 × 5 combinations. */
   function expected(desiredState: DesiredState, phase: Phase, verb: Verb): 'refuse' | 'same' | DesiredState {
     const failed = phase === 'failed';
-    if (desiredState === 'deleted') return verb === 'delete' && failed ? 'deleted' : 'refuse';
+    if (desiredState === 'deleted') return verb === 'delete' ? (failed ? 'deleted' : 'same') : 'refuse';
     const target: DesiredState = { start: 'running', resume: 'running', stop: 'stopped', pause: 'paused', delete: 'deleted' }[verb] as DesiredState;
     if (target === desiredState && !failed) return 'same';
     if (verb === 'start' && desiredState === 'paused') return 'refuse';
@@ -184,9 +185,8 @@ describe('planVerb: the whole table', () => {
             expect(plan, verb).toEqual({ desiredState: want, phase: AFTER[verb], changed: true });
             // The phase shown right away is never the settled one: the reconciler still has work.
             expect(isConverged(plan), verb).toBe(false);
-            // Repeating the verb on the result is an accepted no-op; a box being deleted takes no verb.
-            if (verb === 'delete') expect(refusal(plan, verb).code).toBe('invalid-state');
-            else expect(planVerb(plan, verb).changed, `${verb} twice`).toBe(false);
+            // Repeating the verb on the result is an accepted no-op.
+            expect(planVerb(plan, verb).changed, `${verb} twice`).toBe(false);
           }
         }
       });
