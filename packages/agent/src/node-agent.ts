@@ -8,7 +8,7 @@
  * restarted agent adopts the boxes it finds running — it never kills them to start over.
  */
 import { arch, cpus, hostname, totalmem } from 'node:os';
-import { statfsSync } from 'node:fs';
+import { mkdirSync, statfsSync } from 'node:fs';
 import { join } from 'node:path';
 import type { BoxStatusReport, DesiredBox, DesiredSet } from '@devyard/api/node-schemas';
 import type { Phase } from '@devyard/core/box-lifecycle';
@@ -80,6 +80,7 @@ export class NodeAgent {
   }
 
   async start(): Promise<void> {
+    mkdirSync(this.opts.dataDir, { recursive: true });
     await this.opts.driver.init();
     const url = await this.exec.listen();
     this.agentUrl = this.opts.advertiseHost ? url.replace(/\/\/[^:]+:/, `//${this.opts.advertiseHost}:`) : url;
@@ -109,7 +110,7 @@ export class NodeAgent {
       } catch (e) {
         if (this.abort.signal.aborted) return;
         this.connected = false;
-        this.log('control plane unreachable; running on the last desired set', { err: (e as Error).message });
+        this.log('lost the control plane (or could not register); running on the last desired set', { err: (e as Error).message });
       }
       await sleep(backoff);
       backoff = Math.min(backoff * 2, 5000);

@@ -131,7 +131,7 @@ describe('sandbox driver', () => {
     expect(oom.code).toBe(137);
     const cg = (ctrl: string, file: string) =>
       readFileSync(join(`/sys/fs/cgroup/${ctrl}`, driver.cgroups.cgroupsPath('b_exec1'), file), 'utf8').trim();
-    expect(Number(cg('memory', 'memory.failcnt'))).toBeGreaterThan(0);
+    expect(Number(cg('memory', 'memory.oom_control').match(/oom_kill (\d+)/)?.[1])).toBeGreaterThan(0);
     expect(cg('memory', 'memory.limit_in_bytes')).toBe(String(64 * 1024 * 1024));
     expect(cg('cpu', 'cpu.cfs_quota_us')).toBe('50000');
     expect(cg('cpu', 'cpu.cfs_period_us')).toBe('100000');
@@ -147,8 +147,9 @@ describe('sandbox driver', () => {
   test('pause freezes a running counter, resume continues it', async () => {
     const counter = join(dataDir, 'boxes/b_exec1/upper/tmp/counter');
     const bg = await driver.exec('b_exec1', { argv: ['sh', '-c', 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; done'] });
-    const read = async () => Number((await readFile(counter, 'utf8').catch(() => '0')).trim() || 0);
-    for (let i = 0; i < 100 && (await read()) < 10; i++) await sleep(10);
+    // The loop truncates and rewrites the file: compare raw contents (a freeze may catch it empty).
+    const read = () => readFile(counter, 'utf8').catch(() => '');
+    for (let i = 0; i < 100 && Number((await read()) || 0) < 10; i++) await sleep(10);
     const t0 = performance.now();
     await driver.pause('b_exec1');
     const pauseMs = performance.now() - t0;
@@ -162,7 +163,9 @@ describe('sandbox driver', () => {
     const resumeMs = performance.now() - t1;
     console.log(`pause ${pauseMs.toFixed(2)} ms, resume ${resumeMs.toFixed(2)} ms`);
     await sleep(300);
-    expect(await read()).toBeGreaterThan(c1);
+    let c2 = '';
+    for (let i = 0; i < 100 && !c2; i++) c2 = await read();
+    expect(Number(c2)).toBeGreaterThan(Number(c1 || 0));
     expect((await driver.inspect('b_exec1')).state).toBe('running');
     bg.kill('SIGKILL');
     expect(await bg.exited).toBe(137);
@@ -185,7 +188,7 @@ describe('sandbox driver', () => {
     const ipB = (await driver.inspect('b_img_b')).ip!;
     const gw = driver.network.gateway;
     // Listener in B; proven reachable from the host.
-    const listener = await driver.exec('b_img_b', { argv: ['nc', '-lk', '-p', '8080', '-e', 'echo', 'from-b'] });
+    const listener = await driver.exec('b_img_b', { argv: ['nc', '-ll', '-p', '8080', '-e', 'echo', 'from-b'] });
     let hostSaw = '';
     for (let i = 0; i < 50 && !hostSaw.includes('from-b'); i++) {
       hostSaw = await new Promise<string>((resolve) => {

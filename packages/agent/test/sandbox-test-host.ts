@@ -43,7 +43,9 @@ export async function run(driver: SandboxDriver, boxId: string, argv: string[], 
   p.stdout.on('data', (b: Buffer) => (out += b.toString()));
   p.stderr.on('data', (b: Buffer) => (err += b.toString()));
   p.stdin.end();
+  const ended = Promise.all([p.stdout, p.stderr].map((s) => new Promise((r) => s.once('close', r))));
   const code = await p.exited;
-  await new Promise((r) => setImmediate(r));
+  // Output is complete when the pipes close, unless a background process in the box holds them.
+  await Promise.race([ended, new Promise((r) => setTimeout(r, 200))]);
   return { code, out, err };
 }

@@ -205,8 +205,14 @@ export function hostDebianMirror(): string {
 
 /** chown every entry by +shift (keeping relative ids) and re-apply modes cleared by chown. */
 async function shiftOwnership(root: string, shift: number): Promise<void> {
+  const seen = new Set<number>();
   const walk = async (path: string): Promise<void> => {
     const st = await lstat(path);
+    // Hard links share one inode: shift it once.
+    if (st.nlink > 1 && !st.isDirectory()) {
+      if (seen.has(st.ino)) return;
+      seen.add(st.ino);
+    }
     if (st.uid >= shift) throw new Error(`already shifted: ${path}`);
     await lchown(path, st.uid + shift, st.gid + shift);
     if (!st.isSymbolicLink()) await chmod(path, st.mode & 0o7777);

@@ -23,12 +23,19 @@ function parseListen(v: string | undefined, fallbackPort: number): { host: strin
   return { host: m[1] || '0.0.0.0', port: Number(m[2]) };
 }
 
-function startAgent(o: { serverUrl: string; token: string; dataDir: string; name?: string; listen?: string; advertise?: string; log: Logger }): NodeAgent {
+interface NetworkFlags {
+  bridge?: string;
+  subnet?: string;
+}
+
+function startAgent(o: { serverUrl: string; token: string; dataDir: string; name?: string; listen?: string; advertise?: string; log: Logger } & NetworkFlags): { agent: NodeAgent; images: BuiltinImageStore } {
   const listen = parseListen(o.listen, 0);
   const log = (msg: string, fields?: object) => o.log.info(fields ?? {}, msg);
   const images = new BuiltinImageStore({ dataDir: join(o.dataDir, 'images'), log });
-  const driver = new SandboxDriver({ dataDir: join(o.dataDir, 'sandbox'), log });
-  return new NodeAgent({
+  // A non-default bridge gets its own nftables table too, so two installations never share rules.
+  const network = { bridge: o.bridge, subnet: o.subnet, nftTable: o.bridge ? `devyard_${o.bridge}` : undefined };
+  const driver = new SandboxDriver({ dataDir: join(o.dataDir, 'sandbox'), network, log });
+  const agent = new NodeAgent({
     serverUrl: o.serverUrl,
     token: o.token,
     dataDir: join(o.dataDir, 'agent'),
@@ -40,6 +47,7 @@ function startAgent(o: { serverUrl: string; token: string; dataDir: string; name
     advertiseHost: o.advertise,
     log,
   });
+  return { agent, images };
 }
 
 function onShutdown(fn: () => Promise<void>): void {
@@ -68,6 +76,8 @@ export function registerDaemonCommands(program: Command): void {
     .option('-p, --port <port>', 'API port', (v) => Number(v), 7480)
     .option('--host <host>', 'API listen address', '127.0.0.1')
     .option('--no-prebuild', 'do not build the built-in images in the background at start')
+    .option('--bridge <name>', 'bridge interface for box networking (default devyard0)')
+    .option('--subnet <cidr>', 'box subnet (default 10.213.0.0/16)')
     .action(async (o) => {
       requireRoot('devyard up');
       const dataDir = resolve(o.dataDir);
@@ -77,13 +87,13 @@ export function registerDaemonCommands(program: Command): void {
         if (e.code === 'EADDRINUSE') throw new Error(`port ${o.port} is in use: is another \`devyard up\` running? (choose another with --port)`);
         throw e;
       });
-      const agent = startAgent({ serverUrl: cp.url, token: cp.tokens.nodeToken, dataDir: join(dataDir, 'node'), name: hostname(), log: log.child({ role: 'agent' }) });
+      const { agent, images } = startAgent({ serverUrl: cp.url, token: cp.tokens.nodeToken, dataDir: join(dataDir, 'node'), name: hostname(), bridge: o.bridge, subnet: o.subnet, log: log.child({ role: 'agent' }) });
       await agent.start();
       for (let i = 0; i < 200 && !agent.nodeId; i++) await new Promise((r) => setTimeout(r, 25));
+      if (!agent.nodeId) process.stderr.write(`warning: the node agent has not registered yet; see ${join(dataDir, 'devyard.log')}\n`);
       const cfgFile = writeConfig({ url: cp.url, token: cp.tokens.adminToken });
       if (o.prebuild) {
         // Build the built-in images ahead of the first create, so `create --wait` is quick.
-        const images = new BuiltinImageStore({ dataDir: join(dataDir, 'node', 'images') });
         void (async () => {
           for (const name of ['tiny', 'base']) {
             try {
@@ -143,10 +153,12 @@ export function registerDaemonCommands(program: Command): void {
     .option('--name <name>', 'node name', hostname())
     .option('--listen <host:port>', 'session endpoint address', '127.0.0.1:0')
     .option('--advertise <host>', 'host name or address the CLI and gateways use to reach this agent')
+    .option('--bridge <name>', 'bridge interface for box networking (default devyard0)')
+    .option('--subnet <cidr>', 'box subnet (default 10.213.0.0/16)')
     .action(async (o) => {
       requireRoot('devyard agent');
       const log = pino({ level: 'info' });
-      const agent = startAgent({ serverUrl: o.server, token: o.token, dataDir: resolve(o.dataDir), name: o.name, listen: o.listen, advertise: o.advertise, log });
+      const { agent } = startAgent({ serverUrl: o.server, token: o.token, dataDir: resolve(o.dataDir), name: o.name, listen: o.listen, advertise: o.advertise, bridge: o.bridge, subnet: o.subnet, log });
       await agent.start();
       onShutdown(() => agent.stop());
     });

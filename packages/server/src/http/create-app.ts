@@ -4,7 +4,7 @@
  * operationId. Routes without a handler fail at start-up, not at request time.
  */
 import { createHash } from 'node:crypto';
-import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { ROUTES, type OperationId, type RouteDef } from '@devyard/api/routes';
 import { DomainError } from '@devyard/core/domain-error';
 import type { Store } from '../store/store.js';
@@ -47,7 +47,13 @@ async function authenticate(store: Store, req: FastifyRequest, route: RouteDef):
 }
 
 export function createApp(opts: AppOptions): FastifyInstance {
-  const app = Fastify({ logger: opts.logger ?? false, bodyLimit: 1024 * 1024, requestIdHeader: 'x-request-id' });
+  const common = { bodyLimit: 1024 * 1024, requestIdHeader: 'x-request-id' } as const;
+  // Fastify takes a ready logger (pino instance) under a different option than a logger config.
+  const app = (
+    opts.logger && typeof (opts.logger as { info?: unknown }).info === 'function'
+      ? Fastify({ ...common, loggerInstance: opts.logger as FastifyBaseLogger })
+      : Fastify({ ...common, logger: opts.logger ?? false })
+  ) as unknown as FastifyInstance;
 
   // Verbs are POSTs without a body; clients often still send the JSON content type.
   app.removeContentTypeParser('application/json');

@@ -41,7 +41,8 @@ export function spawnPipeExec(argv: string[], pidFile: string): ExecProcess {
   const child = spawn(cmd!, args, { stdio: ['pipe', 'pipe', 'pipe'] });
   const exited = new Promise<number>((resolve) => {
     child.on('error', () => resolve(127));
-    child.on('close', (code, signal) => {
+    // 'exit', not 'close': background processes in the box may keep the pipes open for long.
+    child.on('exit', (code, signal) => {
       void rm(pidFile, { force: true });
       resolve(code ?? 128 + signalNumber(signal));
     });

@@ -118,7 +118,8 @@ export class CrunCli {
 
   /** argv of `crun exec` for a process in a container (stdio inherited from the caller). */
   execArgv(id: string, opts: { cwd: string; env: string[]; pidFile: string; argv: string[] }): string[] {
-    const args = [...this.base(), 'exec', '--cwd', opts.cwd, '--pid-file', opts.pidFile];
+    // crun exec takes capabilities and seccomp from the container, but not no_new_privs.
+    const args = [...this.base(), 'exec', '--no-new-privs', '--cwd', opts.cwd, '--pid-file', opts.pidFile];
     for (const e of opts.env) args.push('--env', e);
     args.push(id, ...opts.argv);
     return args;

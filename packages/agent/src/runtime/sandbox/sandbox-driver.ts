@@ -8,12 +8,12 @@
  * id. The overlay and sysfs are mounted in the private mount namespace crun runs in, so they live
  * and die with the box's processes and never show in the host's mount table.
  */
-import { randomBytes } from 'node:crypto';
-import { existsSync, realpathSync } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import { existsSync, readFileSync, realpathSync, statSync } from 'node:fs';
 import { chmod, chown, mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { BridgeNetwork, type BridgeNetworkOptions } from '../../network/bridge-network.js';
-import { runHostCommandRaw } from '../../network/host-command-runner.js';
+import { runHostCommand, runHostCommandRaw } from '../../network/host-command-runner.js';
 import { allocateAddress } from '../../network/ipv4-subnet.js';
 import type {
   BoxRuntimeSpec,
@@ -66,7 +66,8 @@ const BOX_ID = /^[a-z0-9_]{1,40}$/;
 const DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 const BUSYBOX_IN_BOX = '/.devyard/busybox';
 /** Init: reaps every child (ash's wait uses waitpid(-1)) and exits on SIGTERM. */
-const INIT_SCRIPT = `trap 'exit 0' TERM INT; while :; do ${BUSYBOX_IN_BOX} sleep 2147483647 & wait; done`;
+const INIT_SLEEP = '2147483647';
+const INIT_SCRIPT = `trap 'exit 0' TERM INT; while :; do ${BUSYBOX_IN_BOX} sleep ${INIT_SLEEP} & wait; done`;
 
 /** A box operation on a box this host cannot act on. */
 export class SandboxError extends Error {
@@ -91,7 +92,10 @@ export class SandboxDriver implements RuntimeDriver {
   readonly cgroups: CgroupLayout;
   private readonly crun: CrunCli;
   private readonly dataDir: string;
+  /** Where crun sees the boxes: the data dir itself, or a bind of it under /run (see exposedBoxesDir). */
   private readonly boxesDir: string;
+  /** The boxes directory inside the data dir. */
+  private readonly hostBoxesDir: string;
   private readonly idRange: IdRange;
   private readonly busybox: string;
   private readonly log: (msg: string, fields?: object) => void;
@@ -103,7 +107,8 @@ export class SandboxDriver implements RuntimeDriver {
   constructor(opts: SandboxDriverOptions) {
     if (/[,:\s]/.test(opts.dataDir)) throw new Error('dataDir must not contain commas, colons or spaces (overlay options)');
     this.dataDir = opts.dataDir;
-    this.boxesDir = join(opts.dataDir, 'boxes');
+    this.hostBoxesDir = join(opts.dataDir, 'boxes');
+    this.boxesDir = exposedBoxesDir(opts.dataDir, this.hostBoxesDir);
     this.network = new BridgeNetwork(opts.network);
     this.cgroups = new CgroupLayout({ parent: opts.cgroupParent ?? 'devyard', mode: opts.cgroupMode });
     this.crun = new CrunCli(this.cgroups.mode, { stateRoot: opts.crunStateRoot });
@@ -124,6 +129,10 @@ export class SandboxDriver implements RuntimeDriver {
   async teardownHost(): Promise<void> {
     await this.network.teardown();
     await this.cgroups.removeParent();
+    if (this.boxesDir !== this.hostBoxesDir && isMountPoint(this.boxesDir)) {
+      await runHostCommandRaw(['umount', '-l', this.boxesDir]);
+      await rm(this.boxesDir, { recursive: false, force: true }).catch(() => undefined);
+    }
   }
 
   /** Creates the box's disk state; keeps an existing one (and its address). */
@@ -236,6 +245,7 @@ export class SandboxDriver implements RuntimeDriver {
 
   /** Every box with disk state under dataDir or a crun container whose bundle is there. */
   async list(): Promise<RuntimeBoxStatus[]> {
+    await this.prepareBoxesDir();
     const ids = new Set<string>();
     try {
       for (const e of await readdir(this.boxesDir, { withFileTypes: true })) {
@@ -282,9 +292,13 @@ export class SandboxDriver implements RuntimeDriver {
    * "other": every directory on the way to a box must be searchable (x) by others.
    */
   private async prepareBoxesDir(): Promise<void> {
-    await mkdir(this.boxesDir, { recursive: true });
-    await chmod(this.boxesDir, 0o711);
+    await mkdir(this.hostBoxesDir, { recursive: true });
+    await chmod(this.hostBoxesDir, 0o711);
     await chmod(this.dataDir, (await stat(this.dataDir)).mode | 0o111);
+    if (this.boxesDir !== this.hostBoxesDir && !isMountPoint(this.boxesDir)) {
+      await mkdir(this.boxesDir, { recursive: true, mode: 0o711 });
+      await runHostCommand(['mount', '--bind', this.hostBoxesDir, this.boxesDir]);
+    }
   }
 
   private boxDir(boxId: string): string {
@@ -412,13 +426,12 @@ export class SandboxDriver implements RuntimeDriver {
       if (await this.cgroups.isFrozen(boxId)) await this.cgroups.thaw(boxId);
       const initPid = st?.pid ?? 0;
       if (graceMs > 0) {
-        for (const pid of await this.cgroups.procs(boxId)) if (pid !== initPid) tryKill(pid, 'SIGTERM');
+        // Init's own idle sleep is restarted by init at once: it is not a process to wait for.
+        const userProcs = async () =>
+          (await this.cgroups.procs(boxId)).filter((p) => p !== initPid && !isInitSleeper(p));
+        for (const pid of await userProcs()) tryKill(pid, 'SIGTERM');
         const deadline = Date.now() + graceMs;
-        while (Date.now() < deadline) {
-          const left = (await this.cgroups.procs(boxId)).filter((p) => p !== initPid);
-          if (left.length === 0) break;
-          await sleep(10);
-        }
+        while (Date.now() < deadline && (await userProcs()).length > 0) await sleep(10);
         if (initPid) tryKill(initPid, 'SIGTERM');
       }
       for (let i = 0; i < 100; i++) {
@@ -467,6 +480,14 @@ function findBusybox(): string {
   throw new Error('busybox (static) not found on the host: install busybox-static');
 }
 
+function isInitSleeper(pid: number): boolean {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8') === `${BUSYBOX_IN_BOX}\0sleep\0${INIT_SLEEP}\0`;
+  } catch {
+    return false;
+  }
+}
+
 function tryKill(pid: number, signal: NodeJS.Signals): void {
   try {
     process.kill(pid, signal);
@@ -487,4 +508,32 @@ async function hostMountsUnder(dir: string): Promise<string[]> {
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
+}
+
+/**
+ * crun sets up the box's mounts from inside its user namespace, as the box's unprivileged root,
+ * so every ancestor of a path it mounts must be searchable by others. A data dir under /root or a
+ * 0700 temp dir is not: then the boxes directory is bind-mounted at a fixed place under /run,
+ * rather than opening up the user's directories.
+ */
+export function exposedBoxesDir(dataDir: string, hostBoxesDir: string): string {
+  let dir = resolve(dataDir);
+  for (;;) {
+    try {
+      if ((statSync(dir).mode & 0o001) === 0 && dir !== resolve(dataDir)) {
+        const hash = createHash('sha256').update(resolve(hostBoxesDir)).digest('hex').slice(0, 16);
+        return `/run/devyard/sandbox-${hash}`;
+      }
+    } catch {}
+    const parent = dirname(dir);
+    if (parent === dir) return hostBoxesDir;
+    dir = parent;
+  }
+}
+
+function isMountPoint(path: string): boolean {
+  const escaped = path.replace(/ /g, '\\040');
+  return readFileSync('/proc/self/mountinfo', 'utf8')
+    .split('\n')
+    .some((l) => l.split(' ')[4] === escaped);
 }

@@ -1,0 +1,104 @@
+/**
+ * Runs the real `devyard` binary for end-to-end tests: `devyard up` (or `server` + `agent`) in a
+ * temp dir with its own bridge and subnet, the CLI against it, and a cleanup that leaves nothing
+ * on the host (boxes, netns, veths, cgroups, bridge, nft table, temp files).
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
+
+export const REPO = resolve(import.meta.dirname, '../..');
+export const BIN = join(REPO, 'bin/devyard');
+
+export interface Harness {
+  dir: string;
+  dataDir: string;
+  env: NodeJS.ProcessEnv;
+  bridge: string;
+  subnet: string;
+  url: string;
+  proc: ChildProcess | null;
+  output: string;
+}
+
+export function newHarness(tag: string, octet: number): Harness {
+  const dir = mkdtempSync(join(tmpdir(), `devyard-${tag}-`));
+  return {
+    dir,
+    dataDir: join(dir, '.devyard'),
+    env: { ...process.env, DEVYARD_CONFIG: join(dir, 'config.json'), DEVYARD_URL: undefined, DEVYARD_TOKEN: undefined },
+    bridge: `dyt${tag}0`.slice(0, 15),
+    subnet: `10.${octet}.0.0/24`,
+    url: '',
+    proc: null,
+    output: '',
+  };
+}
+
+/** Starts a long-running devyard command and waits until `ready` appears in its stdout. */
+export async function startDaemon(h: Harness, args: string[], ready: RegExp, timeoutMs = 60_000): Promise<{ proc: ChildProcess; match: RegExpMatchArray }> {
+  const proc = spawn(BIN, args, { cwd: h.dir, env: h.env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  const match = await new Promise<RegExpMatchArray>((resolvePromise, reject) => {
+    const timer = setTimeout(() => reject(new Error(`devyard ${args[0]} did not become ready:\n${out}`)), timeoutMs);
+    const onData = (d: Buffer) => {
+      out += d.toString();
+      h.output += d.toString();
+      const m = ready.exec(out);
+      if (m) {
+        clearTimeout(timer);
+        resolvePromise(m);
+      }
+    };
+    proc.stdout!.on('data', onData);
+    proc.stderr!.on('data', onData);
+    proc.on('exit', (code) => reject(new Error(`devyard ${args[0]} exited with ${code}:\n${out}`)));
+  });
+  return { proc, match };
+}
+
+export async function startUp(h: Harness): Promise<void> {
+  const { proc, match } = await startDaemon(h, ['up', '--data-dir', h.dataDir, '--port', '0', '--no-prebuild', '--bridge', h.bridge, '--subnet', h.subnet], /API\s+(http:\/\/\S+)/);
+  h.proc = proc;
+  h.url = match[1]!;
+  // Wait for the full banner (written after the URL line in the same write).
+  await new Promise((r) => setTimeout(r, 50));
+}
+
+export function kill9(proc: ChildProcess | null): Promise<void> {
+  if (!proc || proc.exitCode !== null) return Promise.resolve();
+  return new Promise((r) => {
+    proc.once('exit', () => r());
+    proc.kill('SIGKILL');
+  });
+}
+
+export interface CliResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs the CLI the way a user does. */
+export function cli(h: Harness, args: string[], input?: string): CliResult {
+  const r = spawnSync(BIN, args, { cwd: h.dir, env: h.env, input, encoding: 'utf8', timeout: 240_000 });
+  return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+}
+
+export function cliOk(h: Harness, args: string[]): string {
+  const r = cli(h, args);
+  if (r.code !== 0) throw new Error(`devyard ${args.join(' ')} exited ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}\nlog tail: ${h.output.slice(-2000)}`);
+  return r.stdout;
+}
+
+/** Removes every box the harness's node still has and the host objects of its network. */
+export async function cleanup(h: Harness): Promise<void> {
+  await kill9(h.proc);
+  const driver = new SandboxDriver({ dataDir: join(h.dataDir, 'node', 'sandbox'), network: { bridge: h.bridge, subnet: h.subnet, nftTable: `devyard_${h.bridge}` } });
+  for (const b of await driver.list().catch(() => [])) await driver.destroy(b.boxId);
+  await driver.teardownHost().catch(() => undefined);
+  spawnSync('umount', ['-R', h.dir], { stdio: 'ignore' });
+  rmSync(h.dir, { recursive: true, force: true });
+}
