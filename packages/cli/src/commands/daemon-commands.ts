@@ -28,7 +28,7 @@ interface NetworkFlags {
   subnet?: string;
 }
 
-function startAgent(o: { serverUrl: string; token: string; dataDir: string; name?: string; listen?: string; advertise?: string; log: Logger } & NetworkFlags): { agent: NodeAgent; images: BuiltinImageStore } {
+function startAgent(o: { serverUrl: string; token: string; dataDir: string; name?: string; listen?: string; advertise?: string; resyncMs?: number; log: Logger } & NetworkFlags): { agent: NodeAgent; images: BuiltinImageStore } {
   const listen = parseListen(o.listen, 0);
   const log = (msg: string, fields?: object) => o.log.info(fields ?? {}, msg);
   const images = new BuiltinImageStore({ dataDir: join(o.dataDir, 'images'), log });
@@ -45,6 +45,7 @@ function startAgent(o: { serverUrl: string; token: string; dataDir: string; name
     listenHost: listen.host,
     listenPort: listen.port,
     advertiseHost: o.advertise,
+    resyncMs: o.resyncMs,
     log,
   });
   return { agent, images };
@@ -155,10 +156,11 @@ export function registerDaemonCommands(program: Command): void {
     .option('--advertise <host>', 'host name or address the CLI and gateways use to reach this agent')
     .option('--bridge <name>', 'bridge interface for box networking (default devyard0)')
     .option('--subnet <cidr>', 'box subnet (default 10.213.0.0/16)')
+    .option('--resync-ms <ms>', 'how often every box is checked against its desired state', (v) => Number(v), 10_000)
     .action(async (o) => {
       requireRoot('devyard agent');
       const log = pino({ level: 'info' });
-      const { agent } = startAgent({ serverUrl: o.server, token: o.token, dataDir: resolve(o.dataDir), name: o.name, listen: o.listen, advertise: o.advertise, bridge: o.bridge, subnet: o.subnet, log });
+      const { agent } = startAgent({ serverUrl: o.server, token: o.token, dataDir: resolve(o.dataDir), name: o.name, listen: o.listen, advertise: o.advertise, bridge: o.bridge, subnet: o.subnet, resyncMs: o.resyncMs, log });
       await agent.start();
       onShutdown(() => agent.stop());
     });
