@@ -51,7 +51,8 @@ test: build apt-test-deps
 	npx vitest run
 
 bench: build
-	node bench/run-benchmarks.mjs
+	npx tsc -b bench
+	node bench/dist/run-benchmarks.js
 
 lint: npm-deps
 	npx eslint .

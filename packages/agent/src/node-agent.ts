@@ -37,8 +37,20 @@ export interface NodeAgentOptions {
   advertiseHost?: string;
   heartbeatMs?: number;
   resyncMs?: number;
+  /**
+   * CPU the node offers to the scheduler, as a multiple of its cores (default 4). Dev boxes idle
+   * most of the time, so CPU is overcommitted while each box is still capped by its CFS quota;
+   * memory is never overcommitted.
+   */
+  cpuOvercommit?: number;
   log?: (msg: string, fields?: Record<string, unknown>) => void;
 }
+
+/** An unchanged report is not sent again sooner than this. */
+const REPORT_REPEAT_MS = 5000;
+
+/** Steps shorter than this are reported only when done. */
+const TRANSIENT_REPORT_DELAY_MS = 50;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -51,6 +63,7 @@ export class NodeAgent {
   private readonly abort = new AbortController();
   private readonly boxChains = new Map<string, Promise<void>>();
   private readonly pendingReports = new Map<string, BoxStatusReport>();
+  private readonly lastSent = new Map<string, { key: string; at: number }>();
   private flushing: Promise<void> | null = null;
   private resyncTimer: NodeJS.Timeout | undefined;
   private readonly log: NonNullable<NodeAgentOptions['log']>;
@@ -126,7 +139,7 @@ export class NodeAgent {
       labels: {},
       runtimes: [this.opts.driver.name],
       capacity: {
-        cpuMillis: cpus().length * 1000,
+        cpuMillis: Math.round(cpus().length * 1000 * (this.opts.cpuOvercommit ?? 4)),
         memoryBytes: totalmem(),
         diskBytes: (() => {
           const s = statfsSync(this.opts.dataDir);
@@ -214,7 +227,9 @@ export class NodeAgent {
         return;
       }
       if (this.state.failedOperations[boxId] === box.operationId) return; // wait for the server's retry
-      this.report(box, step.phase, observed.ip ?? null);
+      // Report the transient phase (starting, pausing, …) only for steps that take a while: a
+      // freezer write is done before the report would arrive, and the round trip would double it.
+      const transient = setTimeout(() => this.report(box, step.phase, observed.ip ?? null), TRANSIENT_REPORT_DELAY_MS);
       try {
         const d = this.opts.driver;
         switch (step.kind) {
@@ -239,6 +254,7 @@ export class NodeAgent {
             break;
         }
       } catch (e) {
+        clearTimeout(transient);
         const message = (e as Error).message.split('\n').slice(0, 5).join(' ').slice(0, 1000);
         this.log('box step failed', { boxId, step: step.kind, err: message });
         this.state.failedOperations[boxId] = box.operationId;
@@ -248,12 +264,19 @@ export class NodeAgent {
         this.report(box, phase, now.ip ?? null, `${step.kind} failed: ${message}`);
         return;
       }
+      clearTimeout(transient);
       const after = await this.opts.driver.inspect(boxId);
       this.report(box, step.then, after.ip ?? null);
     }
   }
 
   private report(box: DesiredBox, phase: Phase, ip: string | null, error: string | null = null): void {
+    // The same report again within a few seconds adds nothing; later repeats are kept on purpose,
+    // they heal a report the server lost (it applies them idempotently).
+    const key = `${box.operationId}|${phase}|${ip}|${error}`;
+    const last = this.lastSent.get(box.boxId);
+    if (last && last.key === key && Date.now() - last.at < REPORT_REPEAT_MS && !this.pendingReports.has(box.boxId)) return;
+    this.lastSent.set(box.boxId, { key, at: Date.now() });
     const prev = this.pendingReports.get(box.boxId);
     this.pendingReports.set(box.boxId, {
       boxId: box.boxId,

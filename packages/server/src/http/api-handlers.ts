@@ -145,7 +145,7 @@ export function createHandlers(d: HandlerDeps): Handlers {
       const push = () => {
         // Coalesce bursts (a verb touches the box several times) into one snapshot.
         clearTimeout(timer);
-        timer = setTimeout(async () => sse.send('desired', await d.nodes.desiredSet(nodeId)), 5);
+        timer = setTimeout(async () => sse.send('desired', await d.nodes.desiredSet(nodeId)), 1);
       };
       const onNode = (id: string) => id === nodeId && push();
       d.feed.on('node', onNode);

@@ -103,10 +103,37 @@ export class CrunCli {
 
   /** State of one container, or null when crun has none. */
   async state(id: string): Promise<CrunContainer | null> {
+    const fast = await this.stateFromFiles(id);
+    if (fast !== undefined) return fast;
     const r = await runHostCommandRaw([...this.base(), 'state', id]);
     if (r.code !== 0) return null;
     const s = JSON.parse(r.stdout) as { id: string; pid?: number; status: string; bundle: string };
     return { id: s.id, pid: s.pid ?? 0, status: s.status, bundle: s.bundle };
+  }
+
+  /**
+   * The container's state from crun's own status file and /proc, without spawning `crun state`
+   * (10–15 ms a call here, and the agent inspects every box on every pass). The init process is
+   * alive iff /proc/<pid>/stat exists, is not a zombie, and has the start time crun recorded (so a
+   * reused pid is not mistaken for the box). Paused is left to the caller's freezer check.
+   * Returns undefined when the file cannot be interpreted: the caller then asks crun.
+   */
+  private async stateFromFiles(id: string): Promise<CrunContainer | null | undefined> {
+    let status: { pid?: number; 'process-start-time'?: number; bundle?: string };
+    try {
+      status = JSON.parse(await readFile(`${this.stateRoot}/${id}/status`, 'utf8'));
+    } catch (e) {
+      return (e as NodeJS.ErrnoException).code === 'ENOENT' ? null : undefined;
+    }
+    if (typeof status.pid !== 'number' || typeof status['process-start-time'] !== 'number' || typeof status.bundle !== 'string') return undefined;
+    let alive = false;
+    try {
+      const stat = await readFile(`/proc/${status.pid}/stat`, 'utf8');
+      // Fields after the parenthesised command: [0] is the state, [19] the start time (field 22).
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      alive = fields[0] !== 'Z' && Number(fields[19]) === status['process-start-time'];
+    } catch {}
+    return { id, pid: alive ? status.pid : 0, status: alive ? 'running' : 'stopped', bundle: status.bundle };
   }
 
   /** Every container in crun's state directory. */
