@@ -50,7 +50,7 @@ export interface NodeAgentOptions {
 const REPORT_REPEAT_MS = 5000;
 
 /** Steps shorter than this are reported only when done. */
-const TRANSIENT_REPORT_DELAY_MS = 50;
+const TRANSIENT_REPORT_DELAY_MS = 100;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -174,11 +174,13 @@ export class NodeAgent {
   }
 
   private applyDesired(set: DesiredSet): void {
+    const before = new Map((this.state.desired?.boxes ?? []).map((b) => [b.boxId, b.operationId + b.desiredState]));
     this.state = { ...this.state, desired: set };
     const live = new Set(set.boxes.map((b) => b.operationId));
     for (const [boxId, op] of Object.entries(this.state.failedOperations)) if (!live.has(op)) delete this.state.failedOperations[boxId];
     saveAgentState(this.stateFile, this.state);
-    this.reconcileAll();
+    // Only boxes whose desired entry changed need a pass now; the periodic resync covers the rest.
+    for (const b of set.boxes) if (before.get(b.boxId) !== b.operationId + b.desiredState) this.enqueue(b.boxId);
   }
 
   private reconcileAll(): void {

@@ -10,7 +10,7 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, realpathSync, statSync } from 'node:fs';
-import { chmod, chown, mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, readdir, readFile, rename, rm, rmdir, stat, writeFile } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { BridgeNetwork, type BridgeNetworkOptions } from '../../network/bridge-network.js';
 import { runHostCommand, runHostCommandRaw } from '../../network/host-command-runner.js';
@@ -96,6 +96,7 @@ export class SandboxDriver implements RuntimeDriver {
   private readonly boxesDir: string;
   /** The boxes directory inside the data dir. */
   private readonly hostBoxesDir: string;
+  private preparing: Promise<void> = Promise.resolve();
   private readonly idRange: IdRange;
   private readonly busybox: string;
   private readonly log: (msg: string, fields?: object) => void;
@@ -129,9 +130,10 @@ export class SandboxDriver implements RuntimeDriver {
   async teardownHost(): Promise<void> {
     await this.network.teardown();
     await this.cgroups.removeParent();
-    if (this.boxesDir !== this.hostBoxesDir && isMountPoint(this.boxesDir)) {
-      await runHostCommandRaw(['umount', '-l', this.boxesDir]);
-      await rm(this.boxesDir, { recursive: false, force: true }).catch(() => undefined);
+    if (this.boxesDir !== this.hostBoxesDir) {
+      // Unmount every layer (an older agent may have stacked binds), then the empty mount point.
+      for (let i = 0; i < 64 && isMountPoint(this.boxesDir); i++) await runHostCommandRaw(['umount', this.boxesDir]);
+      await rmdir(this.boxesDir).catch(() => undefined);
     }
   }
 
@@ -291,7 +293,14 @@ export class SandboxDriver implements RuntimeDriver {
    * crun sets up bind mounts from inside the box's user namespace, where host root's files are
    * "other": every directory on the way to a box must be searchable (x) by others.
    */
-  private async prepareBoxesDir(): Promise<void> {
+  /** Serialized: concurrent first calls must not each bind-mount the boxes directory. */
+  private prepareBoxesDir(): Promise<void> {
+    const next = this.preparing.then(() => this.prepareBoxesDirOnce());
+    this.preparing = next.catch(() => undefined);
+    return next;
+  }
+
+  private async prepareBoxesDirOnce(): Promise<void> {
     await mkdir(this.hostBoxesDir, { recursive: true });
     await chmod(this.hostBoxesDir, 0o711);
     await chmod(this.dataDir, (await stat(this.dataDir)).mode | 0o111);
