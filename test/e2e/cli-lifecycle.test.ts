@@ -67,7 +67,7 @@ describe('devyard CLI against devyard up', () => {
   });
 
   it('pauses with the freezer (a counter stops, keeps its value) and resumes it', async () => {
-    cliOk(h, ['exec', 'demo', '--', 'sh', '-c', 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done > /dev/null 2>&1 &']);
+    cliOk(h, ['exec', 'demo', '--', 'sh', '-c', 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.tmp; mv /tmp/counter.tmp /tmp/counter; sleep 0.05; done > /dev/null 2>&1 &']);
     await new Promise((r) => setTimeout(r, 600));
     expect(counter()).toBeGreaterThan(2);
     const box = json<{ id: string }>(['pause', 'demo', '--wait']);
@@ -120,7 +120,7 @@ describe('devyard CLI against devyard up', () => {
   });
 
   it('survives kill -9 of the whole all-in-one process: boxes keep running and are adopted', async () => {
-    cliOk(h, ['exec', 'demo', '--', 'sh', '-c', 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done > /dev/null 2>&1 &']);
+    cliOk(h, ['exec', 'demo', '--', 'sh', '-c', 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.tmp; mv /tmp/counter.tmp /tmp/counter; sleep 0.05; done > /dev/null 2>&1 &']);
     await new Promise((r) => setTimeout(r, 300));
     const before = counter();
     await kill9(h.proc);

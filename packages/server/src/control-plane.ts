@@ -9,11 +9,12 @@ import { ChangeFeed } from './change-feed.js';
 import { createApp } from './http/create-app.js';
 import { createHandlers } from './http/api-handlers.js';
 import { BoxReconciler } from './loops/box-reconciler.js';
+import { WarmPoolFiller } from './loops/warm-pool-filler.js';
 import { BoxService } from './services/box-service.js';
 import { NodeService } from './services/node-service.js';
 import { TemplateService } from './services/template-service.js';
 import { openSqliteDatabase } from './store/sqlite-database.js';
-import { Store } from './store/store.js';
+import { Store, type TemplateRecord } from './store/store.js';
 import type { RetryPolicy } from '@devyard/core/box-reconcile';
 import { hostname } from 'node:os';
 
@@ -26,6 +27,8 @@ export interface ControlPlaneOptions {
   logger?: boolean | object;
   retry?: RetryPolicy;
   now?: () => number;
+  /** Warm pool size per template version (default: the template's `warmPool.size`). */
+  poolSize?: (t: TemplateRecord) => number;
 }
 
 export interface ControlPlane {
@@ -34,6 +37,8 @@ export interface ControlPlane {
   store: Store;
   feed: ChangeFeed;
   reconciler: BoxReconciler;
+  warmPools: WarmPoolFiller;
+  boxes: BoxService;
   tokens: BootstrapTokens;
   close(): Promise<void>;
 }
@@ -53,18 +58,26 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
     retry: opts.retry,
     log: (msg, fields) => app.log.warn(fields ?? {}, msg),
   });
+  const warmPools = new WarmPoolFiller(store, feed, boxes, {
+    poolSize: opts.poolSize ?? templatePoolSize,
+    log: (msg, fields) => app.log.warn(fields ?? {}, msg),
+  });
   await app.listen({ host: opts.host ?? '127.0.0.1', port: opts.port ?? 0 });
   const addr = app.server.address();
   const port = typeof addr === 'object' && addr ? addr.port : opts.port;
   reconciler.start();
+  warmPools.start();
   return {
     url: `http://${opts.host && opts.host !== '0.0.0.0' ? opts.host : '127.0.0.1'}:${port}`,
     app,
     store,
     feed,
     reconciler,
+    warmPools,
+    boxes,
     tokens,
     async close() {
+      await warmPools.stop();
       await reconciler.stop();
       // SSE watchers hold connections open; end them so close() does not wait for clients.
       app.server.closeAllConnections?.();
@@ -72,4 +85,9 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
       await store.close();
     },
   };
+}
+
+/** The pool size a template version asks for. */
+function templatePoolSize(t: TemplateRecord): number {
+  return (t as TemplateRecord & { warmPool?: { size?: number } }).warmPool?.size ?? 0;
 }

@@ -14,6 +14,9 @@ import { newId } from '../ids.js';
 import type { BoxRecord } from '../store/box-records.js';
 import type { Executor, Store } from '../store/store.js';
 
+/** Owner of the boxes kept ready in warm pools (see loops/warm-pool-filler.ts). */
+export const WARM_POOL_OWNER = 'system:warm-pool';
+
 /** The authenticated caller of a use case. */
 export interface Subject {
   /** User (or system loop) name; boxes are scoped by it. */
@@ -71,6 +74,11 @@ export class BoxService {
       const runtime = req.runtime ?? template.runtime;
       if (runtime === 'sim') throw new DomainError('invalid-input', 'runtime "sim" is for scale tests only and not offered to users', { field: 'runtime' });
       const resources = resolveResources(req.resources, template.defaultResources, template.maxResources);
+      const claimed = req.env === undefined && subject.kind !== 'system' ? await this.claimWarm(tx, subject, req.name, template.name, template.version, runtime, resources, now) : null;
+      if (claimed) {
+        if (idempotencyKey !== undefined) await this.store.putIdempotencyKey({ owner: subject.name, key: idempotencyKey, requestHash, boxId: claimed.id, now }, tx);
+        return { box: claimed, replayed: false };
+      }
       const box: BoxRecord = {
         id: newId('b'),
         name: req.name,
@@ -104,6 +112,48 @@ export class BoxService {
     });
     if (!result.replayed) this.feed.emit('box', result.box);
     return result;
+  }
+
+  /**
+   * Takes a ready box of the template's warm pool, if one matches exactly (version, runtime,
+   * resources), and hands it to the caller under the requested name. Runs inside the create
+   * transaction and is conditional on the pool box's version, so two concurrent creates can never
+   * claim the same box: the loser's update matches no row and it tries the next one.
+   */
+  private async claimWarm(
+    tx: Executor,
+    subject: Subject,
+    name: string,
+    templateName: string,
+    templateVersion: number,
+    runtime: string,
+    resources: Resources,
+    now: number,
+  ): Promise<BoxRecord | null> {
+    if (await this.store.getBoxByName(subject.name, name, tx)) {
+      throw new DomainError('conflict', `a box named "${name}" already exists`, { field: 'name', name });
+    }
+    const candidates = (await this.store.listBoxes({ owner: WARM_POOL_OWNER }, tx)).filter(
+      (b) =>
+        b.templateName === templateName &&
+        b.templateVersion === templateVersion &&
+        b.runtime === runtime &&
+        b.desiredState === 'running' &&
+        b.phase === 'running' &&
+        b.resources.cpuMillis === resources.cpuMillis &&
+        b.resources.memoryBytes === resources.memoryBytes &&
+        b.resources.diskBytes === resources.diskBytes,
+    );
+    for (const pooled of candidates) {
+      try {
+        const box = await this.store.updateBox({ ...pooled, owner: subject.name, name, updatedAt: now }, pooled.version, tx);
+        await this.store.appendEvent({ boxId: box.id, boxName: name, owner: subject.name, time: now, type: 'Claimed', phase: box.phase, message: `claimed from the warm pool of ${templateName} v${templateVersion} by ${subject.name} (was ${pooled.name})` }, tx);
+        return box;
+      } catch (e) {
+        if (!(e instanceof DomainError && e.code === 'conflict')) throw e;
+      }
+    }
+    return null;
   }
 
   async get(subject: Subject, name: string): Promise<BoxRecord> {

@@ -44,15 +44,26 @@ export function toApiEvent(e: BoxEventRecord): BoxEvent {
 }
 
 export function toApiTemplate(t: TemplateRecord): Template {
+  const s = t.spec;
   return {
     name: t.name,
     version: t.version,
     description: t.description,
     image: t.image,
+    imageDigest: t.imageDigest,
+    build: s.build ?? null,
     runtime: t.runtime as Template['runtime'],
-    defaultResources: t.defaultResources,
-    maxResources: t.maxResources,
+    defaultResources: { ...t.defaultResources, gpu: s.defaultResources?.gpu ?? 0 },
+    maxResources: { ...t.maxResources, gpu: s.maxResources?.gpu ?? s.defaultResources?.gpu ?? 0 },
+    repository: s.repository ?? null,
+    hooks: s.hooks ?? {},
     env: t.env,
+    user: s.user ?? null,
+    // Specs accept a bare port number for brevity; readers get one shape.
+    ports: (s.ports ?? []).map((p) => (typeof p === 'number' ? { port: p, label: null } : { port: p.port, label: p.label ?? null })),
+    idleTimeout: s.idleTimeout ?? null,
+    maxLifetime: s.maxLifetime ?? null,
+    warmPoolSize: s.warmPoolSize ?? 0,
     createdAt: iso(t.createdAt),
   };
 }

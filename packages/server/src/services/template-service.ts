@@ -1,5 +1,5 @@
 /** Templates: immutable versions; publishing a template under an existing name adds a version. */
-import type { CreateTemplateRequest } from '@devyard/api/template-schemas';
+import { DIGEST_PATTERN, isBuiltinImage, parseOciReference, type CreateTemplateRequest } from '@devyard/api/template-schemas';
 import { DomainError } from '@devyard/core/domain-error';
 import { parseBytes, parseCpu, type Resources } from '@devyard/core/resources';
 import { isUniqueViolation, type Store, type TemplateRecord } from '../store/store.js';
@@ -35,10 +35,29 @@ function resources(input: CreateTemplateRequest['defaultResources'], fallback: R
   };
 }
 
+/**
+ * Pins an OCI reference to the manifest digest it names now. Declared here, by its consumer; the
+ * registry client implements it.
+ */
+export interface ImageDigestResolver {
+  /** The `sha256:<hex>` digest of the manifest `ref` names; rejects when the image is missing or the registry is unreachable. */
+  resolve(ref: string): Promise<string>;
+}
+
+export interface TemplateServiceOptions {
+  /** Pins OCI images at publish time; without one, OCI references are stored unpinned (imageDigest null). */
+  imageResolver?: ImageDigestResolver;
+  /** Bounds one resolution, so a registry that hangs fails the publish instead of holding the request open. */
+  resolveTimeoutMs?: number;
+}
+
+const DEFAULT_RESOLVE_TIMEOUT_MS = 30_000;
+
 export class TemplateService {
   constructor(
     private readonly store: Store,
     private readonly now: () => number,
+    private readonly options: TemplateServiceOptions = {},
   ) {}
 
   async create(req: CreateTemplateRequest): Promise<TemplateRecord> {
@@ -47,6 +66,13 @@ export class TemplateService {
     for (const k of ['cpuMillis', 'memoryBytes', 'diskBytes'] as const) {
       if (defaults[k] > max[k]) throw new DomainError('invalid-input', `defaultResources exceed maxResources (${k})`, { field: 'defaultResources' });
     }
+    const gpu = req.defaultResources?.gpu ?? 0;
+    if (gpu > (req.maxResources?.gpu ?? gpu)) throw new DomainError('invalid-input', 'defaultResources exceed maxResources (gpu)', { field: 'defaultResources.gpu' });
+    // The edge validates bodies, but built-ins and other in-process callers reach here directly.
+    const [image, field] = req.image !== undefined ? [req.image, 'image'] : req.build ? [req.build.from, 'build.from'] : [undefined, 'image'];
+    if (image === undefined) throw new DomainError('invalid-input', 'a template needs exactly one of image or build', { field });
+    // Resolve before touching the store: a failed pin must leave nothing behind.
+    const imageDigest = await this.pin(image, field);
     // Two concurrent publishes of the same name race for the same version: retry on the unique key.
     for (let i = 0; i < 5; i++) {
       const latest = await this.store.getTemplate(req.name);
@@ -54,12 +80,14 @@ export class TemplateService {
         name: req.name,
         version: (latest?.version ?? 0) + 1,
         description: req.description ?? '',
-        image: req.image,
+        image,
         runtime: req.runtime ?? 'sandbox',
         defaultResources: defaults,
         maxResources: max,
         env: req.env ?? {},
         createdAt: this.now(),
+        spec: { ...req, runtime: req.runtime ?? 'sandbox' },
+        imageDigest,
       };
       try {
         await this.store.insertTemplate(t);
@@ -69,6 +97,39 @@ export class TemplateService {
       }
     }
     throw new DomainError('conflict', `template "${req.name}" is being published concurrently; retry`, { field: 'name' });
+  }
+
+  /**
+   * A tag is a moving pointer: pinning it makes every box of this version start from the same bytes.
+   * A reference that already carries a digest is still checked, so a typo fails now, not at first boot.
+   */
+  private async pin(image: string, field: string): Promise<string | null> {
+    if (isBuiltinImage(image)) return null;
+    const ref = parseOciReference(image);
+    if (!ref) throw new DomainError('invalid-input', `${field}: "${image}" is not a built-in image or an OCI reference with a registry host`, { field });
+    const resolver = this.options.imageResolver;
+    if (!resolver) return ref.digest ?? null;
+    const timeoutMs = this.options.resolveTimeoutMs ?? DEFAULT_RESOLVE_TIMEOUT_MS;
+    let timer: NodeJS.Timeout | undefined;
+    let digest: string;
+    try {
+      digest = await Promise.race([
+        resolver.resolve(image),
+        new Promise<never>((_, reject) => {
+          timer = setTimeout(() => reject(new Error(`the registry did not answer within ${timeoutMs} ms`)), timeoutMs);
+        }),
+      ]);
+    } catch (e) {
+      const why = e instanceof Error ? e.message : String(e);
+      throw new DomainError('invalid-input', `${field}: cannot resolve "${image}" to a digest: ${why}`, { field, image });
+    } finally {
+      clearTimeout(timer);
+    }
+    if (!DIGEST_PATTERN.test(digest)) throw new DomainError('internal', `image resolver answered "${digest}" for "${image}", not a sha256 digest`, { field });
+    if (ref.digest && ref.digest !== digest) {
+      throw new DomainError('invalid-input', `${field}: the registry serves ${digest} for "${image}", not the digest the reference names`, { field, image });
+    }
+    return digest;
   }
 
   async get(name: string, version?: number): Promise<TemplateRecord> {

@@ -14,6 +14,10 @@ export interface TemplateTable {
   max_resources: string;
   env: string;
   created_at: number;
+  /** The whole validated spec as JSON; null on rows written before migration 0002. */
+  spec: string | null;
+  /** `sha256:…` the image was pinned to at publish time; null for built-in and unpinned images. */
+  image_digest: string | null;
 }
 
 export interface BoxTable {

@@ -127,8 +127,17 @@ const m0001: Migration = {
   },
 };
 
+// Nullable columns, no backfill: rows from 0001 (the seeded built-ins) keep reading through their
+// old columns, and a backfill would need JSON functions that differ between SQLite and PostgreSQL.
+const m0002: Migration = {
+  async up(db: Kysely<unknown>) {
+    await db.schema.alterTable('templates').addColumn('spec', 'text').execute();
+    await db.schema.alterTable('templates').addColumn('image_digest', 'text').execute();
+  },
+};
+
 export const migrationProvider: MigrationProvider = {
   async getMigrations() {
-    return { '0001_initial': m0001 };
+    return { '0001_initial': m0001, '0002_template_spec': m0002 };
   },
 };

@@ -3,6 +3,7 @@
  * SQL is portable between the embedded SQLite store and PostgreSQL. Methods take an optional
  * executor so callers can group several of them into one transaction.
  */
+import type { TemplateSpec } from '@devyard/api/template-schemas';
 import { DomainError } from '@devyard/core/domain-error';
 import type { Resources } from '@devyard/core/resources';
 import type { Kysely, Selectable, Transaction } from 'kysely';
@@ -39,6 +40,10 @@ export interface TemplateRecord {
   maxResources: Resources;
   env: Record<string, string>;
   createdAt: number;
+  /** The validated spec as published; rebuilt from the columns above for rows older than the spec column. */
+  spec: TemplateSpec;
+  /** `sha256:…` the OCI image (or build base) was pinned to at publish time; null when not pinned. */
+  imageDigest: string | null;
 }
 
 export interface BoxEventRecord {
@@ -83,7 +88,14 @@ function templateFromRow(r: Selectable<TemplateTable>): TemplateRecord {
     maxResources: JSON.parse(r.max_resources),
     env: JSON.parse(r.env),
     createdAt: Number(r.created_at),
+    spec: r.spec ? (JSON.parse(r.spec) as TemplateSpec) : legacySpec(r),
+    imageDigest: r.image_digest ?? null,
   };
+}
+
+/** Rows from before migration 0002 only knew these fields; their resources live in the columns. */
+function legacySpec(r: Selectable<TemplateTable>): TemplateSpec {
+  return { name: r.name, description: r.description, image: r.image, runtime: r.runtime as TemplateSpec['runtime'], env: JSON.parse(r.env) };
 }
 
 /** True when a database error is a unique-constraint violation (SQLite or PostgreSQL). */
@@ -212,6 +224,8 @@ export class Store {
         max_resources: JSON.stringify(t.maxResources),
         env: JSON.stringify(t.env),
         created_at: t.createdAt,
+        spec: JSON.stringify(t.spec),
+        image_digest: t.imageDigest,
       })
       .execute();
   }

@@ -1,0 +1,90 @@
+/**
+ * Warm pools (issue: templates and fast creates): per template, keep N boxes provisioned ahead so
+ * that `create` only claims one. Pool boxes belong to the system subject `system:warm-pool` and
+ * run the template's latest version; the filler creates what is missing, retires boxes of older
+ * versions and re-checks on every box or template change plus periodically. It only ever goes
+ * through BoxService, so pool boxes are reconciled, scheduled and reported like any other box.
+ */
+import type { ChangeFeed } from '../change-feed.js';
+import { WARM_POOL_OWNER, type BoxService, type Subject } from '../services/box-service.js';
+import type { BoxRecord } from '../store/box-records.js';
+import type { Store, TemplateRecord } from '../store/store.js';
+
+export const WARM_POOL_SUBJECT: Subject = { name: WARM_POOL_OWNER, kind: 'system' };
+
+export interface WarmPoolOptions {
+  /** Pool size of a template version (0: no pool). */
+  poolSize: (t: TemplateRecord) => number;
+  periodMs?: number;
+  log?: (msg: string, fields?: Record<string, unknown>) => void;
+}
+
+export class WarmPoolFiller {
+  private timer: NodeJS.Timeout | undefined;
+  private pending: NodeJS.Timeout | undefined;
+  private running: Promise<void> | null = null;
+  private again = false;
+  private seq = 0;
+  private readonly onBox = (b: BoxRecord) => {
+    if (b.owner === WARM_POOL_SUBJECT.name || b.deletedAt !== null) this.kick();
+  };
+
+  constructor(
+    private readonly store: Store,
+    private readonly feed: ChangeFeed,
+    private readonly boxes: BoxService,
+    private readonly opts: WarmPoolOptions,
+  ) {}
+
+  start(): void {
+    this.feed.on('box', this.onBox);
+    this.timer = setInterval(() => this.kick(), this.opts.periodMs ?? 5000);
+    this.kick();
+  }
+
+  async stop(): Promise<void> {
+    this.feed.off('box', this.onBox);
+    clearInterval(this.timer);
+    clearTimeout(this.pending);
+    await this.running;
+  }
+
+  /** Coalesces bursts of changes into one pass. */
+  kick(): void {
+    if (this.running) {
+      this.again = true;
+      return;
+    }
+    clearTimeout(this.pending);
+    this.pending = setTimeout(() => {
+      this.running = this.fill()
+        .catch((e) => this.opts.log?.('warm pool pass failed', { err: String(e) }))
+        .finally(() => {
+          this.running = null;
+          if (this.again) {
+            this.again = false;
+            this.kick();
+          }
+        });
+    }, 10);
+  }
+
+  /** One pass: top up every pool to its size and retire boxes of superseded template versions. */
+  async fill(): Promise<void> {
+    const templates = await this.store.listTemplates();
+    const pool = await this.store.listBoxes({ owner: WARM_POOL_SUBJECT.name });
+    for (const t of templates) {
+      const size = this.opts.poolSize(t);
+      const mine = pool.filter((b) => b.templateName === t.name && b.desiredState !== 'deleted');
+      for (const old of mine.filter((b) => b.templateVersion !== t.version)) await this.boxes.applyVerb(WARM_POOL_SUBJECT, old.name, 'delete');
+      const current = mine.filter((b) => b.templateVersion === t.version && b.phase !== 'failed');
+      for (const extra of current.slice(size)) await this.boxes.applyVerb(WARM_POOL_SUBJECT, extra.name, 'delete');
+      for (let i = current.length; i < size; i++) {
+        const name = `pool-${t.name}-${Date.now().toString(36)}${(this.seq++).toString(36)}`.slice(0, 40).replace(/-+$/, '');
+        await this.boxes.create(WARM_POOL_SUBJECT, { name, template: t.name, templateVersion: t.version });
+      }
+    }
+    // A failed pool box helps nobody: delete it so the next pass replaces it.
+    for (const b of pool.filter((x) => x.phase === 'failed' && x.desiredState !== 'deleted')) await this.boxes.applyVerb(WARM_POOL_SUBJECT, b.name, 'delete');
+  }
+}
