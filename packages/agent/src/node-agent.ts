@@ -46,6 +46,9 @@ export interface NodeAgentOptions {
   log?: (msg: string, fields?: Record<string, unknown>) => void;
 }
 
+/** Progress lines of one box are reported at most this often. */
+const PROGRESS_INTERVAL_MS = 250;
+
 /** An unchanged report is not sent again sooner than this. */
 const REPORT_REPEAT_MS = 5000;
 
@@ -64,6 +67,7 @@ export class NodeAgent {
   private readonly boxChains = new Map<string, Promise<void>>();
   private readonly pendingReports = new Map<string, BoxStatusReport>();
   private readonly lastSent = new Map<string, { key: string; at: number }>();
+  private readonly lastProgressAt = new Map<string, number>();
   private flushing: Promise<void> | null = null;
   private resyncTimer: NodeJS.Timeout | undefined;
   private readonly log: NonNullable<NodeAgentOptions['log']>;
@@ -237,7 +241,10 @@ export class NodeAgent {
         switch (step.kind) {
           case 'start':
           case 'create': {
-            const image = await this.opts.images.ensure(box.image, (line) => this.log('image', { image: box.image, line }));
+            const image = await this.opts.images.ensure(box.image, (line) => {
+              this.log('image', { image: box.image, line });
+              this.progress(box, step.phase, line);
+            });
             if (step.kind === 'start') await d.start(this.spec(box, image));
             else await d.create(this.spec(box, image));
             break;
@@ -272,10 +279,18 @@ export class NodeAgent {
     }
   }
 
-  private report(box: DesiredBox, phase: Phase, ip: string | null, error: string | null = null): void {
+  /** Reports a progress line of a long step, at most a few times a second. */
+  private progress(box: DesiredBox, phase: Phase, message: string): void {
+    const now = Date.now();
+    if (now - (this.lastProgressAt.get(box.boxId) ?? 0) < PROGRESS_INTERVAL_MS) return;
+    this.lastProgressAt.set(box.boxId, now);
+    this.report(box, phase, null, null, message);
+  }
+
+  private report(box: DesiredBox, phase: Phase, ip: string | null, error: string | null = null, message = ''): void {
     // The same report again within a few seconds adds nothing; later repeats are kept on purpose,
     // they heal a report the server lost (it applies them idempotently).
-    const key = `${box.operationId}|${phase}|${ip}|${error}`;
+    const key = `${box.operationId}|${phase}|${ip}|${error}|${message}`;
     const last = this.lastSent.get(box.boxId);
     if (last && last.key === key && Date.now() - last.at < REPORT_REPEAT_MS && !this.pendingReports.has(box.boxId)) return;
     this.lastSent.set(box.boxId, { key, at: Date.now() });
@@ -288,7 +303,7 @@ export class NodeAgent {
       ip,
       // An error must reach the server even if a later report for the same operation replaces it.
       error: error ?? (prev?.operationId === box.operationId ? prev.error : null),
-      message: '',
+      message,
     });
     void this.flushReports();
   }

@@ -18,6 +18,8 @@ export const NODE_LEASE_MS = 20_000;
 
 export class NodeService {
   private revision = 0;
+  /** Last progress message per box, so repeats of the same line add no event. */
+  private readonly lastProgress = new Map<string, string>();
 
   constructor(
     private readonly store: Store,
@@ -129,7 +131,13 @@ export class NodeService {
           events.push({ type: 'OperationFailed', message: `attempt ${attempt}: ${r.error}` });
           await this.store.upsertOperation({ id: r.operationId, box_id: box.id, target_state: box.desiredState, generation: box.generation, attempt, state: 'failed', error: r.error, created_at: now, finished_at: now }, tx);
         }
-        if (next.phase !== box.phase) events.push({ type: 'PhaseChanged', message: r.message || `${box.phase} → ${next.phase}` });
+        if (next.phase !== box.phase) events.push({ type: 'PhaseChanged', message: `${box.phase} → ${next.phase}` });
+        // Progress lines (image pull, unpack, checkout, hooks) become events when they change.
+        if (r.phase === 'deleted') this.lastProgress.delete(box.id);
+        else if (current && r.message && this.lastProgress.get(box.id) !== r.message) {
+          this.lastProgress.set(box.id, r.message);
+          events.push({ type: 'Progress', message: r.message });
+        }
         if (current && !r.error && next.phase === TARGET_PHASE[box.desiredState] && box.phase !== next.phase) {
           await this.store.upsertOperation({ id: r.operationId, box_id: box.id, target_state: box.desiredState, generation: box.generation, attempt, state: 'succeeded', error: null, created_at: now, finished_at: now }, tx);
         }
