@@ -37,6 +37,14 @@ describe('devyard CLI against devyard up', () => {
     expect(json<Array<{ name: string }>>(['templates']).map((t) => t.name)).toEqual(['base', 'tiny']);
   });
 
+  it('serves Prometheus metrics from the server and the agent', async () => {
+    const server = await (await fetch(`${h.url}/metrics`)).text();
+    expect(server).toContain('devyard_nodes_ready 1');
+    const [node] = json<Array<{ agentUrl: string }>>(['nodes']);
+    const agent = await (await fetch(`${node!.agentUrl}/metrics`)).text();
+    expect(agent).toContain('devyard_agent_server_reachable 1');
+  });
+
   it('creates a box and waits until it runs', () => {
     const r = cli(h, ['create', 'demo', '--template', 'tiny', '--memory', '256MiB', '--wait', '--json']);
     expect(r.code, r.stderr).toBe(0);

@@ -16,6 +16,8 @@ export interface ExecServerOptions {
   driver: RuntimeDriver;
   /** Current session key (null until the node registered once). */
   sessionKey: () => string | null;
+  /** Prometheus text for GET /metrics. */
+  metrics?: () => Promise<{ contentType: string; body: string }>;
   log: (msg: string, fields?: Record<string, unknown>) => void;
 }
 
@@ -35,6 +37,10 @@ export class ExecServer {
     const server = createServer((req, res) => {
       if (req.url === '/healthz') {
         res.writeHead(200, { 'content-type': 'application/json' }).end('{"status":"ok"}');
+        return;
+      }
+      if (req.url === '/metrics' && this.opts.metrics) {
+        void this.opts.metrics().then(({ contentType, body }) => res.writeHead(200, { 'content-type': contentType }).end(body));
         return;
       }
       res.writeHead(404, { 'content-type': 'application/problem+json' }).end(JSON.stringify({ status: 404, code: 'not-found', detail: 'no such route' }));

@@ -15,6 +15,7 @@ import type { Phase } from '@devyard/core/box-lifecycle';
 import { decideNodeStep } from '@devyard/core/node-reconcile';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { loadAgentState, saveAgentState, type AgentState } from './agent-state-file.js';
+import { AgentMetrics } from './agent-metrics.js';
 import { ExecServer } from './exec-server.js';
 import type { BoxRuntimeSpec, RuntimeDriver } from './runtime/runtime-driver.js';
 
@@ -72,17 +73,20 @@ export class NodeAgent {
   private resyncTimer: NodeJS.Timeout | undefined;
   private readonly log: NonNullable<NodeAgentOptions['log']>;
   private connected = false;
+  private readonly metrics: AgentMetrics;
 
   constructor(private readonly opts: NodeAgentOptions) {
     this.client = new DevyardClient({ url: opts.serverUrl, token: opts.token, timeoutMs: 10_000 });
     this.stateFile = join(opts.dataDir, 'agent-state.json');
     this.state = loadAgentState(this.stateFile, opts.serverUrl);
     this.log = opts.log ?? (() => undefined);
+    this.metrics = new AgentMetrics({ serverReachable: () => this.connected, boxes: () => this.state.desired?.boxes.length ?? 0 });
     this.exec = new ExecServer({
       host: opts.listenHost ?? '127.0.0.1',
       port: opts.listenPort ?? 0,
       driver: opts.driver,
       sessionKey: () => this.state.sessionKey,
+      metrics: async () => ({ contentType: this.metrics.registry.contentType, body: await this.metrics.registry.metrics() }),
       log: this.log,
     });
   }
@@ -236,6 +240,7 @@ export class NodeAgent {
       // Report the transient phase (starting, pausing, …) only for steps that take a while: a
       // freezer write is done before the report would arrive, and the round trip would double it.
       const transient = setTimeout(() => this.report(box, step.phase, observed.ip ?? null), TRANSIENT_REPORT_DELAY_MS);
+      const timer = this.metrics.stepSeconds.startTimer({ step: step.kind });
       try {
         const d = this.opts.driver;
         switch (step.kind) {
@@ -264,6 +269,7 @@ export class NodeAgent {
         }
       } catch (e) {
         clearTimeout(transient);
+        this.metrics.stepErrors.inc({ step: step.kind });
         const message = (e as Error).message.split('\n').slice(0, 5).join(' ').slice(0, 1000);
         this.log('box step failed', { boxId, step: step.kind, err: message });
         this.state.failedOperations[boxId] = box.operationId;
@@ -274,6 +280,7 @@ export class NodeAgent {
         return;
       }
       clearTimeout(transient);
+      timer();
       const after = await this.opts.driver.inspect(boxId);
       this.report(box, step.then, after.ip ?? null);
     }

@@ -8,6 +8,7 @@ import { ensureBootstrapTokens, type BootstrapTokens } from './bootstrap-tokens.
 import { ChangeFeed } from './change-feed.js';
 import { createApp } from './http/create-app.js';
 import { createHandlers } from './http/api-handlers.js';
+import { ServerMetrics } from './http/server-metrics.js';
 import { BoxReconciler } from './loops/box-reconciler.js';
 import { WarmPoolFiller } from './loops/warm-pool-filler.js';
 import { BoxService } from './services/box-service.js';
@@ -53,11 +54,18 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
   const boxes = new BoxService(store, feed, now);
   const nodes = new NodeService(store, feed, now, opts.retry);
   const app = createApp({ store, handlers: createHandlers({ store, feed, boxes, templates, nodes, now }), logger: opts.logger });
+  // The reconciler exists only after the app (it logs through it); the gauge reads it lazily.
+  let reconcilerRef: BoxReconciler | undefined;
+  const metrics = new ServerMetrics(store, () => reconcilerRef?.queueDepth ?? 0, now);
+  metrics.install(app);
+  nodes.onRunning = (createdAt) => metrics.createToRunning.observe((now() - createdAt) / 1000);
   const reconciler = new BoxReconciler(store, feed, now, {
     holder: `${hostname()}:${process.pid}`,
     retry: opts.retry,
     log: (msg, fields) => app.log.warn(fields ?? {}, msg),
+    onError: () => metrics.reconcileErrors.inc(),
   });
+  reconcilerRef = reconciler;
   const warmPools = new WarmPoolFiller(store, feed, boxes, {
     poolSize: opts.poolSize ?? templatePoolSize,
     log: (msg, fields) => app.log.warn(fields ?? {}, msg),

@@ -387,3 +387,16 @@ describe('route accounting', () => {
     expect(missing).toEqual([]);
   });
 });
+
+describe('metrics', () => {
+  it('serves Prometheus metrics: API latency, boxes by phase, queue depth, nodes', async () => {
+    const res = await fetch(`${cp.url}/metrics`);
+    expect(res.status).toBe(200);
+    const text = await res.text();
+    expect(text).toMatch(/devyard_http_request_duration_seconds_count\{method="POST",route="\/v1\/boxes",status="202"\} \d+/);
+    expect(text).toMatch(/devyard_boxes\{phase="running"\} \d+/);
+    expect(text).toContain('devyard_reconcile_queue_depth');
+    expect(text).toMatch(/devyard_node_capacity\{node="node-a",resource="cpu_millis"\} 2000/);
+    expect(text).toMatch(/devyard_box_create_to_running_seconds_count \d+/);
+  });
+});

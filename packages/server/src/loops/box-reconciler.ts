@@ -19,6 +19,8 @@ export interface ReconcilerOptions {
   resyncMs?: number;
   retry?: RetryPolicy;
   log?: (msg: string, fields?: Record<string, unknown>) => void;
+  /** Called on every unexpected reconcile error (for metrics). */
+  onError?: () => void;
 }
 
 const UNSCHEDULABLE_RETRY_MS = 3000;
@@ -111,7 +113,10 @@ export class BoxReconciler {
     } catch (e) {
       // Conflicts and stale leases mean someone else moved the box: look again soon.
       const expected = e instanceof DomainError && (e.code === 'conflict' || e.code === 'stale-lease');
-      if (!expected) this.opts.log?.('reconcile error', { boxId, err: String(e) });
+      if (!expected) {
+        this.opts.log?.('reconcile error', { boxId, err: String(e) });
+        this.opts.onError?.();
+      }
       return expected ? 50 : 1000;
     }
   }

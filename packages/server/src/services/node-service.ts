@@ -18,6 +18,8 @@ export const NODE_LEASE_MS = 20_000;
 
 export class NodeService {
   private revision = 0;
+  /** Called with the box's creation time when it first reports running (provisioning latency). */
+  onRunning?: (createdAt: number) => void;
   /** Last progress message per box, so repeats of the same line add no event. */
   private readonly lastProgress = new Map<string, string>();
 
@@ -144,6 +146,7 @@ export class NodeService {
         const unchanged = events.length === 0 && next.ip === box.ip && next.observedGeneration === box.observedGeneration;
         if (unchanged) return null;
         const stored = await this.store.updateBox(next, box.version, tx);
+        if (next.phase === 'running' && box.generation === 1 && box.phase !== 'running') this.onRunning?.(box.createdAt);
         for (const e of events) await this.store.appendEvent({ boxId: box.id, boxName: box.name, owner: box.owner, time: now, type: e.type, phase: stored.phase, message: e.message }, tx);
         return stored;
       });
