@@ -4,9 +4,9 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 # Host tools the sandbox runtime and the built-in images need.
-APT_PACKAGES := crun bubblewrap debootstrap busybox-static iproute2 nftables util-linux procps ca-certificates
+APT_PACKAGES := crun bubblewrap debootstrap busybox-static iproute2 nftables util-linux procps ca-certificates git
 # Extra packages for the test suite only.
-APT_TEST_PACKAGES := curl
+APT_TEST_PACKAGES := curl docker-registry skopeo apache2-utils
 UP_ARGS ?=
 
 .PHONY: help deps apt-deps apt-test-deps npm-deps build up test bench lint clean

@@ -3,7 +3,7 @@ import js from '@eslint/js';
 import tseslint from 'typescript-eslint';
 
 const others = (allowed) =>
-  ['core', 'api', 'sdk', 'server', 'agent', 'gateway', 'cli', 'web']
+  ['core', 'api', 'oci', 'sdk', 'server', 'agent', 'gateway', 'cli', 'web']
     .filter((p) => !allowed.includes(p))
     .map((p) => `@devyard/${p}/*`);
 
@@ -11,11 +11,12 @@ const others = (allowed) =>
 const direction = {
   core: [],
   api: ['core'],
+  oci: ['core'],
   sdk: ['api', 'core'],
-  server: ['api', 'core'],
-  agent: ['api', 'core', 'sdk'],
+  server: ['api', 'core', 'oci'],
+  agent: ['api', 'core', 'oci', 'sdk'],
   gateway: ['api', 'core', 'sdk'],
-  cli: ['api', 'core', 'sdk', 'server', 'agent', 'gateway'],
+  cli: ['api', 'core', 'oci', 'sdk', 'server', 'agent', 'gateway'],
   web: ['api', 'sdk'],
 };
 
