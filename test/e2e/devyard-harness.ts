@@ -24,12 +24,16 @@ export interface Harness {
 }
 
 export function newHarness(tag: string, octet: number): Harness {
+  // An interrupted earlier run may have left this harness's bridge and NAT table behind.
+  const bridge = `dyt${tag}0`.slice(0, 15);
+  spawnSync('ip', ['link', 'del', bridge], { stdio: 'ignore' });
+  spawnSync('nft', ['delete', 'table', 'inet', `devyard_${bridge}`], { stdio: 'ignore' });
   const dir = mkdtempSync(join(tmpdir(), `devyard-${tag}-`));
   return {
     dir,
     dataDir: join(dir, '.devyard'),
     env: { ...process.env, DEVYARD_CONFIG: join(dir, 'config.json'), DEVYARD_URL: undefined, DEVYARD_TOKEN: undefined },
-    bridge: `dyt${tag}0`.slice(0, 15),
+    bridge,
     subnet: `10.${octet}.0.0/24`,
     url: '',
     proc: null,

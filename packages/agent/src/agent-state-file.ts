@@ -6,6 +6,7 @@
 import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { DesiredSet } from '@devyard/api/node-schemas';
+import type { BoxSetupRecord } from './box-provisioner.js';
 
 export interface AgentState {
   serverUrl: string;
@@ -14,15 +15,17 @@ export interface AgentState {
   desired: DesiredSet | null;
   /** Operation ids that failed on this node; a failed operation is retried only under a new id. */
   failedOperations: Record<string, string>;
+  /** One-time setup done per box (image, prebuild layers, checkout, postCreate). */
+  setup: Record<string, BoxSetupRecord>;
 }
 
 export function loadAgentState(file: string, serverUrl: string): AgentState {
   try {
     const s = JSON.parse(readFileSync(file, 'utf8')) as AgentState;
     // A state file from another control plane describes boxes we must not act on.
-    if (s.serverUrl === serverUrl) return { ...s, failedOperations: s.failedOperations ?? {} };
+    if (s.serverUrl === serverUrl) return { ...s, failedOperations: s.failedOperations ?? {}, setup: s.setup ?? {} };
   } catch {}
-  return { serverUrl, nodeId: null, sessionKey: null, desired: null, failedOperations: {} };
+  return { serverUrl, nodeId: null, sessionKey: null, desired: null, failedOperations: {}, setup: {} };
 }
 
 export function saveAgentState(file: string, state: AgentState): void {

@@ -17,7 +17,8 @@ import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { loadAgentState, saveAgentState, type AgentState } from './agent-state-file.js';
 import { AgentMetrics } from './agent-metrics.js';
 import { ExecServer } from './exec-server.js';
-import type { BoxRuntimeSpec, RuntimeDriver } from './runtime/runtime-driver.js';
+import { BoxProvisioner, type BoxSetupRecord, type ProvisioningDriver } from './box-provisioner.js';
+import type { PrebuildBuilder } from './prebuilds/prebuild-builder.js';
 
 /** Resolves an image name to a root filesystem on this node, building or fetching it if needed. */
 export interface ImageProvider {
@@ -29,8 +30,10 @@ export interface NodeAgentOptions {
   serverUrl: string;
   token: string;
   dataDir: string;
-  driver: RuntimeDriver;
+  driver: ProvisioningDriver;
   images: ImageProvider;
+  /** Builds and caches prebuilds on this node (null: boxes are always set up from scratch). */
+  prebuilds?: PrebuildBuilder | null;
   name?: string;
   /** Address the exec endpoint listens on, and advertises. */
   listenHost?: string;
@@ -74,12 +77,14 @@ export class NodeAgent {
   private readonly log: NonNullable<NodeAgentOptions['log']>;
   private connected = false;
   private readonly metrics: AgentMetrics;
+  private readonly provisioner: BoxProvisioner;
 
   constructor(private readonly opts: NodeAgentOptions) {
     this.client = new DevyardClient({ url: opts.serverUrl, token: opts.token, timeoutMs: 10_000 });
     this.stateFile = join(opts.dataDir, 'agent-state.json');
     this.state = loadAgentState(this.stateFile, opts.serverUrl);
     this.log = opts.log ?? (() => undefined);
+    this.provisioner = new BoxProvisioner({ driver: opts.driver, images: opts.images, prebuilds: opts.prebuilds ?? null, pids: 4096, log: this.log });
     this.metrics = new AgentMetrics({ serverReachable: () => this.connected, boxes: () => this.state.desired?.boxes.length ?? 0 });
     this.exec = new ExecServer({
       host: opts.listenHost ?? '127.0.0.1',
@@ -103,6 +108,8 @@ export class NodeAgent {
   async start(): Promise<void> {
     mkdirSync(this.opts.dataDir, { recursive: true });
     await this.opts.driver.init();
+    // A prebuild interrupted by a crash left temp dirs behind; none of them is ever used.
+    await this.opts.prebuilds?.sweep();
     const url = await this.exec.listen();
     this.agentUrl = this.opts.advertiseHost ? url.replace(/\/\/[^:]+:/, `//${this.opts.advertiseHost}:`) : url;
     const adopted = await this.opts.driver.list();
@@ -182,13 +189,14 @@ export class NodeAgent {
   }
 
   private applyDesired(set: DesiredSet): void {
-    const before = new Map((this.state.desired?.boxes ?? []).map((b) => [b.boxId, b.operationId + b.desiredState]));
+    const key = (b: DesiredBox) => `${b.operationId}|${b.desiredState}|${b.name}|${b.pooled}`;
+    const before = new Map((this.state.desired?.boxes ?? []).map((b) => [b.boxId, key(b)]));
     this.state = { ...this.state, desired: set };
     const live = new Set(set.boxes.map((b) => b.operationId));
     for (const [boxId, op] of Object.entries(this.state.failedOperations)) if (!live.has(op)) delete this.state.failedOperations[boxId];
     saveAgentState(this.stateFile, this.state);
     // Only boxes whose desired entry changed need a pass now; the periodic resync covers the rest.
-    for (const b of set.boxes) if (before.get(b.boxId) !== b.operationId + b.desiredState) this.enqueue(b.boxId);
+    for (const b of set.boxes) if (before.get(b.boxId) !== key(b)) this.enqueue(b.boxId);
   }
 
   private reconcileAll(): void {
@@ -214,16 +222,12 @@ export class NodeAgent {
   }
   private readonly rerun = new Set<string>();
 
-  private spec(box: DesiredBox, image: { digest: string; rootfs: string }): BoxRuntimeSpec {
-    return {
-      boxId: box.boxId,
-      name: box.name,
-      imageRootfs: image.rootfs,
-      imageDigest: image.digest,
-      resources: { cpuMillis: box.resources.cpuMillis, memoryBytes: box.resources.memoryBytes, pids: 4096 },
-      env: box.env,
-    };
+  /** A box on disk from before setup tracking: it was set up then, so only start it from now on. */
+  private async legacySetup(box: DesiredBox, progress: (line: string) => void): Promise<BoxSetupRecord> {
+    const image = await this.opts.images.ensure(box.image, progress);
+    return { image: { rootfs: image.rootfs, digest: image.digest }, postCreateDone: true, hostname: box.name };
   }
+
 
   /** Steps one box until it matches its desired state, a step fails, or the desired set changes. */
   private async reconcileBox(boxId: string): Promise<void> {
@@ -233,6 +237,17 @@ export class NodeAgent {
       const observed = await this.opts.driver.inspect(boxId);
       const step = decideNodeStep(box.desiredState, observed.state);
       if (step.kind === 'none') {
+        const setup = this.state.setup[boxId];
+        if (observed.state === 'running' && setup && this.state.failedOperations[boxId] !== box.operationId) {
+          try {
+            if (await this.provisioner.settle(box, setup, (line) => this.progress(box, 'running', line))) saveAgentState(this.stateFile, this.state);
+          } catch (e) {
+            this.state.failedOperations[boxId] = box.operationId;
+            saveAgentState(this.stateFile, this.state);
+            this.report(box, 'running', observed.ip ?? null, errorText(e));
+            return;
+          }
+        }
         this.report(box, step.phase, observed.ip ?? null);
         return;
       }
@@ -246,12 +261,21 @@ export class NodeAgent {
         switch (step.kind) {
           case 'start':
           case 'create': {
-            const image = await this.opts.images.ensure(box.image, (line) => {
-              this.log('image', { image: box.image, line });
+            const progress = (line: string) => {
+              this.log('setup', { boxId, line });
               this.progress(box, step.phase, line);
-            });
-            if (step.kind === 'start') await d.start(this.spec(box, image));
-            else await d.create(this.spec(box, image));
+            };
+            const known = this.state.setup[boxId];
+            if (observed.state === 'absent' || !known) {
+              // A box found on disk without a setup record predates setup tracking: start it as is.
+              const setup =
+                observed.state !== 'absent' && !known
+                  ? await this.legacySetup(box, progress)
+                  : await this.provisioner.provision(box, progress, { start: step.kind === 'start' });
+              this.state.setup[boxId] = setup;
+              saveAgentState(this.stateFile, this.state);
+              if (observed.state !== 'absent' && step.kind === 'start') await this.provisioner.start(box, setup, progress);
+            } else if (step.kind === 'start') await this.provisioner.start(box, known, progress);
             break;
           }
           case 'stop':
@@ -265,12 +289,14 @@ export class NodeAgent {
             break;
           case 'destroy':
             await d.destroy(boxId);
+            delete this.state.setup[boxId];
+            saveAgentState(this.stateFile, this.state);
             break;
         }
       } catch (e) {
         clearTimeout(transient);
         this.metrics.stepErrors.inc({ step: step.kind });
-        const message = (e as Error).message.split('\n').slice(0, 5).join(' ').slice(0, 1000);
+        const message = errorText(e);
         this.log('box step failed', { boxId, step: step.kind, err: message });
         this.state.failedOperations[boxId] = box.operationId;
         saveAgentState(this.stateFile, this.state);
@@ -339,4 +365,10 @@ export class NodeAgent {
     await this.flushing;
     if (this.pendingReports.size > 0 && this.connected) void this.flushReports();
   }
+}
+
+/** An error as one report message: the first line plus, for hooks and builds, the log tail. */
+function errorText(e: unknown): string {
+  const lines = String((e as Error)?.message ?? e).split('\n');
+  return lines.slice(0, 30).join('\n').slice(0, 4000);
 }

@@ -51,6 +51,24 @@ export const HeartbeatRequestSchema = z
   .strict()
   .meta({ id: 'HeartbeatRequest' });
 
+/** A devcontainer-style lifecycle command: shell string, exec array, or named parallel commands. */
+export const LifecycleCommandSchema = z.union([z.string(), z.array(z.string()).min(1), z.record(z.string(), z.union([z.string(), z.array(z.string()).min(1)]))]);
+
+/** The one-time and per-start setup of a box, from its template. */
+export const BoxSetupSchema = z
+  .object({
+    repository: z.object({ url: z.string(), ref: z.string().nullable() }).nullable().default(null),
+    onCreate: LifecycleCommandSchema.nullable().default(null),
+    updateContent: LifecycleCommandSchema.nullable().default(null),
+    postCreate: LifecycleCommandSchema.nullable().default(null),
+    postStart: LifecycleCommandSchema.nullable().default(null),
+    /** Build the repository + onCreate + updateContent once per commit and clone boxes from it. */
+    prebuild: z.boolean().default(false),
+    /** The template's own environment: the only one a prebuild sees (never user secrets). */
+    templateEnv: z.record(z.string(), z.string()).default({}),
+  })
+  .meta({ id: 'BoxSetup' });
+
 /** One box as the agent must run it. */
 export const DesiredBoxSchema = z
   .object({
@@ -63,6 +81,9 @@ export const DesiredBoxSchema = z
     runtime: z.string(),
     resources: ResourcesSchema,
     env: z.record(z.string(), z.string()),
+    setup: BoxSetupSchema.default(BoxSetupSchema.parse({})),
+    /** Kept ready in a warm pool: postCreate waits until a user claims the box. */
+    pooled: z.boolean().default(false),
   })
   .meta({ id: 'DesiredBox' });
 
@@ -92,5 +113,7 @@ export type Node = z.infer<typeof NodeSchema>;
 export type RegisterNodeRequest = z.infer<typeof RegisterNodeRequestSchema>;
 export type RegisterNodeResponse = z.infer<typeof RegisterNodeResponseSchema>;
 export type DesiredBox = z.infer<typeof DesiredBoxSchema>;
+export type BoxSetup = z.infer<typeof BoxSetupSchema>;
+export type LifecycleCommand = z.infer<typeof LifecycleCommandSchema>;
 export type DesiredSet = z.infer<typeof DesiredSetSchema>;
 export type BoxStatusReport = z.infer<typeof BoxStatusReportSchema>;

@@ -2,6 +2,7 @@
 import ora from 'ora';
 import type { Box } from '@devyard/api/box-schemas';
 import { TARGET_PHASE } from '@devyard/core/box-lifecycle';
+import { ApiError } from '@devyard/sdk/api-error';
 import type { DevyardClient } from '@devyard/sdk/devyard-client';
 
 export class BoxFailedError extends Error {}
@@ -29,7 +30,39 @@ export async function waitForBox(client: DevyardClient, box: Box, timeoutMs = 15
       for await (const e of client.watchBoxEvents(box.name, ac.signal)) if (Date.parse(e.time) >= started - 1000) lastEvent = e.message;
     } catch {}
   })();
+  // A deletion can be finalized before the watch is connected: the watch then never mentions the
+  // box again (deleted boxes are not listed), so look for it having gone as well.
+  const gone =
+    target === 'deleted'
+      ? (async () => {
+          while (!ac.signal.aborted) {
+            await new Promise((r) => setTimeout(r, 500));
+            try {
+              await client.getBox(box.name);
+            } catch (e) {
+              if (e instanceof ApiError && e.status === 404) return true;
+            }
+          }
+          return false;
+        })()
+      : null;
+  const watchUntilDeleted = async (): Promise<'deleted' | 'aborted'> => {
+    for await (const b of client.watchBoxes(ac.signal)) {
+      if (b.id !== box.id) continue;
+      progress(b, lastEvent);
+      if (b.phase === 'deleted') return 'deleted';
+    }
+    return 'aborted';
+  };
   try {
+    if (gone) {
+      const winner = await Promise.race([gone.then((g) => (g ? 'gone' : 'aborted')), watchUntilDeleted()]);
+      if (winner === 'gone' || winner === 'deleted') {
+        spinner.succeed(`${box.name}: deleted (${((Date.now() - started) / 1000).toFixed(1)}s)`);
+        return { ...box, phase: 'deleted' };
+      }
+      throw new Error(`timed out waiting for ${box.name} to be deleted`);
+    }
     for await (const b of client.watchBoxes(ac.signal)) {
       if (b.id !== box.id) continue;
       progress(b, lastEvent);

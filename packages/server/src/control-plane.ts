@@ -16,6 +16,8 @@ import { NodeService } from './services/node-service.js';
 import { TemplateService } from './services/template-service.js';
 import { openSqliteDatabase } from './store/sqlite-database.js';
 import { Store, type TemplateRecord } from './store/store.js';
+import { parseOciReference } from '@devyard/oci/oci-reference';
+import { RegistryClient } from '@devyard/oci/registry-client';
 import type { RetryPolicy } from '@devyard/core/box-reconcile';
 import { hostname } from 'node:os';
 
@@ -28,7 +30,9 @@ export interface ControlPlaneOptions {
   logger?: boolean | object;
   retry?: RetryPolicy;
   now?: () => number;
-  /** Warm pool size per template version (default: the template's `warmPool.size`). */
+  /** Registry hosts to reach over plain HTTP besides loopback ones (for pinning template images). */
+  insecureRegistries?: string[];
+  /** Warm pool size per template version (default: the template's `warmPoolSize`). */
   poolSize?: (t: TemplateRecord) => number;
 }
 
@@ -48,26 +52,26 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
   const now = opts.now ?? Date.now;
   const store = new Store(await openSqliteDatabase(join(opts.dataDir, 'devyard.db')));
   const feed = new ChangeFeed();
-  const templates = new TemplateService(store, now);
+  const registry = new RegistryClient({ insecure: (host) => isLoopbackRegistry(host, opts.insecureRegistries ?? []) });
+  const templates = new TemplateService(store, now, {
+    imageResolver: { resolve: async (ref) => (await registry.resolve(parseOciReference(ref))).digest },
+  });
   await templates.seedBuiltins();
   const tokens = await ensureBootstrapTokens(store, opts.dataDir, now());
   const boxes = new BoxService(store, feed, now);
   const nodes = new NodeService(store, feed, now, opts.retry);
   const app = createApp({ store, handlers: createHandlers({ store, feed, boxes, templates, nodes, now }), logger: opts.logger });
-  // The reconciler exists only after the app (it logs through it); the gauge reads it lazily.
-  let reconcilerRef: BoxReconciler | undefined;
-  const metrics = new ServerMetrics(store, () => reconcilerRef?.queueDepth ?? 0, now);
-  metrics.install(app);
-  nodes.onRunning = (createdAt) => metrics.createToRunning.observe((now() - createdAt) / 1000);
   const reconciler = new BoxReconciler(store, feed, now, {
     holder: `${hostname()}:${process.pid}`,
     retry: opts.retry,
     log: (msg, fields) => app.log.warn(fields ?? {}, msg),
     onError: () => metrics.reconcileErrors.inc(),
   });
-  reconcilerRef = reconciler;
+  const metrics = new ServerMetrics(store, () => reconciler.queueDepth, now);
+  metrics.install(app);
+  nodes.onRunning = (createdAt) => metrics.createToRunning.observe((now() - createdAt) / 1000);
   const warmPools = new WarmPoolFiller(store, feed, boxes, {
-    poolSize: opts.poolSize ?? templatePoolSize,
+    poolSize: opts.poolSize ?? ((t) => t.spec.warmPoolSize ?? 0),
     log: (msg, fields) => app.log.warn(fields ?? {}, msg),
   });
   await app.listen({ host: opts.host ?? '127.0.0.1', port: opts.port ?? 0 });
@@ -95,7 +99,8 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
   };
 }
 
-/** The pool size a template version asks for. */
-function templatePoolSize(t: TemplateRecord): number {
-  return (t as TemplateRecord & { warmPool?: { size?: number } }).warmPool?.size ?? 0;
+/** Registries on loopback (and those named) are reached over plain HTTP, as Docker does for localhost. */
+export function isLoopbackRegistry(host: string, extra: string[]): boolean {
+  const name = host.replace(/:\d+$/, '');
+  return extra.includes(host) || name === 'localhost' || name.startsWith('127.') || name === '[::1]';
 }

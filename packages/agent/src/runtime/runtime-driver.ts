@@ -30,6 +30,16 @@ export interface BoxRuntimeSpec {
   resources: RuntimeResources;
   /** Environment for the box's processes (and defaults for exec sessions). */
   env: Record<string, string>;
+  /**
+   * Extra read-only root filesystem layers stacked above the image, topmost first (a prebuild's
+   * captured root changes); owned by the box's host id range like the image, shared, never written.
+   */
+  layers?: string[];
+  /**
+   * Read-only directory that seeds `/workspace` copy-on-write (a prebuild's checkout): the box sees
+   * its content, its own changes stay in its workspace volume.
+   */
+  workspaceBase?: string;
 }
 
 /** What a driver observes of a box on this host. */

@@ -5,9 +5,14 @@ import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import pino from 'pino';
 import { NodeAgent } from '@devyard/agent/node-agent';
+import { PrebuildBuilder } from '@devyard/agent/prebuilds/prebuild-builder';
 import { BuiltinImageStore } from '@devyard/agent/images/builtin-image-store';
+import { ImageResolver } from '@devyard/agent/images/image-resolver';
+import { OciImageStore } from '@devyard/agent/images/oci-image-store';
+import { DEFAULT_ID_RANGE } from '@devyard/agent/runtime/sandbox/sandbox-driver';
+import { RegistryClient } from '@devyard/oci/registry-client';
 import { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
-import { startControlPlane } from '@devyard/server/control-plane';
+import { isLoopbackRegistry, startControlPlane } from '@devyard/server/control-plane';
 import { configPath, writeConfig } from '../cli-config.js';
 
 type Logger = pino.Logger;
@@ -26,12 +31,19 @@ function parseListen(v: string | undefined, fallbackPort: number): { host: strin
 interface NetworkFlags {
   bridge?: string;
   subnet?: string;
+  /** Registry hosts reached over plain HTTP (loopback ones always are). */
+  insecureRegistries?: string[];
 }
 
-function startAgent(o: { serverUrl: string; token: string; dataDir: string; name?: string; listen?: string; advertise?: string; resyncMs?: number; log: Logger } & NetworkFlags): { agent: NodeAgent; images: BuiltinImageStore } {
+
+function startAgent(o: { serverUrl: string; token: string; dataDir: string; name?: string; listen?: string; advertise?: string; resyncMs?: number; log: Logger } & NetworkFlags): { agent: NodeAgent; images: ImageResolver } {
   const listen = parseListen(o.listen, 0);
   const log = (msg: string, fields?: object) => o.log.info(fields ?? {}, msg);
-  const images = new BuiltinImageStore({ dataDir: join(o.dataDir, 'images'), log });
+  const registry = new RegistryClient({ insecure: (host) => isLoopbackRegistry(host, o.insecureRegistries ?? []) });
+  const images = new ImageResolver({
+    builtin: new BuiltinImageStore({ dataDir: join(o.dataDir, 'images'), log }),
+    oci: new OciImageStore({ dataDir: join(o.dataDir, 'images'), registry, idShift: DEFAULT_ID_RANGE.hostId, log }),
+  });
   // A non-default bridge gets its own nftables table too, so two installations never share rules.
   const network = { bridge: o.bridge, subnet: o.subnet, nftTable: o.bridge ? `devyard_${o.bridge}` : undefined };
   const driver = new SandboxDriver({ dataDir: join(o.dataDir, 'sandbox'), network, log });
@@ -41,6 +53,8 @@ function startAgent(o: { serverUrl: string; token: string; dataDir: string; name
     dataDir: join(o.dataDir, 'agent'),
     driver,
     images,
+    // Prebuilds live next to the boxes (same filesystem): capturing one is a rename, not a copy.
+    prebuilds: new PrebuildBuilder({ driver, dataDir: join(o.dataDir, 'sandbox'), log }),
     name: o.name,
     listenHost: listen.host,
     listenPort: listen.port,
@@ -98,7 +112,7 @@ export function registerDaemonCommands(program: Command): void {
         void (async () => {
           for (const name of ['tiny', 'base']) {
             try {
-              await images.ensure(name as 'tiny' | 'base');
+              await images.ensure(name);
               log.info({ image: name }, 'image ready');
             } catch (e) {
               log.warn({ image: name, err: (e as Error).message }, 'image prebuild failed; it will be built at first use');
@@ -157,10 +171,11 @@ export function registerDaemonCommands(program: Command): void {
     .option('--bridge <name>', 'bridge interface for box networking (default devyard0)')
     .option('--subnet <cidr>', 'box subnet (default 10.213.0.0/16)')
     .option('--resync-ms <ms>', 'how often every box is checked against its desired state', (v) => Number(v), 10_000)
+    .option('--insecure-registry <host...>', 'registry hosts to reach over plain HTTP (loopback ones always are)')
     .action(async (o) => {
       requireRoot('devyard agent');
       const log = pino({ level: 'info' });
-      const { agent } = startAgent({ serverUrl: o.server, token: o.token, dataDir: resolve(o.dataDir), name: o.name, listen: o.listen, advertise: o.advertise, bridge: o.bridge, subnet: o.subnet, resyncMs: o.resyncMs, log });
+      const { agent } = startAgent({ serverUrl: o.server, token: o.token, dataDir: resolve(o.dataDir), name: o.name, listen: o.listen, advertise: o.advertise, bridge: o.bridge, subnet: o.subnet, resyncMs: o.resyncMs, insecureRegistries: o.insecureRegistry, log });
       await agent.start();
       onShutdown(() => agent.stop());
     });

@@ -85,7 +85,7 @@ export class BoxService {
         owner: subject.name,
         templateName: template.name,
         templateVersion: template.version,
-        image: template.image,
+        image: pinnedImage(template.image, template.imageDigest),
         runtime,
         desiredState: 'running',
         phase: 'pending',
@@ -110,7 +110,11 @@ export class BoxService {
       await this.recordChange(tx, box, 'Created', `created from template ${template.name} v${template.version} by ${subject.name}`);
       return { box, replayed: false };
     });
-    if (!result.replayed) this.feed.emit('box', result.box);
+    if (!result.replayed) {
+      this.feed.emit('box', result.box);
+      // A claimed warm box is already on a node: its agent must learn the new name and owner.
+      if (result.box.nodeId) this.feed.emit('node', result.box.nodeId);
+    }
     return result;
   }
 
@@ -235,4 +239,9 @@ export class BoxService {
       tx,
     );
   }
+}
+
+/** The template's image with the digest it was pinned to at publish time: every box runs exactly that. */
+export function pinnedImage(image: string, digest: string | null): string {
+  return digest && !image.includes('@') ? `${image}@${digest}` : image;
 }

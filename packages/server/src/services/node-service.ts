@@ -4,7 +4,7 @@
  * needs to reach a node to keep a box alive.
  */
 import { randomBytes } from 'node:crypto';
-import type { BoxStatusReport, DesiredSet, RegisterNodeRequest } from '@devyard/api/node-schemas';
+import { BoxSetupSchema, type BoxSetup, type BoxStatusReport, type DesiredSet, type RegisterNodeRequest } from '@devyard/api/node-schemas';
 import { agentDesired, backoffMs, DEFAULT_RETRY_POLICY, type RetryPolicy } from '@devyard/core/box-reconcile';
 import { AGENT_PHASES, TARGET_PHASE } from '@devyard/core/box-lifecycle';
 import { DomainError } from '@devyard/core/domain-error';
@@ -12,12 +12,14 @@ import { ZERO } from '@devyard/core/resources';
 import type { ChangeFeed } from '../change-feed.js';
 import { newId } from '../ids.js';
 import type { BoxRecord } from '../store/box-records.js';
-import type { NodeRecord, Store } from '../store/store.js';
+import { WARM_POOL_OWNER } from './box-service.js';
+import type { NodeRecord, Store, TemplateRecord } from '../store/store.js';
 
 export const NODE_LEASE_MS = 20_000;
 
 export class NodeService {
   private revision = 0;
+  private readonly templateCache = new Map<string, TemplateRecord>();
   /** Called with the box's creation time when it first reports running (provisioning latency). */
   onRunning?: (createdAt: number) => void;
   /** Last progress message per box, so repeats of the same line add no event. */
@@ -87,6 +89,11 @@ export class NodeService {
   async desiredSet(nodeId: string): Promise<DesiredSet> {
     await this.requireNode(nodeId);
     const boxes = await this.store.listBoxes({ nodeId });
+    const templates = new Map<string, TemplateRecord | undefined>();
+    for (const b of boxes) {
+      const key = `${b.templateName}:${b.templateVersion}`;
+      if (!templates.has(key)) templates.set(key, await this.templateVersion(b.templateName, b.templateVersion));
+    }
     return {
       nodeId,
       revision: ++this.revision,
@@ -102,6 +109,8 @@ export class NodeService {
           runtime: b.runtime,
           resources: b.resources,
           env: b.env,
+          setup: setupOf(templates.get(`${b.templateName}:${b.templateVersion}`)),
+          pooled: b.owner === WARM_POOL_OWNER,
         };
       }),
     };
@@ -155,6 +164,17 @@ export class NodeService {
     for (const b of changed) this.feed.emit('box', b);
   }
 
+  /** Template versions are immutable: each is read from the store once. */
+  private async templateVersion(name: string, version: number): Promise<TemplateRecord | undefined> {
+    const key = `${name}:${version}`;
+    if (!this.templateCache.has(key)) {
+      const t = await this.store.getTemplate(name, version);
+      if (!t) return undefined;
+      this.templateCache.set(key, t);
+    }
+    return this.templateCache.get(key);
+  }
+
   async list(): Promise<Array<{ node: NodeRecord; boxes: number }>> {
     const nodes = await this.store.listNodes();
     const boxes = await this.store.listBoxes();
@@ -173,4 +193,20 @@ export class NodeService {
       }
     }
   }
+}
+
+/** What the agent must do to set a box up, from its template version's spec. */
+function setupOf(t: TemplateRecord | undefined): BoxSetup {
+  const spec = t?.spec;
+  const hooks = spec?.hooks ?? {};
+  return BoxSetupSchema.parse({
+    repository: spec?.repository ? { url: spec.repository.url, ref: spec.repository.ref ?? null } : null,
+    onCreate: hooks.onCreate ?? null,
+    updateContent: hooks.updateContent ?? null,
+    postCreate: hooks.postCreate ?? null,
+    postStart: hooks.postStart ?? null,
+    // A repository is checked out and its onCreate/updateContent run once per commit, then cloned.
+    prebuild: Boolean(spec?.repository),
+    templateEnv: spec?.env ?? {},
+  });
 }

@@ -23,10 +23,24 @@ export interface CrunContainer {
   bundle: string;
 }
 
+/** One overlay mount: `lower` may be a colon-separated stack, topmost first. */
+export interface OverlayMount {
+  /** Lower directory or colon-separated lower directories, topmost first. */
+  lower: string;
+  /** Upper directory (the writable layer). */
+  upper: string;
+  /** Overlay work directory, on the same filesystem as `upper`. */
+  work: string;
+  /** Mount point. */
+  target: string;
+}
+
 /** Mounts made in the private namespace right before `crun run`. */
 export interface RunMounts {
-  /** Overlay lower, upper, work and target directories. */
-  overlay: { lower: string; upper: string; work: string; target: string };
+  /** The box's root overlay. */
+  overlay: OverlayMount;
+  /** Further overlays (a copy-on-write /workspace), mounted after the root one and bound by crun. */
+  overlays?: OverlayMount[];
   /** sysfs made from inside the box's network namespace (so /sys/class/net shows the box's). */
   sysfs: { netnsPath: string; target: string };
 }
@@ -63,20 +77,19 @@ export class CrunCli {
    */
   async runDetached(id: string, bundle: string, mounts: RunMounts, logFile: string): Promise<void> {
     const { overlay, sysfs } = mounts;
+    // Overlays come last as groups of four positional arguments, so any number of them fits.
     const script =
-      'mount -t overlay overlay -o "lowerdir=$1,upperdir=$2,workdir=$3" "$4"\n' +
-      'nsenter --net="$5" mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$6"\n' +
-      `exec ${this.base().join(' ')} run -d -b "$7" "$8" </dev/null >"$9" 2>&1\n`;
+      'bundle=$1 id=$2 log=$3 netns=$4 sys=$5; shift 5\n' +
+      'while [ $# -gt 0 ]; do mount -t overlay overlay -o "lowerdir=$1,upperdir=$2,workdir=$3" "$4"; shift 4; done\n' +
+      'nsenter --net="$netns" mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$sys"\n' +
+      `exec ${this.base().join(' ')} run -d -b "$bundle" "$id" </dev/null >"$log" 2>&1\n`;
     const r = await this.inNamespace(script, [
-      overlay.lower,
-      overlay.upper,
-      overlay.work,
-      overlay.target,
-      sysfs.netnsPath,
-      sysfs.target,
       bundle,
       id,
       logFile,
+      sysfs.netnsPath,
+      sysfs.target,
+      ...[overlay, ...(mounts.overlays ?? [])].flatMap((o) => [o.lower, o.upper, o.work, o.target]),
     ]);
     if (r.code !== 0) {
       let log = '';

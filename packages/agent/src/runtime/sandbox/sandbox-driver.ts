@@ -7,6 +7,12 @@
  * `<hierarchy>/<cgroupParent>/<boxId>`, the netns `dy-<boxId>` and a veth named by a hash of the
  * id. The overlay and sysfs are mounted in the private mount namespace crun runs in, so they live
  * and die with the box's processes and never show in the host's mount table.
+ *
+ * Optional layers (a prebuild): `spec.layers` stack read-only directories between the image and the
+ * box's upper; `spec.workspaceBase` turns /workspace into a second overlay (lower = the base, upper =
+ * volume/workspace, work = volume/.workspace-work, mounted at ws-merged/ in the same private
+ * namespace), so a box from a prebuild is a copy-on-write clone of it and its workspace volume holds
+ * only its own changes.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, realpathSync, statSync } from 'node:fs';
@@ -58,13 +64,31 @@ interface BoxRecord {
   imageDigest: string;
   resources: BoxRuntimeSpec['resources'];
   env: Record<string, string>;
+  layers?: string[];
+  workspaceBase?: string;
   ip: string;
   createdAt: string;
+}
+
+/** Host paths of a box's disk state, for host-side work on a stopped box (checkout, capture). */
+export interface BoxHostPaths {
+  /** The box directory. */
+  dir: string;
+  /** Upper directory of the box's root overlay: everything the box changed outside its volumes. */
+  rootUpper: string;
+  /** The workspace volume: /workspace itself, or its overlay upper when the box has a workspace base. */
+  workspace: string;
+  /** Host uid/gid box root maps to: files placed in the box's disk state must belong to it. */
+  owner: { uid: number; gid: number };
 }
 
 const BOX_ID = /^[a-z0-9_]{1,40}$/;
 const DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 const BUSYBOX_IN_BOX = '/.devyard/busybox';
+/** Overlay work dir of a copy-on-write /workspace: next to its upper (same filesystem), in the volume. */
+const WORKSPACE_WORK = 'volume/.workspace-work';
+/** Mount point of a copy-on-write /workspace, bound into the box by crun. */
+const WORKSPACE_MERGED = 'ws-merged';
 /** Init: reaps every child (ash's wait uses waitpid(-1)) and exits on SIGTERM. */
 const INIT_SLEEP = '2147483647';
 const INIT_SCRIPT = `trap 'exit 0' TERM INT; while :; do ${BUSYBOX_IN_BOX} sleep ${INIT_SLEEP} & wait; done`;
@@ -73,7 +97,7 @@ const INIT_SCRIPT = `trap 'exit 0' TERM INT; while :; do ${BUSYBOX_IN_BOX} sleep
 export class SandboxError extends Error {
   constructor(
     /** Stable error code. */
-    readonly code: 'BOX_NOT_RUNNING' | 'BOX_NOT_FOUND' | 'BOX_PAUSED' | 'INVALID_BOX_ID',
+    readonly code: 'BOX_NOT_RUNNING' | 'BOX_NOT_FOUND' | 'BOX_PAUSED' | 'INVALID_BOX_ID' | 'INVALID_SPEC',
     message: string,
   ) {
     super(message);
@@ -140,12 +164,14 @@ export class SandboxDriver implements RuntimeDriver {
   /** Creates the box's disk state; keeps an existing one (and its address). */
   async create(spec: BoxRuntimeSpec): Promise<void> {
     checkBoxId(spec.boxId);
+    checkLayers(spec);
     await this.withLock(spec.boxId, () => this.createLocked(spec));
   }
 
   /** Cold-boots the box from its disk state; converges when it already runs. */
   async start(spec: BoxRuntimeSpec): Promise<void> {
     checkBoxId(spec.boxId);
+    checkLayers(spec);
     await this.withLock(spec.boxId, async () => {
       const t0 = performance.now();
       const rec = await this.createLocked(spec);
@@ -176,11 +202,21 @@ export class SandboxDriver implements RuntimeDriver {
             dir,
             {
               overlay: {
-                lower: rec.imageRootfs,
+                lower: [...(rec.layers ?? []), rec.imageRootfs].join(':'),
                 upper: join(dir, 'upper'),
                 work: join(dir, 'work'),
                 target: join(dir, 'merged'),
               },
+              overlays: rec.workspaceBase
+                ? [
+                    {
+                      lower: rec.workspaceBase,
+                      upper: join(dir, 'volume/workspace'),
+                      work: join(dir, WORKSPACE_WORK),
+                      target: join(dir, WORKSPACE_MERGED),
+                    },
+                  ]
+                : undefined,
               sysfs: { netnsPath, target: join(dir, 'sys') },
             },
             join(dir, 'init.log'),
@@ -201,6 +237,31 @@ export class SandboxDriver implements RuntimeDriver {
   }
 
   /** Freezes every process of the box through the cgroup freezer. */
+  /**
+   * Renames a box without restarting it (a warm-pool box claimed under its user's name): the UTS
+   * host name is set from the host inside the box's namespace (box root lacks CAP_SYS_ADMIN for
+   * it), /etc/hostname and /etc/hosts are rewritten in place (they are bind mounts: the inode must
+   * stay), and the record keeps the name for later starts.
+   */
+  async setHostname(boxId: string, name: string): Promise<void> {
+    checkBoxId(boxId);
+    if (!/^[a-z]([a-z0-9-]*[a-z0-9])?$/.test(name) || name.length > 63) throw new SandboxError('INVALID_SPEC', `invalid host name: ${name}`);
+    await this.withLock(boxId, async () => {
+      const rec = await this.readRecord(boxId);
+      if (!rec) throw new SandboxError('BOX_NOT_FOUND', `box ${boxId} does not exist`);
+      const dir = this.boxDir(boxId);
+      const next = { ...rec, name };
+      await writeFile(join(dir, 'etc/hostname'), `${name}\n`);
+      await writeFile(join(dir, 'etc/hosts'), `127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n${rec.ip}\t${name}\n`);
+      const st = await this.crunState(boxId);
+      if (st?.pid) await runHostCommand(['nsenter', '--target', String(st.pid), '--uts', 'hostname', name]);
+      const tmp = join(dir, `.box.json.${process.pid}`);
+      await writeFile(tmp, JSON.stringify(next, null, 2));
+      await rename(tmp, join(dir, 'box.json'));
+      this.records.set(boxId, next);
+    });
+  }
+
   async pause(boxId: string): Promise<void> {
     checkBoxId(boxId);
     await this.withLock(boxId, async () => {
@@ -314,6 +375,21 @@ export class SandboxDriver implements RuntimeDriver {
     return join(this.boxesDir, boxId);
   }
 
+  /**
+   * Host paths of a box's disk state under the data dir itself (not the /run bind crun may see),
+   * so callers can rename between them and other directories of the data dir.
+   */
+  boxHostPaths(boxId: string): BoxHostPaths {
+    checkBoxId(boxId);
+    const dir = join(this.hostBoxesDir, boxId);
+    return {
+      dir,
+      rootUpper: join(dir, 'upper'),
+      workspace: join(dir, 'volume/workspace'),
+      owner: { uid: this.idRange.hostId, gid: this.idRange.hostId },
+    };
+  }
+
   /** crun keeps a directory per container: a cheap check before spawning `crun state`. */
   private hasRuntime(boxId: string): boolean {
     return existsSync(join(this.crun.stateRoot, boxId));
@@ -338,7 +414,11 @@ export class SandboxDriver implements RuntimeDriver {
       sysfsSource: join(dir, 'sys'),
       binds: [
         { source: this.busybox, destination: BUSYBOX_IN_BOX, readonly: true },
-        { source: join(dir, 'volume/workspace'), destination: '/workspace', readonly: false },
+        {
+          source: join(dir, rec.workspaceBase ? WORKSPACE_MERGED : 'volume/workspace'),
+          destination: '/workspace',
+          readonly: false,
+        },
         { source: join(dir, 'volume/home'), destination: '/root', readonly: false },
         { source: join(dir, 'etc/hosts'), destination: '/etc/hosts', readonly: false },
         { source: join(dir, 'etc/hostname'), destination: '/etc/hostname', readonly: false },
@@ -371,6 +451,11 @@ export class SandboxDriver implements RuntimeDriver {
         await chown(join(dir, 'etc', f), root, root);
       }
     }
+    if (spec.workspaceBase) {
+      // Only boxes with a workspace base get these, so plain boxes keep exactly their old layout.
+      await mkdir(join(dir, WORKSPACE_WORK), { recursive: true, mode: 0o700 });
+      await mkdir(join(dir, WORKSPACE_MERGED), { recursive: true, mode: 0o755 });
+    }
     const ip = existing?.ip ?? (await this.allocateIp(spec.boxId));
     const rec: BoxRecord = {
       boxId: spec.boxId,
@@ -379,6 +464,8 @@ export class SandboxDriver implements RuntimeDriver {
       imageDigest: spec.imageDigest,
       resources: spec.resources,
       env: spec.env,
+      ...(spec.layers?.length ? { layers: [...spec.layers] } : {}),
+      ...(spec.workspaceBase ? { workspaceBase: spec.workspaceBase } : {}),
       ip,
       createdAt: existing?.createdAt ?? new Date().toISOString(),
     };
@@ -474,8 +561,23 @@ function sameSpec(rec: BoxRecord, spec: BoxRuntimeSpec): boolean {
     rec.name === spec.name &&
     rec.imageDigest === spec.imageDigest &&
     JSON.stringify(rec.resources) === JSON.stringify(spec.resources) &&
-    JSON.stringify(rec.env) === JSON.stringify(spec.env)
+    JSON.stringify(rec.env) === JSON.stringify(spec.env) &&
+    JSON.stringify(rec.layers ?? []) === JSON.stringify(spec.layers ?? []) &&
+    (rec.workspaceBase ?? '') === (spec.workspaceBase ?? '')
   );
+}
+
+/**
+ * Layer paths go into overlay mount options, where commas and colons separate entries; a relative
+ * path would resolve against whatever directory the mount helper runs in.
+ */
+function checkLayers(spec: BoxRuntimeSpec): void {
+  for (const p of [...(spec.layers ?? []), ...(spec.workspaceBase ? [spec.workspaceBase] : [])]) {
+    if (!p.startsWith('/') || /[,:\s\\]/.test(p)) {
+      throw new SandboxError('INVALID_SPEC', `layer path must be absolute, without commas, colons, spaces or backslashes: ${p}`);
+    }
+    if (!existsSync(p)) throw new SandboxError('INVALID_SPEC', `layer directory does not exist: ${p}`);
+  }
 }
 
 function checkBoxId(boxId: string): void {

@@ -1,0 +1,161 @@
+/**
+ * Templates end to end, as a team would use them: a devcontainer.json with lifecycle commands is
+ * pushed as a template whose image comes from a real registry on loopback (pinned to its digest)
+ * and whose repository comes from a real git server; boxes are cloned from a prebuild and served
+ * from a warm pool of 2 by `devyard up` with the real sandbox runtime.
+ */
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { OciLayoutBuilder, tarLayer } from '../../packages/oci/test/oci-layout-builder.js';
+import { TestRegistry } from '../../packages/oci/test/registry-test-host.js';
+import { GitFixture } from '../../packages/agent/test/workspace-git-fixture.js';
+import { cleanup, cli, cliOk, newHarness, startUp, type Harness } from './devyard-harness.js';
+
+const busybox = ['/usr/bin/busybox', '/bin/busybox'].find((p) => existsSync(p))!;
+const APPLETS = ['sh', 'cat', 'echo', 'ls', 'hostname', 'env', 'mkdir', 'touch', 'sleep', 'true', 'grep', 'id', 'wc'];
+
+let h: Harness;
+let registry: TestRegistry;
+let git: GitFixture;
+let imageRef: string;
+
+async function until<T>(fn: () => T | Promise<T>, ok: (v: T) => boolean, ms = 60_000): Promise<T> {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = await fn();
+    if (ok(v)) return v;
+    if (Date.now() > end) throw new Error(`condition not met: ${JSON.stringify(v).slice(0, 800)}\n${h.output.slice(-2000)}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+const runningPoolBoxes = async () => {
+  const m = /devyard_boxes\{phase="running"\} (\d+)/.exec(await (await fetch(`${h.url}/metrics`)).text());
+  const users = JSON.parse(cliOk(h, ['list', '--json'])) as Array<{ phase: string }>;
+  return Number(m?.[1] ?? 0) - users.filter((b) => b.phase === 'running').length;
+};
+
+beforeAll(async () => {
+  registry = await TestRegistry.start();
+  const work = join(registry.dir, 'work');
+  const layout = new OciLayoutBuilder(join(work, 'layout'));
+  const image = await layout.image([
+    await tarLayer([
+      { path: 'bin/', type: 'directory' },
+      { path: 'bin/busybox', content: readFileSync(busybox), mode: 0o755 },
+      ...APPLETS.map((a) => ({ path: `bin/${a}`, type: 'symlink' as const, linkname: 'busybox' })),
+      { path: 'etc/', type: 'directory' },
+      { path: 'etc/passwd', content: 'root:x:0:0:root:/root:/bin/sh\n' },
+      { path: 'etc/group', content: 'root:x:0:\n' },
+      { path: 'etc/motd', content: 'from the registry\n' },
+      { path: 'root/', type: 'directory', mode: 0o700 },
+      { path: 'tmp/', type: 'directory', mode: 0o1777 },
+    ]),
+  ]);
+  await layout.tag('1', image);
+  await registry.push(layout.dir, '1', 'devyard/tools:1');
+  imageRef = `${registry.host}/devyard/tools:1`;
+  git = await GitFixture.start();
+  h = newHarness('tpl', 221);
+  await startUp(h);
+});
+
+afterAll(async () => {
+  if (h) await cleanup(h);
+  await git?.close();
+  await registry?.stop();
+});
+
+describe('templates from a devcontainer.json, a registry image, a repository, a prebuild and a warm pool', () => {
+  let digest = '';
+
+  it('pushes a devcontainer.json as a template: image pinned, unsupported fields warned about', () => {
+    const dir = join(h.dir, 'project', '.devcontainer');
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(
+      join(dir, 'devcontainer.json'),
+      `// a project's dev container
+{
+  "name": "App",
+  "image": "${imageRef}",
+  "containerEnv": { "GREETING": "hello" },
+  "forwardPorts": [3000],
+  "onCreateCommand": "echo built-once > /workspace/.oncreate && ./build.sh",
+  "postCreateCommand": "echo \\"claimed by $(hostname)\\" > /workspace/.postcreate",
+  "postStartCommand": "date > /tmp/started",
+  "customizations": { "vscode": { "extensions": ["x.y"] } },
+}
+`,
+    );
+    const r = cli(h, ['templates', 'push', join(h.dir, 'project'), '--repository', `${git.daemonUrl}/app.git`, '--warm-pool', '2', '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    const t = JSON.parse(r.stdout);
+    expect(t).toMatchObject({ name: 'app', version: 1, image: imageRef, warmPoolSize: 2, repository: { url: `${git.daemonUrl}/app.git` } });
+    expect(t.imageDigest).toMatch(/^sha256:[0-9a-f]{64}$/);
+    digest = t.imageDigest;
+    expect(r.stderr).toContain('customizations');
+    expect(t.hooks.postCreate).toBeTruthy();
+  });
+
+  it('fills a warm pool of 2 from a prebuild (checkout and onCreate done once per commit)', async () => {
+    await until(runningPoolBoxes, (n) => n >= 2, 120_000);
+  }, 150_000);
+
+  it('create claims a pool box: running at once, renamed, postCreate run for the user', async () => {
+    const t0 = Date.now();
+    const r = cli(h, ['create', 'mine', '--template', 'app', '--wait', '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(Date.now() - t0).toBeLessThan(20_000);
+    const box = JSON.parse(r.stdout);
+    expect(box).toMatchObject({ name: 'mine', phase: 'running', template: 'app' });
+    expect(box.image).toBe(`${imageRef}@${digest}`);
+    const events = cliOk(h, ['events', 'mine']);
+    expect(events).toContain('Claimed');
+    expect(events).toMatch(/prebuild/);
+    // The image is the registry's, the repository is checked out, onCreate ran in the prebuild.
+    expect(cliOk(h, ['exec', 'mine', '--', 'cat', '/etc/motd'])).toBe('from the registry\n');
+    expect(cliOk(h, ['exec', 'mine', '--', 'cat', '/workspace/app/README'])).toBe('v2\n');
+    expect(cliOk(h, ['exec', 'mine', '--', 'cat', '/workspace/.oncreate', '/workspace/app/built.txt'])).toBe('built-once\nbuilt\n');
+    expect(cliOk(h, ['exec', 'mine', '--', 'sh', '-c', 'echo $GREETING'])).toBe('hello\n');
+    // postCreate runs after the claim, under the user's name.
+    const post = await until(() => cli(h, ['exec', 'mine', '--', 'cat', '/workspace/.postcreate']).stdout, (s) => s.length > 0, 20_000);
+    expect(post).toBe('claimed by mine\n');
+    expect(cliOk(h, ['exec', 'mine', '--', 'hostname'])).toBe('mine\n');
+  }, 60_000);
+
+  it('boxes are copy-on-write clones: one box does not see another one\'s changes', async () => {
+    await until(runningPoolBoxes, (n) => n >= 2, 120_000);
+    cliOk(h, ['create', 'other', '--template', 'app', '--wait']);
+    cliOk(h, ['exec', 'mine', '--', 'sh', '-c', 'echo mine > /workspace/app/README']);
+    expect(cliOk(h, ['exec', 'other', '--', 'cat', '/workspace/app/README'])).toBe('v2\n');
+    // Changes survive stop/start of the box that made them.
+    cliOk(h, ['stop', 'mine', '--wait']);
+    cliOk(h, ['start', 'mine', '--wait']);
+    expect(cliOk(h, ['exec', 'mine', '--', 'cat', '/workspace/app/README'])).toBe('mine\n');
+  }, 180_000);
+
+  it('a new commit on the tracked ref gives new boxes a new prebuild', async () => {
+    await git.pushCommit('README', 'v3\n');
+    // Boxes already in the pool stay at their commit; a create that has no pool box to claim
+    // (different resources) resolves the ref again and builds the new prebuild.
+    const r = cli(h, ['create', 'fresh', '--template', 'app', '--memory', '256MiB', '--wait']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(cliOk(h, ['exec', 'fresh', '--', 'cat', '/workspace/app/README'])).toBe('v3\n');
+  }, 180_000);
+
+  it('a failing hook is a clear error with the log tail, after bounded retries', () => {
+    writeFileSync(join(h.dir, 'broken.yaml'), `name: broken\nimage: tiny\nhooks:\n  postCreate: "echo about to fail; exit 3"\n`);
+    cliOk(h, ['templates', 'push', join(h.dir, 'broken.yaml')]);
+    const r = cli(h, ['create', 'bad', '--template', 'broken', '--wait']);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toContain('postCreate');
+    expect(r.stderr).toContain('about to fail');
+    expect(JSON.parse(cliOk(h, ['get', 'bad', '--json'])).phase).toBe('failed');
+  }, 120_000);
+
+  it('cleans up: deleting the boxes leaves the prebuild for the next ones', () => {
+    for (const b of ['mine', 'other', 'fresh', 'bad']) cliOk(h, ['delete', b, '--wait']);
+    expect(JSON.parse(cliOk(h, ['list', '--json']))).toEqual([]);
+  }, 120_000);
+});
