@@ -6,8 +6,9 @@
  * What was done for a box is remembered by the agent (BoxSetupRecord), so a restarted agent
  * neither repeats one-time steps nor forgets the prebuild layers a box was created from.
  */
-import type { DesiredBox, LifecycleCommand } from '@devyard/api/node-schemas';
-import type { Prebuild, PrebuildBuilder } from './prebuilds/prebuild-builder.js';
+import type { BoxSetup, DesiredBox, LifecycleCommand } from '@devyard/api/node-schemas';
+import type { BuildRecipe } from './images/recipe-image-builder.js';
+import type { Prebuild, PrebuildBuilder, PrebuildRequest } from './prebuilds/prebuild-builder.js';
 import type { BoxRuntimeSpec, RuntimeDriver } from './runtime/runtime-driver.js';
 import { checkoutRepository, repoNameFromUrl } from './workspace/repository-checkout.js';
 import { runHook } from './workspace/lifecycle-hooks.js';
@@ -40,10 +41,28 @@ export interface ProvisioningDriver extends RuntimeDriver {
 
 export interface ProvisionerDeps {
   driver: ProvisioningDriver;
-  images: { ensure(name: string, onProgress?: (line: string) => void): Promise<{ digest: string; rootfs: string }> };
+  images: { ensure(name: string | BuildRecipe, onProgress?: (line: string) => void): Promise<{ digest: string; rootfs: string }> };
   prebuilds: PrebuildBuilder | null;
   pids: number;
   log: (msg: string, fields?: Record<string, unknown>) => void;
+  /** Told about every prebuild a box was cloned from (built now or reused). */
+  onPrebuild?: (box: DesiredBox, prebuild: Prebuild) => void;
+}
+
+/** The image a box (or prebuild) runs: its template's image, or the recipe built on it. */
+export function imageOf(image: string, s: BoxSetup): string | BuildRecipe {
+  return s.build ? { from: image, packages: s.build.packages, run: s.build.run } : image;
+}
+
+/** The prebuild a box setup asks for: repository + onCreate + updateContent, template env only. */
+export function prebuildRequest(image: { rootfs: string; digest: string }, s: BoxSetup): PrebuildRequest {
+  if (!s.repository) throw new Error('a prebuild needs a repository');
+  return {
+    image: { rootfs: image.rootfs, digest: image.digest },
+    repository: { url: s.repository.url, ...(s.repository.ref ? { ref: s.repository.ref } : {}) },
+    hooks: { ...(s.onCreate ? { onCreate: s.onCreate } : {}), ...(s.updateContent ? { updateContent: s.updateContent } : {}) },
+    env: s.templateEnv,
+  };
 }
 
 /** A step of the setup failed; `retryable` setups are undone so a retry starts clean. */
@@ -76,17 +95,12 @@ export class BoxProvisioner {
   /** Creates and starts a box that does not exist on this node yet, with its whole setup. */
   async provision(box: DesiredBox, progress: (line: string) => void, opts: { start: boolean }): Promise<BoxSetupRecord> {
     const d = this.deps.driver;
-    const image = await this.stage('image', () => this.deps.images.ensure(box.image, progress));
     const s = box.setup;
+    const image = await this.stage('image', () => this.deps.images.ensure(imageOf(box.image, s), progress));
     let prebuild: Prebuild | null = null;
     if (s.repository && s.prebuild && this.deps.prebuilds) {
-      const repository = { url: s.repository.url, ...(s.repository.ref ? { ref: s.repository.ref } : {}) };
-      prebuild = await this.stage('prebuild', () =>
-        this.deps.prebuilds!.build(
-          { image: { rootfs: image.rootfs, digest: image.digest }, repository, hooks: { ...(s.onCreate ? { onCreate: s.onCreate } : {}), ...(s.updateContent ? { updateContent: s.updateContent } : {}) }, env: s.templateEnv },
-          (line) => progress(`prebuild: ${line}`),
-        ),
-      );
+      prebuild = await this.stage('prebuild', () => this.deps.prebuilds!.build(prebuildRequest(image, s), (line) => progress(`prebuild: ${line}`)));
+      this.deps.onPrebuild?.(box, prebuild);
       progress(prebuild.reused ? `using prebuild ${prebuild.id.slice(0, 12)} (${prebuild.commit.slice(0, 12)})` : `prebuild ${prebuild.id.slice(0, 12)} built`);
     }
     const setup: BoxSetupRecord = {

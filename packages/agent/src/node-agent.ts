@@ -7,22 +7,24 @@
  * continues while the server is unreachable; reports are queued and sent when it is back. A
  * restarted agent adopts the boxes it finds running — it never kills them to start over.
  */
+import { createHash } from 'node:crypto';
 import { arch, cpus, hostname, totalmem } from 'node:os';
 import { mkdirSync, statfsSync } from 'node:fs';
 import { join } from 'node:path';
-import type { BoxStatusReport, DesiredBox, DesiredSet } from '@devyard/api/node-schemas';
+import type { BoxStatusReport, DesiredBox, DesiredSet, PrebuildReport } from '@devyard/api/node-schemas';
 import type { Phase } from '@devyard/core/box-lifecycle';
 import { decideNodeStep } from '@devyard/core/node-reconcile';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { loadAgentState, saveAgentState, type AgentState } from './agent-state-file.js';
 import { AgentMetrics } from './agent-metrics.js';
 import { ExecServer } from './exec-server.js';
-import { BoxProvisioner, type BoxSetupRecord, type ProvisioningDriver } from './box-provisioner.js';
-import type { PrebuildBuilder } from './prebuilds/prebuild-builder.js';
+import { BoxProvisioner, imageOf, prebuildRequest, type BoxSetupRecord, type ProvisioningDriver } from './box-provisioner.js';
+import type { BuildRecipe } from './images/recipe-image-builder.js';
+import type { Prebuild, PrebuildBuilder } from './prebuilds/prebuild-builder.js';
 
-/** Resolves an image name to a root filesystem on this node, building or fetching it if needed. */
+/** Resolves an image name (or a recipe) to a root filesystem on this node, building or fetching it if needed. */
 export interface ImageProvider {
-  ensure(name: string, onProgress?: (line: string) => void): Promise<{ name: string; digest: string; rootfs: string }>;
+  ensure(name: string | BuildRecipe, onProgress?: (line: string) => void): Promise<{ name: string; digest: string; rootfs: string }>;
   list(): Promise<Array<{ name: string; digest: string }>>;
 }
 
@@ -32,6 +34,8 @@ export interface NodeAgentOptions {
   dataDir: string;
   driver: ProvisioningDriver;
   images: ImageProvider;
+  /** Image recipe builder, swept of interrupted builds at start. */
+  recipes?: { sweep(): Promise<void> } | null;
   /** Builds and caches prebuilds on this node (null: boxes are always set up from scratch). */
   prebuilds?: PrebuildBuilder | null;
   name?: string;
@@ -47,6 +51,8 @@ export interface NodeAgentOptions {
    * memory is never overcommitted.
    */
   cpuOvercommit?: number;
+  /** How often the tracked refs of prebuilt templates are checked for new commits (default 60 s). */
+  prebuildCheckMs?: number;
   log?: (msg: string, fields?: Record<string, unknown>) => void;
 }
 
@@ -72,6 +78,11 @@ export class NodeAgent {
   private readonly pendingReports = new Map<string, BoxStatusReport>();
   private readonly lastSent = new Map<string, { key: string; at: number }>();
   private readonly lastProgressAt = new Map<string, number>();
+  private readonly pendingProgress = new Map<string, { message: string; timer: NodeJS.Timeout }>();
+  private readonly pendingPrebuilds: PrebuildReport[] = [];
+  private readonly reportedPrebuilds = new Set<string>();
+  private prebuilding: Promise<void> | null = null;
+  private prebuildTimer: NodeJS.Timeout | undefined;
   private flushing: Promise<void> | null = null;
   private resyncTimer: NodeJS.Timeout | undefined;
   private readonly log: NonNullable<NodeAgentOptions['log']>;
@@ -84,7 +95,14 @@ export class NodeAgent {
     this.stateFile = join(opts.dataDir, 'agent-state.json');
     this.state = loadAgentState(this.stateFile, opts.serverUrl);
     this.log = opts.log ?? (() => undefined);
-    this.provisioner = new BoxProvisioner({ driver: opts.driver, images: opts.images, prebuilds: opts.prebuilds ?? null, pids: 4096, log: this.log });
+    this.provisioner = new BoxProvisioner({
+      driver: opts.driver,
+      images: opts.images,
+      prebuilds: opts.prebuilds ?? null,
+      pids: 4096,
+      log: this.log,
+      onPrebuild: (box, pb) => this.reportPrebuild(box.templateName, box.templateVersion, { prebuild: pb }),
+    });
     this.metrics = new AgentMetrics({ serverReachable: () => this.connected, boxes: () => this.state.desired?.boxes.length ?? 0 });
     this.exec = new ExecServer({
       host: opts.listenHost ?? '127.0.0.1',
@@ -110,6 +128,7 @@ export class NodeAgent {
     await this.opts.driver.init();
     // A prebuild interrupted by a crash left temp dirs behind; none of them is ever used.
     await this.opts.prebuilds?.sweep();
+    await this.opts.recipes?.sweep();
     const url = await this.exec.listen();
     this.agentUrl = this.opts.advertiseHost ? url.replace(/\/\/[^:]+:/, `//${this.opts.advertiseHost}:`) : url;
     const adopted = await this.opts.driver.list();
@@ -118,11 +137,15 @@ export class NodeAgent {
     if (this.state.desired) this.reconcileAll();
     void this.connectLoop();
     this.resyncTimer = setInterval(() => this.reconcileAll(), this.opts.resyncMs ?? 10_000);
+    // New commits on tracked refs are noticed by polling (git ls-remote) at this pace.
+    this.prebuildTimer = setInterval(() => this.prebuildPass(), this.opts.prebuildCheckMs ?? 60_000);
   }
 
   async stop(): Promise<void> {
     this.abort.abort();
     clearInterval(this.resyncTimer);
+    clearInterval(this.prebuildTimer);
+    await this.prebuilding;
     await Promise.allSettled([...this.boxChains.values()]);
     await this.exec.close();
   }
@@ -197,6 +220,7 @@ export class NodeAgent {
     saveAgentState(this.stateFile, this.state);
     // Only boxes whose desired entry changed need a pass now; the periodic resync covers the rest.
     for (const b of set.boxes) if (before.get(b.boxId) !== key(b)) this.enqueue(b.boxId);
+    this.prebuildPass();
   }
 
   private reconcileAll(): void {
@@ -224,7 +248,7 @@ export class NodeAgent {
 
   /** A box on disk from before setup tracking: it was set up then, so only start it from now on. */
   private async legacySetup(box: DesiredBox, progress: (line: string) => void): Promise<BoxSetupRecord> {
-    const image = await this.opts.images.ensure(box.image, progress);
+    const image = await this.opts.images.ensure(imageOf(box.image, box.setup), progress);
     return { image: { rootfs: image.rootfs, digest: image.digest }, postCreateDone: true, hostname: box.name };
   }
 
@@ -302,22 +326,49 @@ export class NodeAgent {
         saveAgentState(this.stateFile, this.state);
         const now = await this.opts.driver.inspect(boxId).catch(() => observed);
         const phase: Phase = now.state === 'absent' ? (box.desiredState === 'deleted' ? 'deleting' : 'provisioning') : now.state;
-        this.report(box, phase, now.ip ?? null, `${step.kind} failed: ${message}`);
+        this.report(box, phase, now.ip ?? null, `${step.kind} failed: ${message}`, this.takePendingProgress(boxId));
         return;
       }
       clearTimeout(transient);
       timer();
       const after = await this.opts.driver.inspect(boxId);
-      this.report(box, step.then, after.ip ?? null);
+      this.report(box, step.then, after.ip ?? null, null, this.takePendingProgress(boxId));
     }
   }
 
   /** Reports a progress line of a long step, at most a few times a second. */
   private progress(box: DesiredBox, phase: Phase, message: string): void {
     const now = Date.now();
-    if (now - (this.lastProgressAt.get(box.boxId) ?? 0) < PROGRESS_INTERVAL_MS) return;
-    this.lastProgressAt.set(box.boxId, now);
-    this.report(box, phase, null, null, message);
+    const wait = PROGRESS_INTERVAL_MS - (now - (this.lastProgressAt.get(box.boxId) ?? 0));
+    if (wait <= 0) {
+      this.lastProgressAt.set(box.boxId, now);
+      this.report(box, phase, null, null, message);
+      return;
+    }
+    // Lines in between are dropped, but the latest one is sent when the interval ends: a burst
+    // (a fast build) still shows where it got to.
+    const pending = this.pendingProgress.get(box.boxId);
+    if (pending) pending.message = message;
+    else {
+      const entry = { message, timer: setTimeout(() => {
+        this.pendingProgress.delete(box.boxId);
+        this.lastProgressAt.set(box.boxId, Date.now());
+        this.report(box, phase, null, null, entry.message);
+      }, wait) };
+      this.pendingProgress.set(box.boxId, entry);
+    }
+  }
+
+  /**
+   * The progress line still waiting for its interval, taken so it goes out with the step's final
+   * report: sent later on its own, it would carry the step's transient phase after the outcome.
+   */
+  private takePendingProgress(boxId: string): string {
+    const pending = this.pendingProgress.get(boxId);
+    if (!pending) return '';
+    clearTimeout(pending.timer);
+    this.pendingProgress.delete(boxId);
+    return pending.message;
   }
 
   private report(box: DesiredBox, phase: Phase, ip: string | null, error: string | null = null, message = ''): void {
@@ -344,13 +395,14 @@ export class NodeAgent {
   private async flushReports(): Promise<void> {
     if (this.flushing) {
       await this.flushing;
-      if (this.pendingReports.size === 0) return;
+      if (this.pendingReports.size === 0 && this.pendingPrebuilds.length === 0) return;
     }
-    if (!this.state.nodeId || this.pendingReports.size === 0) return;
+    if (!this.state.nodeId || (this.pendingReports.size === 0 && this.pendingPrebuilds.length === 0)) return;
     const batch = [...this.pendingReports.values()];
+    const prebuilds = this.pendingPrebuilds.splice(0);
     this.pendingReports.clear();
     this.flushing = this.client
-      .reportStatus(this.state.nodeId, batch)
+      .reportStatus(this.state.nodeId, batch, prebuilds)
       .then(() => {
         this.connected = true;
       })
@@ -358,12 +410,60 @@ export class NodeAgent {
         this.connected = false;
         // Keep the newest report per box for the next attempt (after reconnecting).
         for (const r of batch) if (!this.pendingReports.has(r.boxId)) this.pendingReports.set(r.boxId, r);
+        this.pendingPrebuilds.unshift(...prebuilds);
       })
       .finally(() => {
         this.flushing = null;
       });
     await this.flushing;
-    if (this.pendingReports.size > 0 && this.connected) void this.flushReports();
+    if ((this.pendingReports.size > 0 || this.pendingPrebuilds.length > 0) && this.connected) void this.flushReports();
+  }
+
+  /** Queues the outcome of a prebuild for the control plane (each prebuild id once per process). */
+  private reportPrebuild(templateName: string, templateVersion: number, outcome: { prebuild: Prebuild } | { error: unknown; logTail: string[] }): void {
+    if ('prebuild' in outcome) {
+      const pb = outcome.prebuild;
+      if (this.reportedPrebuilds.has(pb.id)) return;
+      this.reportedPrebuilds.add(pb.id);
+      this.pendingPrebuilds.push({ prebuildId: pb.id, templateName, templateVersion, commit: pb.commit, status: 'ready', error: null, logTail: pb.logTail.slice(-100) });
+    } else {
+      const message = errorText(outcome.error);
+      const key = `${templateName}:${templateVersion}:${message}`;
+      if (this.reportedPrebuilds.has(key)) return;
+      this.reportedPrebuilds.add(key);
+      const id = `failed-${createHash('sha256').update(key).digest('hex').slice(0, 24)}`;
+      this.pendingPrebuilds.push({ prebuildId: id, templateName, templateVersion, commit: '', status: 'failed', error: message, logTail: outcome.logTail.slice(-100) });
+    }
+    void this.flushReports();
+  }
+
+  /**
+   * Keeps the prebuild of every desired template current: the builder resolves the tracked ref
+   * and builds only when the commit (or the template) changed, so this is cheap when nothing did.
+   * One pass at a time, in the background: boxes never wait for it (a box whose prebuild is not
+   * ready builds or awaits the same one through the builder's in-process dedupe).
+   */
+  private prebuildPass(): void {
+    const builder = this.opts.prebuilds;
+    const wanted = this.state.desired?.prebuilds ?? [];
+    if (!builder || wanted.length === 0 || this.prebuilding) return;
+    this.prebuilding = (async () => {
+      for (const p of wanted) {
+        if (this.abort.signal.aborted) return;
+        const log: string[] = [];
+        try {
+          const image = await this.opts.images.ensure(imageOf(p.image, p.setup));
+          const pb = await builder.build(prebuildRequest(image, p.setup), (line) => log.push(line));
+          this.reportPrebuild(p.templateName, p.templateVersion, { prebuild: pb });
+        } catch (e) {
+          this.log('prebuild failed', { template: p.templateName, version: p.templateVersion, err: errorText(e) });
+          const tail = (e as { logTail?: string[] }).logTail ?? log.slice(-100);
+          this.reportPrebuild(p.templateName, p.templateVersion, { error: e, logTail: tail });
+        }
+      }
+    })().finally(() => {
+      this.prebuilding = null;
+    });
   }
 }
 

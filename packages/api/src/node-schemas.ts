@@ -62,6 +62,8 @@ export const BoxSetupSchema = z
     updateContent: LifecycleCommandSchema.nullable().default(null),
     postCreate: LifecycleCommandSchema.nullable().default(null),
     postStart: LifecycleCommandSchema.nullable().default(null),
+    /** Image recipe: `image` (the pinned base) plus Debian packages and commands, built once per node. */
+    build: z.object({ packages: z.array(z.string()).default([]), run: z.array(z.string()).default([]) }).nullable().default(null),
     /** Build the repository + onCreate + updateContent once per commit and clone boxes from it. */
     prebuild: z.boolean().default(false),
     /** The template's own environment: the only one a prebuild sees (never user secrets). */
@@ -82,13 +84,31 @@ export const DesiredBoxSchema = z
     resources: ResourcesSchema,
     env: z.record(z.string(), z.string()),
     setup: BoxSetupSchema.default(BoxSetupSchema.parse({})),
+    /** The template version the box was created from (prebuilds are recorded against it). */
+    templateName: z.string().default(''),
+    templateVersion: z.number().int().default(0),
     /** Kept ready in a warm pool: postCreate waits until a user claims the box. */
     pooled: z.boolean().default(false),
   })
   .meta({ id: 'DesiredBox' });
 
+/** A template version whose prebuild a node keeps current (rebuilt when the tracked ref moves). */
+export const DesiredPrebuildSchema = z
+  .object({
+    templateName: z.string(),
+    templateVersion: z.number().int(),
+    image: z.string(),
+    setup: BoxSetupSchema,
+  })
+  .meta({ id: 'DesiredPrebuild' });
+
 export const DesiredSetSchema = z
-  .object({ nodeId: z.string(), revision: z.number().int(), boxes: z.array(DesiredBoxSchema) })
+  .object({
+    nodeId: z.string(),
+    revision: z.number().int(),
+    boxes: z.array(DesiredBoxSchema),
+    prebuilds: z.array(DesiredPrebuildSchema).default([]),
+  })
   .meta({ id: 'DesiredSet', description: 'the full set of boxes a node must run (level-triggered)' });
 
 export const BoxStatusReportSchema = z
@@ -104,8 +124,22 @@ export const BoxStatusReportSchema = z
   .strict()
   .meta({ id: 'BoxStatusReport' });
 
+/** A prebuild a node finished (or failed) building. */
+export const PrebuildReportSchema = z
+  .object({
+    prebuildId: z.string().max(128),
+    templateName: z.string(),
+    templateVersion: z.number().int(),
+    commit: z.string().max(64),
+    status: z.enum(['ready', 'failed']),
+    error: z.string().max(8000).nullable().default(null),
+    logTail: z.array(z.string().max(2000)).max(200).default([]),
+  })
+  .strict()
+  .meta({ id: 'PrebuildReport' });
+
 export const StatusReportRequestSchema = z
-  .object({ reports: z.array(BoxStatusReportSchema).max(1000) })
+  .object({ reports: z.array(BoxStatusReportSchema).max(1000), prebuilds: z.array(PrebuildReportSchema).max(100).default([]) })
   .strict()
   .meta({ id: 'StatusReportRequest' });
 
@@ -117,3 +151,5 @@ export type BoxSetup = z.infer<typeof BoxSetupSchema>;
 export type LifecycleCommand = z.infer<typeof LifecycleCommandSchema>;
 export type DesiredSet = z.infer<typeof DesiredSetSchema>;
 export type BoxStatusReport = z.infer<typeof BoxStatusReportSchema>;
+export type PrebuildReport = z.infer<typeof PrebuildReportSchema>;
+export type DesiredPrebuild = z.infer<typeof DesiredPrebuildSchema>;

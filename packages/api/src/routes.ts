@@ -13,7 +13,7 @@ import {
   ExecSessionRequestSchema,
   ExecSessionSchema,
 } from './box-schemas.js';
-import { CreateTemplateRequestSchema, TemplateListSchema, TemplateSchema } from './template-schemas.js';
+import { CreateTemplateRequestSchema, PrebuildListSchema, TemplateListSchema, TemplateSchema } from './template-schemas.js';
 import {
   DesiredSetSchema,
   HeartbeatRequestSchema,
@@ -115,6 +115,7 @@ export const ROUTES = [
     response: TemplateSchema,
   },
   { operationId: 'listTemplateVersions', method: 'GET', path: '/v1/templates/{name}/versions', summary: 'Every version of a template', tag: 'templates', auth: 'user', params: anyName, status: 200, response: TemplateListSchema },
+  { operationId: 'listTemplatePrebuilds', method: 'GET', path: '/v1/templates/{name}/prebuilds', summary: "A template's prebuilds on every node, newest first, with their log tails", tag: 'templates', auth: 'user', params: anyName, status: 200, response: PrebuildListSchema },
   { operationId: 'listNodes', method: 'GET', path: '/v1/nodes', summary: 'Nodes with capacity and allocation', tag: 'nodes', auth: 'user', status: 200, response: NodeListSchema },
   { operationId: 'cordonNode', method: 'POST', path: '/v1/nodes/{name}/cordon', summary: 'Stop placing new boxes on a node', tag: 'nodes', auth: 'user', params: anyName, status: 200, response: NodeSchema },
   { operationId: 'uncordonNode', method: 'POST', path: '/v1/nodes/{name}/uncordon', summary: 'Allow placing boxes on a node again', tag: 'nodes', auth: 'user', params: anyName, status: 200, response: NodeSchema },

@@ -204,3 +204,22 @@ export type TemplateSpec = CreateTemplateRequest;
 export type LifecycleCommand = z.infer<typeof LifecycleCommandSchema>;
 export type BuildRecipe = z.infer<typeof BuildRecipeSchema>;
 export type Template = z.infer<typeof TemplateSchema>;
+
+/** A prebuild of a template version on a node: the repository at a commit with onCreate/updateContent run. */
+export const PrebuildSchema = z
+  .object({
+    id: z.string(),
+    template: z.string(),
+    templateVersion: z.number().int(),
+    node: z.string(),
+    commit: z.string(),
+    status: z.enum(['ready', 'failed']),
+    error: z.string().nullable(),
+    logTail: z.array(z.string()),
+    finishedAt: z.string(),
+  })
+  .meta({ id: 'Prebuild' });
+
+export const PrebuildListSchema = z.object({ items: z.array(PrebuildSchema) }).meta({ id: 'PrebuildList' });
+
+export type Prebuild = z.infer<typeof PrebuildSchema>;

@@ -3,8 +3,8 @@
  * come from the same zod schemas the server validates with.
  */
 import type { Box, BoxEvent, CreateBoxRequest, ExecSession } from '@devyard/api/box-schemas';
-import type { BoxStatusReport, DesiredSet, Node, RegisterNodeRequest, RegisterNodeResponse } from '@devyard/api/node-schemas';
-import type { CreateTemplateRequest, Template } from '@devyard/api/template-schemas';
+import type { BoxStatusReport, DesiredSet, PrebuildReport, Node, RegisterNodeRequest, RegisterNodeResponse } from '@devyard/api/node-schemas';
+import type { CreateTemplateRequest, Prebuild, Template } from '@devyard/api/template-schemas';
 import { ApiError } from './api-error.js';
 import { readSse } from './sse-client.js';
 
@@ -126,6 +126,10 @@ export class DevyardClient {
     return (await this.get<{ items: Template[] }>(`/v1/templates/${encodeURIComponent(name)}/versions`)).items;
   }
 
+  async listTemplatePrebuilds(name: string): Promise<Prebuild[]> {
+    return (await this.get<{ items: Prebuild[] }>(`/v1/templates/${encodeURIComponent(name)}/prebuilds`)).items;
+  }
+
   // ---- nodes ----
 
   async listNodes(): Promise<Node[]> {
@@ -155,7 +159,7 @@ export class DevyardClient {
     for await (const e of readSse<DesiredSet>(res, signal)) if (e.event === 'desired') yield e.data;
   }
 
-  async reportStatus(nodeId: string, reports: BoxStatusReport[]): Promise<void> {
-    await this.request('POST', `/v1/agent/nodes/${nodeId}/status`, { body: { reports } });
+  async reportStatus(nodeId: string, reports: BoxStatusReport[], prebuilds: PrebuildReport[] = []): Promise<void> {
+    await this.request('POST', `/v1/agent/nodes/${nodeId}/status`, { body: { reports, prebuilds } });
   }
 }

@@ -357,6 +357,26 @@ describe('boxes', () => {
   });
 });
 
+describe('prebuilds', () => {
+  it('records what nodes report and lists it per template, newest first', async () => {
+    await node.reportStatus(nodeId, [], [
+      { prebuildId: 'pb1', templateName: 'web', templateVersion: 2, commit: 'a'.repeat(40), status: 'ready', error: null, logTail: ['cloning', 'onCreate ok'] },
+    ]);
+    await new Promise((r) => setTimeout(r, 5));
+    await node.reportStatus(nodeId, [], [
+      { prebuildId: 'pb2', templateName: 'web', templateVersion: 2, commit: 'b'.repeat(40), status: 'failed', error: 'onCreate exited 1', logTail: ['boom'] },
+    ]);
+    const list = await user.listTemplatePrebuilds('web');
+    expect(list.map((p) => [p.id, p.status, p.node])).toEqual([
+      ['pb2', 'failed', 'node-a'],
+      ['pb1', 'ready', 'node-a'],
+    ]);
+    expect(list[0]!.logTail).toEqual(['boom']);
+    expect((await problemOf(user.listTemplatePrebuilds('missing'))).status).toBe(404);
+    cover('listTemplatePrebuilds');
+  });
+});
+
 describe('nodes', () => {
   it('cordons and uncordons; cordoned nodes get no new boxes', async () => {
     const n = await user.setCordoned('node-a', true);

@@ -91,6 +91,19 @@ export function registerClusterCommands(program: Command): void {
       );
     });
   templates
+    .command('prebuilds')
+    .description("a template's prebuilds (repository checkout + onCreate + updateContent, once per commit) with their logs")
+    .argument('<name>')
+    .option('--logs', 'print the log tail of each prebuild')
+    .option('--json', 'print JSON')
+    .action(async (name: string, o) => {
+      const list = await clientFromEnv().listTemplatePrebuilds(name);
+      if (wantsJson(o)) return printJson(list);
+      if (list.length === 0) return void process.stdout.write(`no prebuilds of ${name} yet (a template with a repository is prebuilt by every node)\n`);
+      process.stdout.write(`${table(['ID', 'VERSION', 'NODE', 'COMMIT', 'STATUS', 'FINISHED'], list.map((p) => [p.id.slice(0, 12), p.templateVersion, p.node, p.commit.slice(0, 12), p.status + (p.error ? `: ${p.error.split('\n')[0]}` : ''), p.finishedAt]))}\n`);
+      if (o.logs) for (const p of list) process.stdout.write(`\n--- ${p.id.slice(0, 12)} (${p.status})\n${p.logTail.join('\n')}\n`);
+    });
+  templates
     .command('push')
     .description('publish a new template version from a YAML/JSON template, a devcontainer.json, or a folder with .devcontainer/')
     .argument('<file>')

@@ -9,6 +9,7 @@ import { PrebuildBuilder } from '@devyard/agent/prebuilds/prebuild-builder';
 import { BuiltinImageStore } from '@devyard/agent/images/builtin-image-store';
 import { ImageResolver } from '@devyard/agent/images/image-resolver';
 import { OciImageStore } from '@devyard/agent/images/oci-image-store';
+import { RecipeImageBuilder } from '@devyard/agent/images/recipe-image-builder';
 import { DEFAULT_ID_RANGE } from '@devyard/agent/runtime/sandbox/sandbox-driver';
 import { RegistryClient } from '@devyard/oci/registry-client';
 import { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
@@ -40,13 +41,16 @@ function startAgent(o: { serverUrl: string; token: string; dataDir: string; name
   const listen = parseListen(o.listen, 0);
   const log = (msg: string, fields?: object) => o.log.info(fields ?? {}, msg);
   const registry = new RegistryClient({ insecure: (host) => isLoopbackRegistry(host, o.insecureRegistries ?? []) });
-  const images = new ImageResolver({
-    builtin: new BuiltinImageStore({ dataDir: join(o.dataDir, 'images'), log }),
-    oci: new OciImageStore({ dataDir: join(o.dataDir, 'images'), registry, idShift: DEFAULT_ID_RANGE.hostId, log }),
-  });
   // A non-default bridge gets its own nftables table too, so two installations never share rules.
   const network = { bridge: o.bridge, subnet: o.subnet, nftTable: o.bridge ? `devyard_${o.bridge}` : undefined };
   const driver = new SandboxDriver({ dataDir: join(o.dataDir, 'sandbox'), network, log });
+  const plain = {
+    builtin: new BuiltinImageStore({ dataDir: join(o.dataDir, 'images'), log }),
+    oci: new OciImageStore({ dataDir: join(o.dataDir, 'images'), registry, idShift: DEFAULT_ID_RANGE.hostId, log }),
+  };
+  // Recipes build on plain images only (a recipe's base is never itself a recipe).
+  const recipes = new RecipeImageBuilder({ dataDir: join(o.dataDir, 'sandbox'), driver, base: new ImageResolver(plain), log });
+  const images = new ImageResolver({ ...plain, recipes });
   const agent = new NodeAgent({
     serverUrl: o.serverUrl,
     token: o.token,
@@ -55,6 +59,7 @@ function startAgent(o: { serverUrl: string; token: string; dataDir: string; name
     images,
     // Prebuilds live next to the boxes (same filesystem): capturing one is a rename, not a copy.
     prebuilds: new PrebuildBuilder({ driver, dataDir: join(o.dataDir, 'sandbox'), log }),
+    recipes,
     name: o.name,
     listenHost: listen.host,
     listenPort: listen.port,

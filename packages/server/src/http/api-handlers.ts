@@ -1,6 +1,6 @@
 /** The handlers of every route in the route table, by operationId. Thin: parse, call a service, map. */
 import type { CreateBoxRequest } from '@devyard/api/box-schemas';
-import type { BoxStatusReport, RegisterNodeRequest } from '@devyard/api/node-schemas';
+import type { BoxStatusReport, PrebuildReport, RegisterNodeRequest } from '@devyard/api/node-schemas';
 import { buildOpenApiDocument } from '@devyard/api/openapi-document';
 import type { CreateTemplateRequest } from '@devyard/api/template-schemas';
 import type { Verb } from '@devyard/core/box-lifecycle';
@@ -123,6 +123,23 @@ export function createHandlers(d: HandlerDeps): Handlers {
     createTemplate: async (ctx) => toApiTemplate(await d.templates.create(ctx.body as CreateTemplateRequest)),
     listTemplates: async () => ({ items: (await d.templates.list()).map(toApiTemplate) }),
     getTemplate: async (ctx) => toApiTemplate(await d.templates.get(ctx.params.name!, ctx.query.version as number | undefined)),
+    listTemplatePrebuilds: async (ctx) => {
+      await d.templates.versions(ctx.params.name!); // 404 for an unknown template
+      const names = await nodeNames();
+      return {
+        items: (await d.store.listPrebuilds(ctx.params.name!)).map((p) => ({
+          id: p.id,
+          template: p.template_name,
+          templateVersion: Number(p.template_version),
+          node: names.get(p.node_id) ?? p.node_id,
+          commit: p.commit_sha,
+          status: p.status as 'ready' | 'failed',
+          error: p.error,
+          logTail: JSON.parse(p.log_tail) as string[],
+          finishedAt: new Date(Number(p.finished_at)).toISOString(),
+        })),
+      };
+    },
     listTemplateVersions: async (ctx) => ({ items: (await d.templates.versions(ctx.params.name!)).map(toApiTemplate) }),
 
     listNodes: async () => ({ items: (await d.nodes.list()).map(({ node, boxes }) => toApiNode(node, d.now(), boxes)) }),
@@ -156,7 +173,10 @@ export function createHandlers(d: HandlerDeps): Handlers {
       return undefined;
     },
     reportStatus: async (ctx) => {
-      await d.nodes.report(await nodeParam(ctx), (ctx.body as { reports: BoxStatusReport[] }).reports);
+      const nodeId = await nodeParam(ctx);
+      const body = ctx.body as { reports: BoxStatusReport[]; prebuilds: PrebuildReport[] };
+      await d.nodes.report(nodeId, body.reports);
+      await d.nodes.reportPrebuilds(nodeId, body.prebuilds);
       return undefined;
     },
   } satisfies Record<string, (ctx: HandlerContext) => Promise<unknown>> as Handlers;

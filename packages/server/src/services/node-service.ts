@@ -4,7 +4,7 @@
  * needs to reach a node to keep a box alive.
  */
 import { randomBytes } from 'node:crypto';
-import { BoxSetupSchema, type BoxSetup, type BoxStatusReport, type DesiredSet, type RegisterNodeRequest } from '@devyard/api/node-schemas';
+import { BoxSetupSchema, type BoxSetup, type DesiredPrebuild, type PrebuildReport, type BoxStatusReport, type DesiredSet, type RegisterNodeRequest } from '@devyard/api/node-schemas';
 import { agentDesired, backoffMs, DEFAULT_RETRY_POLICY, type RetryPolicy } from '@devyard/core/box-reconcile';
 import { AGENT_PHASES, TARGET_PHASE } from '@devyard/core/box-lifecycle';
 import { DomainError } from '@devyard/core/domain-error';
@@ -12,7 +12,7 @@ import { ZERO } from '@devyard/core/resources';
 import type { ChangeFeed } from '../change-feed.js';
 import { newId } from '../ids.js';
 import type { BoxRecord } from '../store/box-records.js';
-import { WARM_POOL_OWNER } from './box-service.js';
+import { pinnedImage, WARM_POOL_OWNER } from './box-service.js';
 import type { NodeRecord, Store, TemplateRecord } from '../store/store.js';
 
 export const NODE_LEASE_MS = 20_000;
@@ -87,7 +87,7 @@ export class NodeService {
   }
 
   async desiredSet(nodeId: string): Promise<DesiredSet> {
-    await this.requireNode(nodeId);
+    const node = await this.requireNode(nodeId);
     const boxes = await this.store.listBoxes({ nodeId });
     const templates = new Map<string, TemplateRecord | undefined>();
     for (const b of boxes) {
@@ -110,10 +110,27 @@ export class NodeService {
           resources: b.resources,
           env: b.env,
           setup: setupOf(templates.get(`${b.templateName}:${b.templateVersion}`)),
+          templateName: b.templateName,
+          templateVersion: b.templateVersion,
           pooled: b.owner === WARM_POOL_OWNER,
         };
       }),
+      prebuilds: await this.desiredPrebuilds(node),
     };
+  }
+
+  /**
+   * Every latest template version with a repository and a runtime this node offers: the node
+   * keeps its prebuild current, so a new version or a new commit on the tracked ref is built ahead
+   * of the next create.
+   */
+  private async desiredPrebuilds(node: NodeRecord): Promise<DesiredPrebuild[]> {
+    const out: DesiredPrebuild[] = [];
+    for (const t of await this.store.listTemplates()) {
+      if (!t.spec.repository || !node.runtimes.includes(t.runtime)) continue;
+      out.push({ templateName: t.name, templateVersion: t.version, image: pinnedImage(t.image, t.imageDigest), setup: setupOf(t) });
+    }
+    return out;
   }
 
   /**
@@ -121,6 +138,24 @@ export class NodeService {
    * only if not older than what was already observed, so duplicated, reordered or stale reports
    * cannot move a box backwards.
    */
+  /** Records the prebuilds a node finished; they are what `templates prebuilds` shows. */
+  async reportPrebuilds(nodeId: string, reports: PrebuildReport[]): Promise<void> {
+    const now = this.now();
+    for (const p of reports) {
+      await this.store.upsertPrebuild({
+        node_id: nodeId,
+        id: p.prebuildId,
+        template_name: p.templateName,
+        template_version: p.templateVersion,
+        commit_sha: p.commit,
+        status: p.status,
+        error: p.error,
+        log_tail: JSON.stringify(p.logTail),
+        finished_at: now,
+      });
+    }
+  }
+
   async report(nodeId: string, reports: BoxStatusReport[]): Promise<void> {
     const now = this.now();
     const changed: BoxRecord[] = [];
@@ -201,6 +236,7 @@ function setupOf(t: TemplateRecord | undefined): BoxSetup {
   const hooks = spec?.hooks ?? {};
   return BoxSetupSchema.parse({
     repository: spec?.repository ? { url: spec.repository.url, ref: spec.repository.ref ?? null } : null,
+    build: spec?.build ? { packages: spec.build.packages ?? [], run: spec.build.run ?? [] } : null,
     onCreate: hooks.onCreate ?? null,
     updateContent: hooks.updateContent ?? null,
     postCreate: hooks.postCreate ?? null,

@@ -112,7 +112,20 @@ export interface ApiTokenTable {
   created_at: number;
 }
 
+export interface PrebuildTable {
+  node_id: string;
+  id: string;
+  template_name: string;
+  template_version: number;
+  commit_sha: string;
+  status: string;
+  error: string | null;
+  log_tail: string;
+  finished_at: number;
+}
+
 export interface Database {
+  prebuilds: PrebuildTable;
   templates: TemplateTable;
   boxes: BoxTable;
   box_events: BoxEventTable;

@@ -136,8 +136,28 @@ const m0002: Migration = {
   },
 };
 
+/** Prebuilds as nodes report them: one row per (node, prebuild). */
+const m0003: Migration = {
+  async up(db: Kysely<unknown>) {
+    await db.schema
+      .createTable('prebuilds')
+      .addColumn('node_id', 'text', (c) => c.notNull())
+      .addColumn('id', 'text', (c) => c.notNull())
+      .addColumn('template_name', 'text', (c) => c.notNull())
+      .addColumn('template_version', 'integer', (c) => c.notNull())
+      .addColumn('commit_sha', 'text', (c) => c.notNull())
+      .addColumn('status', 'text', (c) => c.notNull())
+      .addColumn('error', 'text')
+      .addColumn('log_tail', 'text', (c) => c.notNull())
+      .addColumn('finished_at', 'bigint', (c) => c.notNull())
+      .addPrimaryKeyConstraint('prebuilds_pk', ['node_id', 'id'])
+      .execute();
+    await db.schema.createIndex('prebuilds_template').on('prebuilds').columns(['template_name', 'finished_at']).execute();
+  },
+};
+
 export const migrationProvider: MigrationProvider = {
   async getMigrations() {
-    return { '0001_initial': m0001, '0002_template_spec': m0002 };
+    return { '0001_initial': m0001, '0002_template_spec': m0002, '0003_prebuilds': m0003 };
   },
 };

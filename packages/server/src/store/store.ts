@@ -8,7 +8,7 @@ import { DomainError } from '@devyard/core/domain-error';
 import type { Resources } from '@devyard/core/resources';
 import type { Kysely, Selectable, Transaction } from 'kysely';
 import { boxFromRow, boxToRow, type BoxRecord } from './box-records.js';
-import type { ApiTokenTable, Database, NodeTable, OperationTable, TemplateTable } from './database-schema.js';
+import type { ApiTokenTable, Database, PrebuildTable, NodeTable, OperationTable, TemplateTable } from './database-schema.js';
 
 export type Executor = Kysely<Database> | Transaction<Database>;
 
@@ -341,6 +341,20 @@ export class Store {
     if (!cur || cur.holder !== holder || Number(cur.token) !== token || Number(cur.expires_at) <= now) {
       throw new DomainError('stale-lease', `lease ${name} is no longer held with token ${token}`, { lease: name, token });
     }
+  }
+
+  // ---- prebuilds ----
+
+  async upsertPrebuild(p: Selectable<PrebuildTable>, ex: Executor = this.db): Promise<void> {
+    await ex
+      .insertInto('prebuilds')
+      .values(p)
+      .onConflict((oc) => oc.columns(['node_id', 'id']).doUpdateSet({ status: p.status, error: p.error, log_tail: p.log_tail, finished_at: p.finished_at }))
+      .execute();
+  }
+
+  async listPrebuilds(templateName: string, ex: Executor = this.db): Promise<Array<Selectable<PrebuildTable>>> {
+    return ex.selectFrom('prebuilds').selectAll().where('template_name', '=', templateName).orderBy('finished_at', 'desc').limit(100).execute();
   }
 
   // ---- API tokens ----
