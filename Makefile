@@ -52,7 +52,7 @@ test: build apt-test-deps
 
 bench: build
 	npx tsc -b bench
-	node bench/dist/run-benchmarks.js
+	node bench/dist/bench/run-benchmarks.js
 
 lint: npm-deps
 	npx eslint .

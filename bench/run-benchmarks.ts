@@ -8,30 +8,43 @@
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { cpus, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
-import { PassThrough } from 'node:stream';
-import type { Box } from '@devyard/api/box-schemas';
 import { BuiltinImageStore } from '@devyard/agent/images/builtin-image-store';
 import { NodeAgent } from '@devyard/agent/node-agent';
 import { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
-import { execInBox } from '@devyard/sdk/exec-client';
 import { startControlPlane } from '@devyard/server/control-plane';
+import { execTrue as execTrueIn, pct, PhaseWaiter, row } from './bench-support.js';
 import { rawCleanup, rawCreateExec, rawFreezer } from './raw-primitives.js';
+import { templateCreateBench } from './template-create-bench.js';
 
 const N = Number(process.env.BENCH_BOXES ?? 30);
 const network = { bridge: 'dybenchp0', subnet: '10.217.0.0/16', nftTable: 'devyard_bench' };
 
-function pct(xs: number[], p: number): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.max(0, Math.ceil((p / 100) * s.length) - 1))]!;
-}
-const f = (ms: number) => `${ms.toFixed(1)} ms`;
 
 async function main(): Promise<void> {
+  // BENCH_ONLY=lifecycle|templates runs one part (the document then has only that part).
+  const only = process.env.BENCH_ONLY;
+  const sections = [];
+  if (!only || only === 'lifecycle') sections.push(await lifecycleBench());
+  if (!only || only === 'templates') sections.push(await templateCreateBench());
+  const md = [
+    '# Benchmarks',
+    '',
+    `Written by \`make bench\` on ${new Date().toISOString()} — ${cpus().length} × ${cpus()[0]?.model ?? 'cpu'}, ${(totalmem() / 1024 ** 3).toFixed(0)} GiB, Node ${process.version}.`,
+    'Each table comes from one run; the machine is shared and noisy, so compare rows of the same table.',
+    '',
+    ...sections,
+  ].join('\n');
+  await writeFile(join(process.cwd(), 'docs/benchmarks.md'), md);
+  process.stdout.write(`${md}\n`);
+}
+
+/** Sandbox create → exec and pause/resume next to the raw primitives (`tiny`, cached). */
+async function lifecycleBench(): Promise<string> {
   const dir = await mkdtemp(join(tmpdir(), 'devyard-bench-'));
   const driver = new SandboxDriver({ dataDir: join(dir, 'sandbox'), network });
   try {
-    await run(dir, driver);
+    return await run(dir, driver);
   } finally {
     // Whatever happened, leave nothing behind: boxes, netns, bridge, cgroups, temp files.
     await rawCleanup().catch(() => undefined);
@@ -41,7 +54,7 @@ async function main(): Promise<void> {
   }
 }
 
-async function run(dir: string, driver: SandboxDriver): Promise<void> {
+async function run(dir: string, driver: SandboxDriver): Promise<string> {
   const cp = await startControlPlane({ dataDir: join(dir, 'server') });
   const images = new BuiltinImageStore({ dataDir: join(dir, 'images') });
   const tiny = await images.ensure('tiny');
@@ -50,30 +63,9 @@ async function run(dir: string, driver: SandboxDriver): Promise<void> {
   const client = new DevyardClient({ url: cp.url, token: cp.tokens.adminToken });
   while ((await client.listNodes()).length === 0) await new Promise((r) => setTimeout(r, 20));
 
-  // One watch for the whole run: phase changes resolve the waiters below.
-  const waiters = new Map<string, { phase: string; resolve: (b: Box) => void }>();
-  const ac = new AbortController();
-  void (async () => {
-    for await (const b of client.watchBoxes(ac.signal)) {
-      const w = waiters.get(b.name);
-      if (w && b.phase === w.phase) {
-        waiters.delete(b.name);
-        w.resolve(b);
-      } else if (w && b.phase === 'failed') throw new Error(`${b.name} failed: ${b.lastError}`);
-    }
-  })().catch((e) => {
-    if (!ac.signal.aborted) console.error(e);
-  });
-  const phase = (name: string, p: string) =>
-    new Promise<Box>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`${name} did not reach ${p} within 60 s`)), 60_000);
-      waiters.set(name, { phase: p, resolve: (b) => (clearTimeout(timer), resolve(b)) });
-    });
-  const execTrue = async (name: string) => {
-    const session = await client.createExecSession(name);
-    const code = await execInBox(session, { argv: ['true'], stdout: new PassThrough(), stderr: new PassThrough() }).exited;
-    if (code !== 0) throw new Error(`exec true exited ${code}`);
-  };
+  const waiter = new PhaseWaiter(client);
+  const phase = (name: string, p: string) => waiter.phase(name, p);
+  const execTrue = (name: string) => execTrueIn(client, name);
 
   // Create → exec true, `tiny` cached, one box at a time (latency, not throughput).
   const create: number[] = [];
@@ -124,7 +116,7 @@ async function run(dir: string, driver: SandboxDriver): Promise<void> {
     await gone;
     del.push(performance.now() - t0);
   }
-  ac.abort();
+  waiter.close();
   await agent.stop();
   await cp.close();
 
@@ -139,15 +131,8 @@ async function run(dir: string, driver: SandboxDriver): Promise<void> {
   }
 
   const ratio = pct(create, 50) / pct(raw, 50);
-  const row = (what: string, xs: number[], target = '', ok?: boolean) =>
-    `| ${what} | ${f(pct(xs, 50))} | ${f(pct(xs, 99))} | ${target}${ok === undefined ? '' : ok ? ' ✅' : ' ❌'} |`;
-  const md = [
-    '# Benchmarks',
-    '',
-    `Written by \`make bench\` on ${new Date().toISOString()} — ${cpus().length} × ${cpus()[0]?.model ?? 'cpu'}, ${(totalmem() / 1024 ** 3).toFixed(0)} GiB, Node ${process.version}.`,
-    `All figures from one run, ${N} samples each; the machine is shared and noisy, so compare rows of the same run.`,
-    '',
-    '## Create → `exec true` (sandbox runtime, `tiny` image cached)',
+  return [
+    `## Create → \`exec true\` (sandbox runtime, \`tiny\` image cached, ${N} samples)`,
     '',
     'Client-observed: `POST /v1/boxes` → the box reaches `running` (scheduling, agent watch, overlay,',
     'netns, veth, `crun run`, status report, SSE back to the client) → exec session signed → WebSocket to the',
@@ -173,11 +158,9 @@ async function run(dir: string, driver: SandboxDriver): Promise<void> {
     row('raw freezer.state THAWED write', thaw),
     '',
   ].join('\n');
-  await writeFile(new URL('../../docs/benchmarks.md', import.meta.url), md);
-  process.stdout.write(`${md}\n`);
 }
 
-main().catch(async (e) => {
+main().catch((e) => {
   console.error(e);
   process.exitCode = 1;
 });

@@ -64,7 +64,11 @@ export async function startDaemon(h: Harness, args: string[], ready: RegExp, tim
 }
 
 export async function startUp(h: Harness): Promise<void> {
-  const { proc, match } = await startDaemon(h, ['up', '--data-dir', h.dataDir, '--port', '0', '--no-prebuild', '--bridge', h.bridge, '--subnet', h.subnet], /API\s+(http:\/\/\S+)/);
+  const { proc, match } = await startDaemon(
+    h,
+    ['up', '--data-dir', h.dataDir, '--port', '0', '--no-prebuild', '--bridge', h.bridge, '--subnet', h.subnet, '--prebuild-check-ms', '2000'],
+    /API\s+(http:\/\/\S+)/,
+  );
   h.proc = proc;
   h.url = match[1]!;
   // Wait for the full banner (written after the URL line in the same write).
@@ -89,6 +93,25 @@ export interface CliResult {
 export function cli(h: Harness, args: string[], input?: string): CliResult {
   const r = spawnSync(BIN, args, { cwd: h.dir, env: h.env, input, encoding: 'utf8', timeout: 240_000 });
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+}
+
+/**
+ * The CLI without blocking this process: needed while a server the box talks to (such as an
+ * in-process git HTTP server) must keep answering during the command.
+ */
+export function cliAsync(h: Harness, args: string[]): Promise<CliResult> {
+  return new Promise((resolvePromise) => {
+    const child = spawn(BIN, args, { cwd: h.dir, env: h.env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+    const timer = setTimeout(() => child.kill('SIGKILL'), 240_000);
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      resolvePromise({ code: code ?? -1, stdout, stderr });
+    });
+  });
 }
 
 export function cliOk(h: Harness, args: string[]): string {

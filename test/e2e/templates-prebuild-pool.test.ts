@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { OciLayoutBuilder, tarLayer } from '../../packages/oci/test/oci-layout-builder.js';
 import { TestRegistry } from '../../packages/oci/test/registry-test-host.js';
 import { GitFixture } from '../../packages/agent/test/workspace-git-fixture.js';
-import { cleanup, cli, cliOk, newHarness, startUp, type Harness } from './devyard-harness.js';
+import { cleanup, cli, cliAsync, cliOk, newHarness, startUp, type Harness } from './devyard-harness.js';
 
 const busybox = ['/usr/bin/busybox', '/bin/busybox'].find((p) => existsSync(p))!;
 const APPLETS = ['sh', 'cat', 'echo', 'ls', 'hostname', 'env', 'mkdir', 'touch', 'sleep', 'true', 'grep', 'id', 'wc'];
@@ -133,13 +133,19 @@ describe('templates from a devcontainer.json, a registry image, a repository, a 
     expect(cliOk(h, ['exec', 'mine', '--', 'cat', '/workspace/app/README'])).toBe('mine\n');
   }, 180_000);
 
-  it('a new commit on the tracked ref gives new boxes a new prebuild', async () => {
-    await git.pushCommit('README', 'v3\n');
+  it('a new commit on the tracked ref triggers a new prebuild, used by new boxes', async () => {
+    const commit = await git.pushCommit('README', 'v3\n');
+    // The node polls the tracked ref (every 2 s in this test, a minute by default) and prebuilds.
+    await until(
+      () => JSON.parse(cliOk(h, ['templates', 'prebuilds', 'app', '--json'])) as Array<{ status: string; commit: string }>,
+      (l) => l.some((p) => p.commit === commit && p.status === 'ready'),
+    );
     // Boxes already in the pool stay at their commit; a create that has no pool box to claim
-    // (different resources) resolves the ref again and builds the new prebuild.
+    // (different resources) is cloned from the new prebuild.
     const r = cli(h, ['create', 'fresh', '--template', 'app', '--memory', '256MiB', '--wait']);
     expect(r.code, r.stderr).toBe(0);
     expect(cliOk(h, ['exec', 'fresh', '--', 'cat', '/workspace/app/README'])).toBe('v3\n');
+    cliOk(h, ['delete', 'fresh', '--wait']);
   }, 180_000);
 
   it('shows the template\'s prebuilds with their logs, one per commit', async () => {
@@ -164,6 +170,29 @@ describe('templates from a devcontainer.json, a registry image, a repository, a 
     expect(again.code, again.stderr).toBe(0);
     expect(again.stderr).not.toContain('recipe-step');
     expect(cliOk(h, ['exec', 'baked2', '--', 'cat', '/etc/baked'])).toBe('baked\n');
+    cliOk(h, ['delete', 'baked', '--wait']);
+    cliOk(h, ['delete', 'baked2', '--wait']);
+  }, 120_000);
+
+  it('checks out a private repository with the credentials secret the template names', async () => {
+    const url = `${git.httpUrl}/secret-app.git`;
+    writeFileSync(join(h.dir, 'private.yaml'), `name: private\nimage: tiny\nrepository:\n  url: ${url}\n  credentialsSecret: gitcreds\n`);
+    cliOk(h, ['templates', 'push', join(h.dir, 'private.yaml')]);
+    // Without the secret on the node: a clear error naming where it is expected.
+    // (async: the private git server runs in this process and must keep answering)
+    const missing = await cliAsync(h, ['create', 'nocreds', '--template', 'private', '--wait']);
+    expect(missing.code).not.toBe(0);
+    expect(missing.stderr).toContain('secret "gitcreds" is not on this node');
+    cliOk(h, ['delete', 'nocreds', '--wait']);
+    const secrets = join(h.dataDir, 'node', 'secrets');
+    mkdirSync(secrets, { recursive: true });
+    writeFileSync(join(secrets, 'gitcreds.json'), JSON.stringify(git.credentials), { mode: 0o600 });
+    const r = await cliAsync(h, ['create', 'priv', '--template', 'private', '--wait']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(cliOk(h, ['exec', 'priv', '--', 'cat', '/workspace/secret-app/README'])).toBe('v3\n');
+    // The credential is nowhere in the box.
+    expect(cli(h, ['exec', 'priv', '--', 'grep', '-rl', git.credentials.password, '/workspace', '/etc', '/root']).stdout).toBe('');
+    cliOk(h, ['delete', 'priv', '--wait']);
   }, 120_000);
 
   it('a failing hook is a clear error with the log tail, after bounded retries', () => {
@@ -177,7 +206,7 @@ describe('templates from a devcontainer.json, a registry image, a repository, a 
   }, 120_000);
 
   it('cleans up: deleting the boxes leaves the prebuild for the next ones', () => {
-    for (const b of ['mine', 'other', 'fresh', 'baked', 'baked2', 'bad']) cliOk(h, ['delete', b, '--wait']);
+    for (const b of ['mine', 'other', 'bad']) cliOk(h, ['delete', b, '--wait']);
     expect(JSON.parse(cliOk(h, ['list', '--json']))).toEqual([]);
   }, 120_000);
 });

@@ -10,7 +10,8 @@ import type { BoxSetup, DesiredBox, LifecycleCommand } from '@devyard/api/node-s
 import type { BuildRecipe } from './images/recipe-image-builder.js';
 import type { Prebuild, PrebuildBuilder, PrebuildRequest } from './prebuilds/prebuild-builder.js';
 import type { BoxRuntimeSpec, RuntimeDriver } from './runtime/runtime-driver.js';
-import { checkoutRepository, repoNameFromUrl } from './workspace/repository-checkout.js';
+import type { NodeSecretFiles } from './workspace/node-secret-files.js';
+import { checkoutRepository, repoNameFromUrl, type GitCredentials } from './workspace/repository-checkout.js';
 import { runHook } from './workspace/lifecycle-hooks.js';
 
 /** What a node remembers about a box's one-time setup. */
@@ -45,8 +46,12 @@ export interface ProvisionerDeps {
   prebuilds: PrebuildBuilder | null;
   pids: number;
   log: (msg: string, fields?: Record<string, unknown>) => void;
+  /** Where named repository credentials come from. */
+  secrets?: NodeSecretFiles;
+  /** The newest ready prebuild of a template version for this image, if the node has one. */
+  currentPrebuild?: (templateName: string, templateVersion: number, imageDigest: string) => Prebuild | undefined;
   /** Told about every prebuild a box was cloned from (built now or reused). */
-  onPrebuild?: (box: DesiredBox, prebuild: Prebuild) => void;
+  onPrebuild?: (box: DesiredBox, prebuild: Prebuild, imageDigest: string) => void;
 }
 
 /** The image a box (or prebuild) runs: its template's image, or the recipe built on it. */
@@ -55,11 +60,11 @@ export function imageOf(image: string, s: BoxSetup): string | BuildRecipe {
 }
 
 /** The prebuild a box setup asks for: repository + onCreate + updateContent, template env only. */
-export function prebuildRequest(image: { rootfs: string; digest: string }, s: BoxSetup): PrebuildRequest {
+export function prebuildRequest(image: { rootfs: string; digest: string }, s: BoxSetup, credentials?: GitCredentials): PrebuildRequest {
   if (!s.repository) throw new Error('a prebuild needs a repository');
   return {
     image: { rootfs: image.rootfs, digest: image.digest },
-    repository: { url: s.repository.url, ...(s.repository.ref ? { ref: s.repository.ref } : {}) },
+    repository: { url: s.repository.url, ...(s.repository.ref ? { ref: s.repository.ref } : {}), ...(credentials ? { credentials } : {}) },
     hooks: { ...(s.onCreate ? { onCreate: s.onCreate } : {}), ...(s.updateContent ? { updateContent: s.updateContent } : {}) },
     env: s.templateEnv,
   };
@@ -98,10 +103,16 @@ export class BoxProvisioner {
     const s = box.setup;
     const image = await this.stage('image', () => this.deps.images.ensure(imageOf(box.image, s), progress));
     let prebuild: Prebuild | null = null;
+    const credentials = await this.stage('credentials', () => this.credentials(s));
     if (s.repository && s.prebuild && this.deps.prebuilds) {
-      prebuild = await this.stage('prebuild', () => this.deps.prebuilds!.build(prebuildRequest(image, s), (line) => progress(`prebuild: ${line}`)));
-      this.deps.onPrebuild?.(box, prebuild);
-      progress(prebuild.reused ? `using prebuild ${prebuild.id.slice(0, 12)} (${prebuild.commit.slice(0, 12)})` : `prebuild ${prebuild.id.slice(0, 12)} built`);
+      // The newest prebuild of this template version on this node, kept current in the
+      // background; only when there is none yet does the create resolve the ref and build.
+      const current = this.deps.currentPrebuild?.(box.templateName, box.templateVersion, image.digest);
+      prebuild =
+        current ??
+        (await this.stage('prebuild', () => this.deps.prebuilds!.build(prebuildRequest(image, s, credentials), (line) => progress(`prebuild: ${line}`))));
+      this.deps.onPrebuild?.(box, prebuild, image.digest);
+      progress(current || prebuild.reused ? `using prebuild ${prebuild.id.slice(0, 12)} (${prebuild.commit.slice(0, 12)})` : `prebuild ${prebuild.id.slice(0, 12)} built`);
     }
     const setup: BoxSetupRecord = {
       image: { rootfs: image.rootfs, digest: image.digest },
@@ -117,7 +128,14 @@ export class BoxProvisioner {
         const paths = d.boxHostPaths(box.boxId);
         const ref = s.repository.ref ?? undefined;
         const co = await this.stage('checkout', () =>
-          checkoutRepository({ url: s.repository!.url, ...(ref ? { ref } : {}), workspaceDir: paths.workspace, owner: paths.owner, onProgress: (l) => progress(`checkout: ${l}`) }),
+          checkoutRepository({
+            url: s.repository!.url,
+            ...(ref ? { ref } : {}),
+            ...(credentials ? { credentials } : {}),
+            workspaceDir: paths.workspace,
+            owner: paths.owner,
+            onProgress: (l) => progress(`checkout: ${l}`),
+          }),
         );
         setup.repoName = co.name;
         setup.commit = co.commit;
@@ -140,6 +158,14 @@ export class BoxProvisioner {
       await d.destroy(box.boxId).catch(() => undefined);
       throw e;
     }
+  }
+
+  /** The repository credentials the setup names, from the node's secret files. */
+  async credentials(s: BoxSetup): Promise<GitCredentials | undefined> {
+    const name = s.repository?.credentialsSecret;
+    if (!name) return undefined;
+    if (!this.deps.secrets) throw new Error(`secret "${name}" cannot be resolved: this node has no secret files configured`);
+    return this.deps.secrets.gitCredentials(name);
   }
 
   /** A cold start of a box that was set up before: only postStart runs. */

@@ -18,6 +18,7 @@ import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { loadAgentState, saveAgentState, type AgentState } from './agent-state-file.js';
 import { AgentMetrics } from './agent-metrics.js';
 import { ExecServer } from './exec-server.js';
+import { NodeSecretFiles } from './workspace/node-secret-files.js';
 import { BoxProvisioner, imageOf, prebuildRequest, type BoxSetupRecord, type ProvisioningDriver } from './box-provisioner.js';
 import type { BuildRecipe } from './images/recipe-image-builder.js';
 import type { Prebuild, PrebuildBuilder } from './prebuilds/prebuild-builder.js';
@@ -34,6 +35,8 @@ export interface NodeAgentOptions {
   dataDir: string;
   driver: ProvisioningDriver;
   images: ImageProvider;
+  /** Directory of the node's secret files (repository credentials named by templates). */
+  secretsDir?: string;
   /** Image recipe builder, swept of interrupted builds at start. */
   recipes?: { sweep(): Promise<void> } | null;
   /** Builds and caches prebuilds on this node (null: boxes are always set up from scratch). */
@@ -82,6 +85,9 @@ export class NodeAgent {
   private readonly pendingPrebuilds: PrebuildReport[] = [];
   private readonly reportedPrebuilds = new Set<string>();
   private prebuilding: Promise<void> | null = null;
+  /** Newest ready prebuild per template version, refreshed by the background pass. */
+  private readonly currentPrebuilds = new Map<string, { imageDigest: string; prebuild: Prebuild }>();
+  private wantedPrebuilds = '';
   private prebuildTimer: NodeJS.Timeout | undefined;
   private flushing: Promise<void> | null = null;
   private resyncTimer: NodeJS.Timeout | undefined;
@@ -99,9 +105,18 @@ export class NodeAgent {
       driver: opts.driver,
       images: opts.images,
       prebuilds: opts.prebuilds ?? null,
+      ...(opts.secretsDir ? { secrets: new NodeSecretFiles(opts.secretsDir) } : {}),
       pids: 4096,
       log: this.log,
-      onPrebuild: (box, pb) => this.reportPrebuild(box.templateName, box.templateVersion, { prebuild: pb }),
+      currentPrebuild: (name, version, digest) => {
+        const c = this.currentPrebuilds.get(`${name}:${version}`);
+        return c && c.imageDigest === digest ? c.prebuild : undefined;
+      },
+      onPrebuild: (box, pb, imageDigest) => {
+        // A prebuild a create just resolved and built (or found) is the newest for that version.
+        this.currentPrebuilds.set(`${box.templateName}:${box.templateVersion}`, { imageDigest, prebuild: pb });
+        this.reportPrebuild(box.templateName, box.templateVersion, { prebuild: pb });
+      },
     });
     this.metrics = new AgentMetrics({ serverReachable: () => this.connected, boxes: () => this.state.desired?.boxes.length ?? 0 });
     this.exec = new ExecServer({
@@ -112,6 +127,11 @@ export class NodeAgent {
       metrics: async () => ({ contentType: this.metrics.registry.contentType, body: await this.metrics.registry.metrics() }),
       log: this.log,
     });
+  }
+
+  /** Digests of the images the boxes on this node were created from (kept by image GC). */
+  imagesInUse(): Set<string> {
+    return new Set(Object.values(this.state.setup).map((s) => s.image.digest));
   }
 
   get nodeId(): string | null {
@@ -220,7 +240,12 @@ export class NodeAgent {
     saveAgentState(this.stateFile, this.state);
     // Only boxes whose desired entry changed need a pass now; the periodic resync covers the rest.
     for (const b of set.boxes) if (before.get(b.boxId) !== key(b)) this.enqueue(b.boxId);
-    this.prebuildPass();
+    // A new template version to prebuild is acted on now; new commits wait for the periodic pass.
+    const wanted = set.prebuilds.map((p) => `${p.templateName}:${p.templateVersion}`).join(',');
+    if (wanted !== this.wantedPrebuilds) {
+      this.wantedPrebuilds = wanted;
+      this.prebuildPass();
+    }
   }
 
   private reconcileAll(): void {
@@ -453,7 +478,8 @@ export class NodeAgent {
         const log: string[] = [];
         try {
           const image = await this.opts.images.ensure(imageOf(p.image, p.setup));
-          const pb = await builder.build(prebuildRequest(image, p.setup), (line) => log.push(line));
+          const pb = await builder.build(prebuildRequest(image, p.setup, await this.provisioner.credentials(p.setup)), (line) => log.push(line));
+          this.currentPrebuilds.set(`${p.templateName}:${p.templateVersion}`, { imageDigest: image.digest, prebuild: pb });
           this.reportPrebuild(p.templateName, p.templateVersion, { prebuild: pb });
         } catch (e) {
           this.log('prebuild failed', { template: p.templateName, version: p.templateVersion, err: errorText(e) });

@@ -57,7 +57,10 @@ export const LifecycleCommandSchema = z.union([z.string(), z.array(z.string()).m
 /** The one-time and per-start setup of a box, from its template. */
 export const BoxSetupSchema = z
   .object({
-    repository: z.object({ url: z.string(), ref: z.string().nullable() }).nullable().default(null),
+    repository: z
+      .object({ url: z.string(), ref: z.string().nullable(), credentialsSecret: z.string().nullable().default(null) })
+      .nullable()
+      .default(null),
     onCreate: LifecycleCommandSchema.nullable().default(null),
     updateContent: LifecycleCommandSchema.nullable().default(null),
     postCreate: LifecycleCommandSchema.nullable().default(null),

@@ -96,3 +96,12 @@ export function formatOciReference(ref: OciReference): string {
 export function manifestReference(ref: OciReference): string {
   return ref.digest ?? ref.tag ?? DEFAULT_TAG;
 }
+
+/**
+ * Registries on loopback (and the hosts named) are reached over plain HTTP, as Docker does for
+ * localhost: they are local mirrors or test registries, everything else must speak TLS.
+ */
+export function isLoopbackRegistry(host: string, extra: readonly string[] = []): boolean {
+  const name = host.replace(/:\d+$/, '');
+  return extra.includes(host) || name === 'localhost' || name.startsWith('127.') || name === '[::1]';
+}

@@ -16,7 +16,7 @@ import { NodeService } from './services/node-service.js';
 import { TemplateService } from './services/template-service.js';
 import { openSqliteDatabase } from './store/sqlite-database.js';
 import { Store, type TemplateRecord } from './store/store.js';
-import { parseOciReference } from '@devyard/oci/oci-reference';
+import { isLoopbackRegistry, parseOciReference } from '@devyard/oci/oci-reference';
 import { RegistryClient } from '@devyard/oci/registry-client';
 import type { RetryPolicy } from '@devyard/core/box-reconcile';
 import { hostname } from 'node:os';
@@ -97,10 +97,4 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
       await store.close();
     },
   };
-}
-
-/** Registries on loopback (and those named) are reached over plain HTTP, as Docker does for localhost. */
-export function isLoopbackRegistry(host: string, extra: string[]): boolean {
-  const name = host.replace(/:\d+$/, '');
-  return extra.includes(host) || name === 'localhost' || name.startsWith('127.') || name === '[::1]';
 }

@@ -4,16 +4,10 @@ import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import pino from 'pino';
-import { NodeAgent } from '@devyard/agent/node-agent';
-import { PrebuildBuilder } from '@devyard/agent/prebuilds/prebuild-builder';
-import { BuiltinImageStore } from '@devyard/agent/images/builtin-image-store';
-import { ImageResolver } from '@devyard/agent/images/image-resolver';
-import { OciImageStore } from '@devyard/agent/images/oci-image-store';
-import { RecipeImageBuilder } from '@devyard/agent/images/recipe-image-builder';
-import { DEFAULT_ID_RANGE } from '@devyard/agent/runtime/sandbox/sandbox-driver';
-import { RegistryClient } from '@devyard/oci/registry-client';
-import { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
-import { isLoopbackRegistry, startControlPlane } from '@devyard/server/control-plane';
+import type { NodeAgent } from '@devyard/agent/node-agent';
+import type { ImageResolver } from '@devyard/agent/images/image-resolver';
+import { createSandboxNode } from '@devyard/agent/sandbox-node';
+import { startControlPlane } from '@devyard/server/control-plane';
 import { configPath, writeConfig } from '../cli-config.js';
 
 type Logger = pino.Logger;
@@ -37,37 +31,23 @@ interface NetworkFlags {
 }
 
 
-function startAgent(o: { serverUrl: string; token: string; dataDir: string; name?: string; listen?: string; advertise?: string; resyncMs?: number; log: Logger } & NetworkFlags): { agent: NodeAgent; images: ImageResolver } {
+function startAgent(o: { serverUrl: string; token: string; dataDir: string; name?: string; listen?: string; advertise?: string; resyncMs?: number; prebuildCheckMs?: number; log: Logger } & NetworkFlags): { agent: NodeAgent; images: ImageResolver } {
   const listen = parseListen(o.listen, 0);
-  const log = (msg: string, fields?: object) => o.log.info(fields ?? {}, msg);
-  const registry = new RegistryClient({ insecure: (host) => isLoopbackRegistry(host, o.insecureRegistries ?? []) });
-  // A non-default bridge gets its own nftables table too, so two installations never share rules.
-  const network = { bridge: o.bridge, subnet: o.subnet, nftTable: o.bridge ? `devyard_${o.bridge}` : undefined };
-  const driver = new SandboxDriver({ dataDir: join(o.dataDir, 'sandbox'), network, log });
-  const plain = {
-    builtin: new BuiltinImageStore({ dataDir: join(o.dataDir, 'images'), log }),
-    oci: new OciImageStore({ dataDir: join(o.dataDir, 'images'), registry, idShift: DEFAULT_ID_RANGE.hostId, log }),
-  };
-  // Recipes build on plain images only (a recipe's base is never itself a recipe).
-  const recipes = new RecipeImageBuilder({ dataDir: join(o.dataDir, 'sandbox'), driver, base: new ImageResolver(plain), log });
-  const images = new ImageResolver({ ...plain, recipes });
-  const agent = new NodeAgent({
+  return createSandboxNode({
     serverUrl: o.serverUrl,
     token: o.token,
-    dataDir: join(o.dataDir, 'agent'),
-    driver,
-    images,
-    // Prebuilds live next to the boxes (same filesystem): capturing one is a rename, not a copy.
-    prebuilds: new PrebuildBuilder({ driver, dataDir: join(o.dataDir, 'sandbox'), log }),
-    recipes,
+    dataDir: o.dataDir,
     name: o.name,
     listenHost: listen.host,
     listenPort: listen.port,
     advertiseHost: o.advertise,
     resyncMs: o.resyncMs,
-    log,
+    prebuildCheckMs: o.prebuildCheckMs,
+    bridge: o.bridge,
+    subnet: o.subnet,
+    insecureRegistries: o.insecureRegistries,
+    log: (msg: string, fields?: object) => o.log.info(fields ?? {}, msg),
   });
-  return { agent, images };
 }
 
 function onShutdown(fn: () => Promise<void>): void {
@@ -98,6 +78,7 @@ export function registerDaemonCommands(program: Command): void {
     .option('--no-prebuild', 'do not build the built-in images in the background at start')
     .option('--bridge <name>', 'bridge interface for box networking (default devyard0)')
     .option('--subnet <cidr>', 'box subnet (default 10.213.0.0/16)')
+    .option('--prebuild-check-ms <ms>', 'how often tracked refs are checked for new commits to prebuild', (v) => Number(v), 60_000)
     .action(async (o) => {
       requireRoot('devyard up');
       const dataDir = resolve(o.dataDir);
@@ -107,7 +88,7 @@ export function registerDaemonCommands(program: Command): void {
         if (e.code === 'EADDRINUSE') throw new Error(`port ${o.port} is in use: is another \`devyard up\` running? (choose another with --port)`);
         throw e;
       });
-      const { agent, images } = startAgent({ serverUrl: cp.url, token: cp.tokens.nodeToken, dataDir: join(dataDir, 'node'), name: hostname(), bridge: o.bridge, subnet: o.subnet, log: log.child({ role: 'agent' }) });
+      const { agent, images } = startAgent({ serverUrl: cp.url, token: cp.tokens.nodeToken, dataDir: join(dataDir, 'node'), name: hostname(), bridge: o.bridge, subnet: o.subnet, prebuildCheckMs: o.prebuildCheckMs, log: log.child({ role: 'agent' }) });
       await agent.start();
       for (let i = 0; i < 200 && !agent.nodeId; i++) await new Promise((r) => setTimeout(r, 25));
       if (!agent.nodeId) process.stderr.write(`warning: the node agent has not registered yet; see ${join(dataDir, 'devyard.log')}\n`);
@@ -177,10 +158,11 @@ export function registerDaemonCommands(program: Command): void {
     .option('--subnet <cidr>', 'box subnet (default 10.213.0.0/16)')
     .option('--resync-ms <ms>', 'how often every box is checked against its desired state', (v) => Number(v), 10_000)
     .option('--insecure-registry <host...>', 'registry hosts to reach over plain HTTP (loopback ones always are)')
+    .option('--prebuild-check-ms <ms>', 'how often tracked refs are checked for new commits to prebuild', (v) => Number(v), 60_000)
     .action(async (o) => {
       requireRoot('devyard agent');
       const log = pino({ level: 'info' });
-      const { agent } = startAgent({ serverUrl: o.server, token: o.token, dataDir: resolve(o.dataDir), name: o.name, listen: o.listen, advertise: o.advertise, bridge: o.bridge, subnet: o.subnet, resyncMs: o.resyncMs, insecureRegistries: o.insecureRegistry, log });
+      const { agent } = startAgent({ serverUrl: o.server, token: o.token, dataDir: resolve(o.dataDir), name: o.name, listen: o.listen, advertise: o.advertise, bridge: o.bridge, subnet: o.subnet, resyncMs: o.resyncMs, prebuildCheckMs: o.prebuildCheckMs, insecureRegistries: o.insecureRegistry, log });
       await agent.start();
       onShutdown(() => agent.stop());
     });

@@ -235,7 +235,7 @@ function setupOf(t: TemplateRecord | undefined): BoxSetup {
   const spec = t?.spec;
   const hooks = spec?.hooks ?? {};
   return BoxSetupSchema.parse({
-    repository: spec?.repository ? { url: spec.repository.url, ref: spec.repository.ref ?? null } : null,
+    repository: spec?.repository ? { url: spec.repository.url, ref: spec.repository.ref ?? null, credentialsSecret: spec.repository.credentialsSecret ?? null } : null,
     build: spec?.build ? { packages: spec.build.packages ?? [], run: spec.build.run ?? [] } : null,
     onCreate: hooks.onCreate ?? null,
     updateContent: hooks.updateContent ?? null,

@@ -152,8 +152,16 @@ export class SandboxDriver implements RuntimeDriver {
 
   /** Removes the bridge, NAT table and cgroup parents (uninstall and tests); destroy boxes first. */
   async teardownHost(): Promise<void> {
-    await this.network.teardown();
-    await this.cgroups.removeParent();
+    try {
+      await this.network.teardown();
+      await this.cgroups.removeParent();
+    } finally {
+      await this.unexposeBoxesDir();
+    }
+  }
+
+  /** Removes the /run bind of the boxes directory (see exposedBoxesDir), every stacked layer of it. */
+  private async unexposeBoxesDir(): Promise<void> {
     if (this.boxesDir !== this.hostBoxesDir) {
       // Unmount every layer (an older agent may have stacked binds), then the empty mount point.
       for (let i = 0; i < 64 && isMountPoint(this.boxesDir); i++) await runHostCommandRaw(['umount', this.boxesDir]);

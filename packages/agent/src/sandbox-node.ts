@@ -1,0 +1,78 @@
+/**
+ * Assembles a node agent on the sandbox runtime with everything it runs boxes with: built-in,
+ * OCI and recipe images, prebuilds, the bridge network. Used by `devyard agent`, `devyard up` and
+ * the benchmarks, so all three run the same node.
+ */
+import { join } from 'node:path';
+import { isLoopbackRegistry } from '@devyard/oci/oci-reference';
+import { RegistryClient } from '@devyard/oci/registry-client';
+import { BuiltinImageStore } from './images/builtin-image-store.js';
+import { ImageResolver } from './images/image-resolver.js';
+import { OciImageStore } from './images/oci-image-store.js';
+import { RecipeImageBuilder } from './images/recipe-image-builder.js';
+import { NodeAgent, type NodeAgentOptions } from './node-agent.js';
+import { PrebuildBuilder } from './prebuilds/prebuild-builder.js';
+import { DEFAULT_ID_RANGE, SandboxDriver } from './runtime/sandbox/sandbox-driver.js';
+
+export interface SandboxNodeOptions extends Pick<NodeAgentOptions, 'serverUrl' | 'token' | 'name' | 'listenHost' | 'listenPort' | 'advertiseHost' | 'resyncMs' | 'prebuildCheckMs'> {
+  /** Everything of the node lives below: images, boxes, prebuilds, agent state. */
+  dataDir: string;
+  /** Bridge interface (default devyard0); a non-default one gets its own nftables table. */
+  bridge?: string;
+  /** Box subnet (default 10.213.0.0/16). */
+  subnet?: string;
+  /** Registry hosts reached over plain HTTP besides loopback ones. */
+  insecureRegistries?: string[];
+  /** Disk the OCI image cache may use before least-recently-used images are removed (default 20 GiB). */
+  imageDiskBudgetBytes?: number;
+  /** Boxes are set up from scratch (checkout and hooks in each box) instead of from prebuilds. */
+  noPrebuilds?: boolean;
+  log?: (msg: string, fields?: object) => void;
+}
+
+export interface SandboxNode {
+  agent: NodeAgent;
+  images: ImageResolver;
+  driver: SandboxDriver;
+}
+
+export function createSandboxNode(o: SandboxNodeOptions): SandboxNode {
+  const log = o.log ?? (() => undefined);
+  const registry = new RegistryClient({ insecure: (host) => isLoopbackRegistry(host, o.insecureRegistries ?? []) });
+  const network = { bridge: o.bridge, subnet: o.subnet, nftTable: o.bridge ? `devyard_${o.bridge}` : undefined };
+  const driver = new SandboxDriver({ dataDir: join(o.dataDir, 'sandbox'), network, log });
+  const plain = {
+    builtin: new BuiltinImageStore({ dataDir: join(o.dataDir, 'images'), log }),
+    oci: new OciImageStore({
+      dataDir: join(o.dataDir, 'images'),
+      registry,
+      idShift: DEFAULT_ID_RANGE.hostId,
+      diskBudgetBytes: o.imageDiskBudgetBytes ?? 20 * 1024 ** 3,
+      // Images of boxes on this node are never collected; the agent exists once this is called.
+      inUse: (): Set<string> => agent.imagesInUse(),
+      log,
+    }),
+  };
+  // Recipes build on plain images only (a recipe's base is never itself a recipe).
+  const recipes = new RecipeImageBuilder({ dataDir: join(o.dataDir, 'sandbox'), driver, base: new ImageResolver(plain), log });
+  const images = new ImageResolver({ ...plain, recipes });
+  const agent: NodeAgent = new NodeAgent({
+    serverUrl: o.serverUrl,
+    token: o.token,
+    dataDir: join(o.dataDir, 'agent'),
+    driver,
+    images,
+    // Prebuilds live next to the boxes (same filesystem): capturing one is a rename, not a copy.
+    prebuilds: o.noPrebuilds ? null : new PrebuildBuilder({ driver, dataDir: join(o.dataDir, 'sandbox'), log }),
+    recipes,
+    secretsDir: join(o.dataDir, 'secrets'),
+    name: o.name,
+    listenHost: o.listenHost,
+    listenPort: o.listenPort,
+    advertiseHost: o.advertiseHost,
+    resyncMs: o.resyncMs,
+    prebuildCheckMs: o.prebuildCheckMs,
+    log,
+  });
+  return { agent, images, driver };
+}
