@@ -5,6 +5,7 @@
  */
 import { join } from 'node:path';
 import { isLoopbackRegistry } from '@devyard/oci/oci-reference';
+import { registryCredentialFiles } from '@devyard/oci/registry-credential-files';
 import { RegistryClient } from '@devyard/oci/registry-client';
 import { BuiltinImageStore } from './images/builtin-image-store.js';
 import { ImageResolver } from './images/image-resolver.js';
@@ -38,7 +39,10 @@ export interface SandboxNode {
 
 export function createSandboxNode(o: SandboxNodeOptions): SandboxNode {
   const log = o.log ?? (() => undefined);
-  const registry = new RegistryClient({ insecure: (host) => isLoopbackRegistry(host, o.insecureRegistries ?? []) });
+  const registry = new RegistryClient({
+    insecure: (host) => isLoopbackRegistry(host, o.insecureRegistries ?? []),
+    credentials: registryCredentialFiles(join(o.dataDir, 'secrets')),
+  });
   const network = { bridge: o.bridge, subnet: o.subnet, nftTable: o.bridge ? `devyard_${o.bridge}` : undefined };
   const driver = new SandboxDriver({ dataDir: join(o.dataDir, 'sandbox'), network, log });
   const plain = {

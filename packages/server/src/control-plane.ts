@@ -17,6 +17,7 @@ import { TemplateService } from './services/template-service.js';
 import { openSqliteDatabase } from './store/sqlite-database.js';
 import { Store, type TemplateRecord } from './store/store.js';
 import { isLoopbackRegistry, parseOciReference } from '@devyard/oci/oci-reference';
+import { registryCredentialFiles } from '@devyard/oci/registry-credential-files';
 import { RegistryClient } from '@devyard/oci/registry-client';
 import type { RetryPolicy } from '@devyard/core/box-reconcile';
 import { hostname } from 'node:os';
@@ -52,7 +53,10 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
   const now = opts.now ?? Date.now;
   const store = new Store(await openSqliteDatabase(join(opts.dataDir, 'devyard.db')));
   const feed = new ChangeFeed();
-  const registry = new RegistryClient({ insecure: (host) => isLoopbackRegistry(host, opts.insecureRegistries ?? []) });
+  const registry = new RegistryClient({
+    insecure: (host) => isLoopbackRegistry(host, opts.insecureRegistries ?? []),
+    credentials: registryCredentialFiles(join(opts.dataDir, 'secrets')),
+  });
   const templates = new TemplateService(store, now, {
     imageResolver: { resolve: async (ref) => (await registry.resolve(parseOciReference(ref))).digest },
   });
