@@ -7,7 +7,7 @@ import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cleanup, cli, cliOk, kill9, newHarness, startUp, type Harness } from './devyard-harness.js';
+import { cleanup, cli, cliOk, daemonOutput, kill9, newHarness, startUp, type Harness } from './devyard-harness.js';
 
 let h: Harness;
 
@@ -28,8 +28,8 @@ function counter(): number {
 
 describe('devyard CLI against devyard up', () => {
   it('prints how to reach the platform and configures the CLI', () => {
-    expect(h.output).toContain('Devyard is up.');
-    expect(h.output).toContain('devyard create demo --template base --wait');
+    expect(daemonOutput(h)).toContain('Devyard is up.');
+    expect(daemonOutput(h)).toContain('devyard create demo --template base --wait');
     expect(JSON.parse(readFileSync(join(h.dir, 'config.json'), 'utf8'))).toMatchObject({ url: h.url, token: expect.stringMatching(/^dy_u_/) });
     const nodes = json<Array<{ status: string; runtimes: string[] }>>(['nodes']);
     expect(nodes).toHaveLength(1);
@@ -133,7 +133,6 @@ describe('devyard CLI against devyard up', () => {
     const before = counter();
     await kill9(h.proc);
     await new Promise((r) => setTimeout(r, 500));
-    h.output = '';
     await startUp(h);
     const b = json(['get', 'demo']);
     expect(b).toMatchObject({ phase: 'running', desiredState: 'running' });

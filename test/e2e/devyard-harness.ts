@@ -4,7 +4,7 @@
  * on the host (boxes, netns, veths, cgroups, bridge, nft table, temp files).
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
@@ -20,7 +20,8 @@ export interface Harness {
   subnet: string;
   url: string;
   proc: ChildProcess | null;
-  output: string;
+  /** Log files of the daemons started, oldest first. */
+  logs: string[];
 }
 
 export function newHarness(tag: string, octet: number): Harness {
@@ -37,30 +38,36 @@ export function newHarness(tag: string, octet: number): Harness {
     subnet: `10.${octet}.0.0/24`,
     url: '',
     proc: null,
-    output: '',
+    logs: [],
   };
 }
 
-/** Starts a long-running devyard command and waits until `ready` appears in its stdout. */
+/**
+ * Starts a long-running devyard command and waits until `ready` appears in its output. The output
+ * goes to a file, not a pipe: a pipe fills up while a test blocks in a synchronous CLI call, and a
+ * daemon blocked on a full stdout pipe would deadlock that very call.
+ */
 export async function startDaemon(h: Harness, args: string[], ready: RegExp, timeoutMs = 60_000): Promise<{ proc: ChildProcess; match: RegExpMatchArray }> {
-  const proc = spawn(BIN, args, { cwd: h.dir, env: h.env, stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  const match = await new Promise<RegExpMatchArray>((resolvePromise, reject) => {
-    const timer = setTimeout(() => reject(new Error(`devyard ${args[0]} did not become ready:\n${out}`)), timeoutMs);
-    const onData = (d: Buffer) => {
-      out += d.toString();
-      h.output += d.toString();
-      const m = ready.exec(out);
-      if (m) {
-        clearTimeout(timer);
-        resolvePromise(m);
-      }
-    };
-    proc.stdout!.on('data', onData);
-    proc.stderr!.on('data', onData);
-    proc.on('exit', (code) => reject(new Error(`devyard ${args[0]} exited with ${code}:\n${out}`)));
-  });
-  return { proc, match };
+  const logFile = join(h.dir, `${args[0]}-${++daemonCount}.log`);
+  const fd = openSync(logFile, 'w');
+  const proc = spawn(BIN, args, { cwd: h.dir, env: h.env, stdio: ['ignore', fd, fd] });
+  closeSync(fd);
+  h.logs.push(logFile);
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const out = readFileSync(logFile, 'utf8');
+    const m = ready.exec(out);
+    if (m) return { proc, match: m };
+    if (proc.exitCode !== null) throw new Error(`devyard ${args[0]} exited with ${proc.exitCode}:\n${out}`);
+    if (Date.now() > deadline) throw new Error(`devyard ${args[0]} did not become ready:\n${out}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+let daemonCount = 0;
+
+/** Everything the daemons of this harness wrote so far (for assertions and failure messages). */
+export function daemonOutput(h: Harness): string {
+  return h.logs.map((f) => (existsSync(f) ? readFileSync(f, 'utf8') : '')).join('\n');
 }
 
 export async function startUp(h: Harness): Promise<void> {
@@ -116,7 +123,7 @@ export function cliAsync(h: Harness, args: string[]): Promise<CliResult> {
 
 export function cliOk(h: Harness, args: string[]): string {
   const r = cli(h, args);
-  if (r.code !== 0) throw new Error(`devyard ${args.join(' ')} exited ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}\nlog tail: ${h.output.slice(-2000)}`);
+  if (r.code !== 0) throw new Error(`devyard ${args.join(' ')} exited ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}\nlog tail: ${daemonOutput(h).slice(-2000)}`);
   return r.stdout;
 }
 

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { OciLayoutBuilder, tarLayer } from '../../packages/oci/test/oci-layout-builder.js';
 import { TestRegistry } from '../../packages/oci/test/registry-test-host.js';
 import { GitFixture } from '../../packages/agent/test/workspace-git-fixture.js';
-import { cleanup, cli, cliAsync, cliOk, newHarness, startUp, type Harness } from './devyard-harness.js';
+import { cleanup, daemonOutput, cli, cliAsync, cliOk, newHarness, startUp, type Harness } from './devyard-harness.js';
 
 const busybox = ['/usr/bin/busybox', '/bin/busybox'].find((p) => existsSync(p))!;
 const APPLETS = ['sh', 'cat', 'echo', 'ls', 'hostname', 'env', 'mkdir', 'touch', 'sleep', 'true', 'grep', 'id', 'wc'];
@@ -25,7 +25,7 @@ async function until<T>(fn: () => T | Promise<T>, ok: (v: T) => boolean, ms = 60
   for (;;) {
     const v = await fn();
     if (ok(v)) return v;
-    if (Date.now() > end) throw new Error(`condition not met: ${JSON.stringify(v).slice(0, 800)}\n${h.output.slice(-2000)}`);
+    if (Date.now() > end) throw new Error(`condition not met: ${JSON.stringify(v).slice(0, 800)}\n${daemonOutput(h).slice(-2000)}`);
     await new Promise((r) => setTimeout(r, 200));
   }
 }

@@ -9,7 +9,7 @@ import { ChangeFeed } from './change-feed.js';
 import { createApp } from './http/create-app.js';
 import { createHandlers } from './http/api-handlers.js';
 import { ServerMetrics } from './http/server-metrics.js';
-import { BoxReconciler } from './loops/box-reconciler.js';
+import { BoxReconciler, deadLocalHolder } from './loops/box-reconciler.js';
 import { WarmPoolFiller } from './loops/warm-pool-filler.js';
 import { BoxService } from './services/box-service.js';
 import { NodeService } from './services/node-service.js';
@@ -67,6 +67,7 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
   const app = createApp({ store, handlers: createHandlers({ store, feed, boxes, templates, nodes, now }), logger: opts.logger });
   const reconciler = new BoxReconciler(store, feed, now, {
     holder: `${hostname()}:${process.pid}`,
+    holderIsDead: deadLocalHolder(hostname()),
     retry: opts.retry,
     log: (msg, fields) => app.log.warn(fields ?? {}, msg),
     onError: () => metrics.reconcileErrors.inc(),

@@ -19,6 +19,8 @@ export interface ReconcilerOptions {
   resyncMs?: number;
   retry?: RetryPolicy;
   log?: (msg: string, fields?: Record<string, unknown>) => void;
+  /** Whether a lease holder is known to be dead (see `deadLocalHolder`); its leases are taken over at once. */
+  holderIsDead?: (holder: string) => boolean;
   /** Called on every unexpected reconcile error (for metrics). */
   onError?: () => void;
 }
@@ -124,7 +126,7 @@ export class BoxReconciler {
   /** One pass over one box. Returns when to look again (ms), or null when it is settled. */
   async reconcile(boxId: string): Promise<number | null> {
     const leaseName = `box:${boxId}`;
-    const token = await this.store.acquireLease(leaseName, this.opts.holder, this.leaseTtlMs, this.now());
+    const token = await this.store.acquireLease(leaseName, this.opts.holder, this.leaseTtlMs, this.now(), this.opts.holderIsDead);
     if (token === null) return this.leaseTtlMs / 2;
     try {
       const box = await this.store.getBox(boxId);
@@ -281,4 +283,24 @@ export class BoxReconciler {
       event: { type: 'Unschedulable', message },
     }));
   }
+}
+
+/**
+ * Holder names are `<hostname>:<pid>`. A holder on this host whose process no longer exists is
+ * dead: a server restarted after a crash need not wait for the leases of its previous self.
+ * Holders on other hosts are never presumed dead (their leases expire on their own).
+ */
+export function deadLocalHolder(host: string): (holder: string) => boolean {
+  return (holder) => {
+    const m = /^(.*):(\d+)$/.exec(holder);
+    if (!m || m[1] !== host) return false;
+    const pid = Number(m[2]);
+    if (pid === process.pid) return false;
+    try {
+      process.kill(pid, 0);
+      return false;
+    } catch (e) {
+      return (e as NodeJS.ErrnoException).code === 'ESRCH';
+    }
+  };
 }

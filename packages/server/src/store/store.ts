@@ -311,9 +311,10 @@ export class Store {
   /**
    * Takes or renews a named lease. The token grows every time the lease changes hands, so a
    * worker that lost its lease (paused, partitioned) can be told its writes are stale.
-   * Returns the token, or null while another holder's lease is still valid.
+   * Returns the token, or null while another holder's lease is still valid (unless
+   * `holderIsDead` says that holder is gone).
    */
-  async acquireLease(name: string, holder: string, ttlMs: number, now: number): Promise<number | null> {
+  async acquireLease(name: string, holder: string, ttlMs: number, now: number, holderIsDead?: (holder: string) => boolean): Promise<number | null> {
     return this.transaction(async (tx) => {
       const cur = await tx.selectFrom('leases').selectAll().where('name', '=', name).executeTakeFirst();
       if (!cur) {
@@ -325,7 +326,10 @@ export class Store {
         await tx.updateTable('leases').set({ expires_at: now + ttlMs }).where('name', '=', name).execute();
         return token;
       }
-      if (Number(cur.expires_at) > now) return null;
+      // A holder known to be dead (a crashed process on this host) cannot be writing: take over
+      // at once instead of waiting out its lease. The token still grows, so were it alive after
+      // all, its writes would be refused.
+      if (Number(cur.expires_at) > now && !holderIsDead?.(cur.holder)) return null;
       await tx.updateTable('leases').set({ holder, token: token + 1, expires_at: now + ttlMs }).where('name', '=', name).where('token', '=', token).execute();
       return token + 1;
     });
