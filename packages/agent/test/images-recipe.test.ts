@@ -22,7 +22,7 @@ import {
 import { treeDigest } from '@devyard/agent/images/tree-digest';
 import type { BoxRuntimeSpec } from '@devyard/agent/runtime/runtime-driver';
 import type { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
-import { boxLeftovers, run, testDriver } from './sandbox-test-host.js';
+import { boxLeftovers, run, testBoxSpec, testDriver } from './sandbox-test-host.js';
 
 let driver: SandboxDriver;
 let dataDir: string;
@@ -37,14 +37,7 @@ const oci = { ensure: () => Promise.reject(new Error('no registry in this test')
 
 const spec = (boxId: string, image: RecipeImage): BoxRuntimeSpec => {
   boxes.add(boxId);
-  return {
-    boxId,
-    name: boxId.replace(/_/g, '-'),
-    imageRootfs: image.rootfs,
-    imageDigest: image.digest,
-    resources: { cpuMillis: 1000, memoryBytes: 256 << 20, pids: 256 },
-    env: {},
-  };
+  return testBoxSpec(boxId, image, { resources: { cpuMillis: 1000, memoryBytes: 256 << 20, pids: 256 } });
 };
 
 /** Nothing of a build is left: no box dirs, crun containers, netns, veths, cgroups, temp dirs. */

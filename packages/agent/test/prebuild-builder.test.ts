@@ -13,7 +13,7 @@ import { treeDigest } from '@devyard/agent/images/tree-digest';
 import { PrebuildBuilder, PrebuildError, type Prebuild, type PrebuildRequest } from '@devyard/agent/prebuilds/prebuild-builder';
 import type { BoxRuntimeSpec } from '@devyard/agent/runtime/runtime-driver';
 import type { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
-import { boxLeftovers, run, testDriver } from './sandbox-test-host.js';
+import { boxLeftovers, run, startBox, testBoxSpec, testDriver } from './sandbox-test-host.js';
 import { GitFixture } from './workspace-git-fixture.js';
 
 /** Content, ownership, device numbers and xattrs of a tree (treeDigest does not cover xattrs). */
@@ -35,20 +35,12 @@ describe('prebuild builder', () => {
 
   const spec = (boxId: string, from?: Prebuild): BoxRuntimeSpec => {
     boxes.add(boxId);
-    return {
-      boxId,
-      name: boxId.replace(/_/g, '-'),
-      imageRootfs: image.rootfs,
-      imageDigest: image.digest,
-      resources: { cpuMillis: 500, memoryBytes: 64 * 1024 * 1024, pids: 64 },
+    return testBoxSpec(boxId, image, {
       env: { USER_SECRET: 'only-in-user-boxes' },
       ...(from ? { layers: [from.rootfsLayer], workspaceBase: from.workspaceBase } : {}),
-    };
+    });
   };
-  const up = async (s: BoxRuntimeSpec) => {
-    await driver.create(s);
-    await driver.start(s);
-  };
+  const up = (s: BoxRuntimeSpec) => startBox(driver, s);
   const grepHost = (needle: string, dir: string): string => {
     try {
       return execFileSync('grep', ['-rl', '--', needle, dir], { encoding: 'utf8' });

@@ -8,7 +8,7 @@ import { BuiltinImageStore, type BuiltImage } from '@devyard/agent/images/builti
 import { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
 import type { BoxRuntimeSpec } from '@devyard/agent/runtime/runtime-driver';
 import { treeDigest } from '@devyard/agent/images/tree-digest';
-import { boxLeftovers, run, testDriver } from './sandbox-test-host.js';
+import { boxLeftovers, run, startBox, testBoxSpec, testDriver, TEST_RESOURCES } from './sandbox-test-host.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 // Docker's default capabilities minus NET_RAW and MKNOD.
@@ -22,19 +22,9 @@ describe('sandbox driver', () => {
 
   const spec = (boxId: string, over: Partial<BoxRuntimeSpec['resources']> = {}): BoxRuntimeSpec => {
     boxes.add(boxId);
-    return {
-      boxId,
-      name: boxId.replace(/_/g, '-'),
-      imageRootfs: image.rootfs,
-      imageDigest: image.digest,
-      resources: { cpuMillis: 500, memoryBytes: 64 * 1024 * 1024, pids: 64, ...over },
-      env: { BOX_VAR: 'from-spec' },
-    };
+    return testBoxSpec(boxId, image, { resources: { ...TEST_RESOURCES, ...over }, env: { BOX_VAR: 'from-spec' } });
   };
-  const up = async (s: BoxRuntimeSpec) => {
-    await driver.create(s);
-    await driver.start(s);
-  };
+  const up = (s: BoxRuntimeSpec) => startBox(driver, s);
 
   beforeAll(async () => {
     ({ driver, dataDir } = await testDriver('drv', 231));

@@ -12,7 +12,7 @@ import { BuiltinImageStore, type BuiltImage } from '@devyard/agent/images/builti
 import { treeDigest } from '@devyard/agent/images/tree-digest';
 import type { BoxRuntimeSpec } from '@devyard/agent/runtime/runtime-driver';
 import type { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
-import { boxLeftovers, run, testDriver } from './sandbox-test-host.js';
+import { boxLeftovers, run, startBox, testBoxSpec, testDriver } from './sandbox-test-host.js';
 
 const ROOT = 100_000;
 
@@ -26,20 +26,9 @@ describe('sandbox driver: layers and workspace base', () => {
 
   const spec = (boxId: string, over: Partial<BoxRuntimeSpec> = {}): BoxRuntimeSpec => {
     boxes.add(boxId);
-    return {
-      boxId,
-      name: boxId.replace(/_/g, '-'),
-      imageRootfs: image.rootfs,
-      imageDigest: image.digest,
-      resources: { cpuMillis: 500, memoryBytes: 64 * 1024 * 1024, pids: 64 },
-      env: {},
-      ...over,
-    };
+    return testBoxSpec(boxId, image, over);
   };
-  const up = async (s: BoxRuntimeSpec) => {
-    await driver.create(s);
-    await driver.start(s);
-  };
+  const up = (s: BoxRuntimeSpec) => startBox(driver, s);
 
   beforeAll(async () => {
     ({ driver, dataDir } = await testDriver('lay', 234));

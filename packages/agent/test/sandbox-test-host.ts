@@ -8,7 +8,29 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
-import type { ExecProcess } from '@devyard/agent/runtime/runtime-driver';
+import type { BoxRuntimeSpec, ExecProcess, RuntimeDriver } from '@devyard/agent/runtime/runtime-driver';
+
+/** Small limits that every test box gets unless it is about limits. */
+export const TEST_RESOURCES: BoxRuntimeSpec['resources'] = { cpuMillis: 500, memoryBytes: 64 * 1024 * 1024, pids: 64 };
+
+/** A box spec on `image`, named after its id; tests override only what they are about. */
+export function testBoxSpec(boxId: string, image: { rootfs: string; digest: string }, over: Partial<BoxRuntimeSpec> = {}): BoxRuntimeSpec {
+  return {
+    boxId,
+    name: boxId.replace(/_/g, '-'),
+    imageRootfs: image.rootfs,
+    imageDigest: image.digest,
+    resources: TEST_RESOURCES,
+    env: {},
+    ...over,
+  };
+}
+
+/** Creates the box's disk state, then starts it (the agent's order). */
+export async function startBox(driver: Pick<RuntimeDriver, 'create' | 'start'>, spec: BoxRuntimeSpec): Promise<void> {
+  await driver.create(spec);
+  await driver.start(spec);
+}
 
 /** A driver on a fresh temp dataDir with its own bridge, subnet, nft table and cgroup parent. */
 export async function testDriver(tag: string, octet: number): Promise<{ driver: SandboxDriver; dataDir: string; cgroupParent: string }> {

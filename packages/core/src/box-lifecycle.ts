@@ -118,16 +118,8 @@ export function isConverged(box: { desiredState: DesiredState; phase: Phase }): 
   return box.phase === TARGET_PHASE[box.desiredState];
 }
 
-/** Phases an agent may report for a box it runs (the others belong to the control plane). */
-export const AGENT_PHASES: ReadonlySet<Phase> = new Set<Phase>([
-  'provisioning',
-  'starting',
-  'running',
-  'pausing',
-  'paused',
-  'stopping',
-  'stopped',
-  'resuming',
-  'deleting',
-  'deleted',
-]);
+/** Phases only the control plane sets: before a node has the box, and the retry budget spent. */
+export const CONTROL_PLANE_PHASES: ReadonlySet<Phase> = new Set<Phase>(['pending', 'scheduling', 'failed']);
+
+/** Phases an agent may report for a box it runs: all the others. */
+export const AGENT_PHASES: ReadonlySet<Phase> = new Set<Phase>(PHASES.filter((p) => !CONTROL_PLANE_PHASES.has(p)));
