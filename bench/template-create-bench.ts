@@ -5,7 +5,6 @@
  * of the same cached image without repository or hooks. Real docker-registry and git daemon on
  * loopback, the node from `createSandboxNode` as `devyard up` builds it.
  */
-import { existsSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -13,7 +12,7 @@ import { createSandboxNode, type SandboxNode } from '@devyard/agent/sandbox-node
 import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { startControlPlane, type ControlPlane } from '@devyard/server/control-plane';
 import { GitFixture } from '../packages/agent/test/workspace-git-fixture.js';
-import { OciLayoutBuilder, tarLayer } from '../packages/oci/test/oci-layout-builder.js';
+import { busyboxRootEntries, OciLayoutBuilder, tarLayer } from '../packages/oci/test/oci-layout-builder.js';
 import { TestRegistry } from '../packages/oci/test/registry-test-host.js';
 import { execTrue, pct, PhaseWaiter, row } from './bench-support.js';
 
@@ -23,20 +22,8 @@ const APPLETS = ['sh', 'cat', 'echo', 'ls', 'true', 'mkdir', 'touch', 'sleep'];
 
 /** Pushes a busybox image; `salt` makes each tag a distinct image (a fresh pull and unpack). */
 async function pushImage(registry: TestRegistry, dir: string, tag: string, salt: string): Promise<string> {
-  const busybox = ['/usr/bin/busybox', '/bin/busybox'].find((p) => existsSync(p))!;
   const layout = new OciLayoutBuilder(join(dir, `layout-${tag}`));
-  const image = await layout.image([
-    await tarLayer([
-      { path: 'bin/', type: 'directory' },
-      { path: 'bin/busybox', content: readFileSync(busybox), mode: 0o755 },
-      ...APPLETS.map((a) => ({ path: `bin/${a}`, type: 'symlink' as const, linkname: 'busybox' })),
-      { path: 'etc/', type: 'directory' },
-      { path: 'etc/passwd', content: 'root:x:0:0:root:/root:/bin/sh\n' },
-      { path: 'etc/salt', content: salt },
-      { path: 'root/', type: 'directory', mode: 0o700 },
-      { path: 'tmp/', type: 'directory', mode: 0o1777 },
-    ]),
-  ]);
+  const image = await layout.image([await tarLayer(busyboxRootEntries(APPLETS, [{ path: 'etc/salt', content: salt }]))]);
   await layout.tag(tag, image);
   await registry.push(layout.dir, tag, `bench/tools:${tag}`);
   return `${registry.host}/bench/tools:${tag}`;

@@ -4,15 +4,14 @@
  * and whose repository comes from a real git server; boxes are cloned from a prebuild and served
  * from a warm pool of 2 by `devyard up` with the real sandbox runtime.
  */
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { OciLayoutBuilder, tarLayer } from '../../packages/oci/test/oci-layout-builder.js';
+import { busyboxRootEntries, OciLayoutBuilder, tarLayer } from '../../packages/oci/test/oci-layout-builder.js';
 import { TestRegistry } from '../../packages/oci/test/registry-test-host.js';
 import { GitFixture } from '../../packages/agent/test/workspace-git-fixture.js';
 import { cleanup, daemonOutput, cli, cliAsync, cliOk, newHarness, startUp, type Harness } from './devyard-harness.js';
 
-const busybox = ['/usr/bin/busybox', '/bin/busybox'].find((p) => existsSync(p))!;
 const APPLETS = ['sh', 'cat', 'echo', 'ls', 'hostname', 'env', 'mkdir', 'touch', 'sleep', 'true', 'grep', 'id', 'wc'];
 
 let h: Harness;
@@ -41,17 +40,12 @@ beforeAll(async () => {
   const work = join(registry.dir, 'work');
   const layout = new OciLayoutBuilder(join(work, 'layout'));
   const image = await layout.image([
-    await tarLayer([
-      { path: 'bin/', type: 'directory' },
-      { path: 'bin/busybox', content: readFileSync(busybox), mode: 0o755 },
-      ...APPLETS.map((a) => ({ path: `bin/${a}`, type: 'symlink' as const, linkname: 'busybox' })),
-      { path: 'etc/', type: 'directory' },
-      { path: 'etc/passwd', content: 'root:x:0:0:root:/root:/bin/sh\n' },
-      { path: 'etc/group', content: 'root:x:0:\n' },
-      { path: 'etc/motd', content: 'from the registry\n' },
-      { path: 'root/', type: 'directory', mode: 0o700 },
-      { path: 'tmp/', type: 'directory', mode: 0o1777 },
-    ]),
+    await tarLayer(
+      busyboxRootEntries(APPLETS, [
+        { path: 'etc/group', content: 'root:x:0:\n' },
+        { path: 'etc/motd', content: 'from the registry\n' },
+      ]),
+    ),
   ]);
   await layout.tag('1', image);
   await registry.push(layout.dir, '1', 'devyard/tools:1');

@@ -4,6 +4,7 @@
  * links, devices, `../` names), which is exactly what the unpacker must be tested against.
  */
 import { createHash } from 'node:crypto';
+import { existsSync, readFileSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
@@ -109,4 +110,24 @@ export class OciLayoutBuilder {
     await writeFile(join(this.dir, 'oci-layout'), JSON.stringify({ imageLayoutVersion: '1.0.0' }));
     await writeFile(join(this.dir, 'index.json'), JSON.stringify({ schemaVersion: 2, manifests: this.index }));
   }
+}
+
+/**
+ * The entries of a minimal root filesystem around the host's static busybox: the applets named
+ * linked to it, root's passwd entry, /root and /tmp. Enough for a box to run shell hooks; `extra`
+ * entries (a marker file, a motd) make images distinguishable.
+ */
+export function busyboxRootEntries(applets: readonly string[], extra: LayerEntry[] = []): LayerEntry[] {
+  const busybox = ['/usr/bin/busybox', '/bin/busybox'].find((p) => existsSync(p));
+  if (!busybox) throw new Error('busybox not found on the host: install busybox-static');
+  return [
+    { path: 'bin/', type: 'directory' },
+    { path: 'bin/busybox', content: readFileSync(busybox), mode: 0o755 },
+    ...applets.map((a) => ({ path: `bin/${a}`, type: 'symlink' as const, linkname: 'busybox' })),
+    { path: 'etc/', type: 'directory' },
+    { path: 'etc/passwd', content: 'root:x:0:0:root:/root:/bin/sh\n' },
+    { path: 'root/', type: 'directory', mode: 0o700 },
+    { path: 'tmp/', type: 'directory', mode: 0o1777 },
+    ...extra,
+  ];
 }
