@@ -23,6 +23,19 @@ import {
   RegisterNodeResponseSchema,
   StatusReportRequestSchema,
 } from './node-schemas.js';
+import {
+  AccessTokenSchema,
+  AddSshKeyRequestSchema,
+  BoxConnectionSchema,
+  BoxPortListSchema,
+  BoxPortSchema,
+  CreateAccessTokenRequestSchema,
+  PortParamSchema,
+  SetBoxPortRequestSchema,
+  SshKeyListSchema,
+  SshKeySchema,
+} from './access-schemas.js';
+import { GatewaySyncRequestSchema, RouteTableSchema, WakeBoxRequestSchema } from './gateway-schemas.js';
 
 export interface RouteDef {
   operationId: string;
@@ -31,8 +44,8 @@ export interface RouteDef {
   path: string;
   summary: string;
   tag: string;
-  /** Who may call it: anyone, a user token, or a node agent token. */
-  auth: 'none' | 'user' | 'node';
+  /** Who may call it: anyone, a user token, a node agent token or a gateway token. */
+  auth: 'none' | 'user' | 'node' | 'gateway';
   params?: z.ZodObject;
   query?: z.ZodObject;
   body?: z.ZodType;
@@ -47,6 +60,9 @@ export interface RouteDef {
 const boxName = z.object({ name: NameSchema });
 const anyName = z.object({ name: z.string().min(1).max(63) });
 const nodeId = z.object({ id: z.string().min(1).max(64) });
+const boxId = z.object({ id: z.string().min(1).max(64) });
+const boxPort = z.object({ name: NameSchema, port: PortParamSchema });
+const keyId = z.object({ id: z.string().min(1).max(64) });
 const watchQuery = z.object({ watch: z.enum(['0', '1', 'true', 'false']).optional().meta({ description: '1: stream changes as Server-Sent Events' }) });
 const ifMatch = { name: 'If-Match', description: 'ETag of the box; the update is refused with 412 if the box changed since' };
 
@@ -99,6 +115,16 @@ export const ROUTES = [
     sse: true,
   },
   { operationId: 'createExecSession', method: 'POST', path: '/v1/boxes/{name}/exec-sessions', summary: 'Authorize a command session in a running box', tag: 'boxes', auth: 'user', params: boxName, body: ExecSessionRequestSchema, status: 201, response: ExecSessionSchema },
+  { operationId: 'getBoxConnection', method: 'GET', path: '/v1/boxes/{name}/connection', summary: "How to reach a box over SSH: its host key, alias and a gateway", tag: 'access', auth: 'user', params: boxName, status: 200, response: BoxConnectionSchema },
+  { operationId: 'listBoxPorts', method: 'GET', path: '/v1/boxes/{name}/ports', summary: "The box's ports with a non-default visibility, and their preview URLs", tag: 'access', auth: 'user', params: boxName, status: 200, response: BoxPortListSchema },
+  { operationId: 'setBoxPort', method: 'PUT', path: '/v1/boxes/{name}/ports/{port}', summary: "Set who may open a port's preview: private (default) or org", tag: 'access', auth: 'user', params: boxPort, body: SetBoxPortRequestSchema, status: 200, response: BoxPortSchema },
+  { operationId: 'resetBoxPort', method: 'DELETE', path: '/v1/boxes/{name}/ports/{port}', summary: 'Make a port private again', tag: 'access', auth: 'user', params: boxPort, status: 204 },
+  { operationId: 'listSshKeys', method: 'GET', path: '/v1/users/me/keys', summary: 'Your registered SSH public keys', tag: 'access', auth: 'user', status: 200, response: SshKeyListSchema },
+  { operationId: 'addSshKey', method: 'POST', path: '/v1/users/me/keys', summary: 'Register an SSH public key for the gateway', tag: 'access', auth: 'user', body: AddSshKeyRequestSchema, status: 201, response: SshKeySchema },
+  { operationId: 'removeSshKey', method: 'DELETE', path: '/v1/users/me/keys/{id}', summary: 'Remove one of your SSH keys (by id or fingerprint)', tag: 'access', auth: 'user', params: keyId, status: 204 },
+  { operationId: 'createAccessToken', method: 'POST', path: '/v1/access-tokens', summary: 'A short-lived signed token for a gateway (browser terminal, previews, `devyard ssh`)', tag: 'access', auth: 'user', body: CreateAccessTokenRequestSchema, status: 201, response: AccessTokenSchema },
+  { operationId: 'syncGateway', method: 'POST', path: '/v1/gateway/sync', summary: 'Gateway: register, report session activity and fetch the route table', tag: 'gateway', auth: 'gateway', body: GatewaySyncRequestSchema, status: 200, response: RouteTableSchema },
+  { operationId: 'wakeBox', method: 'POST', path: '/v1/gateway/boxes/{id}/wake', summary: 'Gateway: start or resume a box for a user who connects to it', tag: 'gateway', auth: 'gateway', params: boxId, body: WakeBoxRequestSchema, status: 202, response: BoxSchema },
   { operationId: 'watchEvents', method: 'GET', path: '/v1/events', summary: 'Server-Sent Events of every box event the caller may see', tag: 'boxes', auth: 'user', status: 200, sse: true },
   { operationId: 'createTemplate', method: 'POST', path: '/v1/templates', summary: 'Publish a new immutable template version', tag: 'templates', auth: 'user', body: CreateTemplateRequestSchema, status: 201, response: TemplateSchema },
   { operationId: 'listTemplates', method: 'GET', path: '/v1/templates', summary: 'Latest version of every template', tag: 'templates', auth: 'user', status: 200, response: TemplateListSchema },

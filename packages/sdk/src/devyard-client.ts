@@ -5,6 +5,8 @@
 import type { Box, BoxEvent, CreateBoxRequest, ExecSession } from '@devyard/api/box-schemas';
 import type { BoxStatusReport, DesiredSet, PrebuildReport, Node, RegisterNodeRequest, RegisterNodeResponse } from '@devyard/api/node-schemas';
 import type { CreateTemplateRequest, Prebuild, Template } from '@devyard/api/template-schemas';
+import type { AccessToken, BoxConnection, BoxPort, PortVisibility, SshKey } from '@devyard/api/access-schemas';
+import type { GatewaySyncRequest, RouteTable } from '@devyard/api/gateway-schemas';
 import { ApiError } from './api-error.js';
 import { readSse } from './sse-client.js';
 
@@ -161,5 +163,49 @@ export class DevyardClient {
 
   async reportStatus(nodeId: string, reports: BoxStatusReport[], prebuilds: PrebuildReport[] = []): Promise<void> {
     await this.request('POST', `/v1/agent/nodes/${nodeId}/status`, { body: { reports, prebuilds } });
+  }
+
+  // ---- access ----
+
+  getBoxConnection(name: string): Promise<BoxConnection> {
+    return this.get<BoxConnection>(`/v1/boxes/${encodeURIComponent(name)}/connection`);
+  }
+
+  async listBoxPorts(name: string): Promise<BoxPort[]> {
+    return (await this.get<{ items: BoxPort[] }>(`/v1/boxes/${encodeURIComponent(name)}/ports`)).items;
+  }
+
+  async setBoxPort(name: string, port: number, visibility: PortVisibility): Promise<BoxPort> {
+    return (await this.request<BoxPort>('PUT', `/v1/boxes/${encodeURIComponent(name)}/ports/${port}`, { body: { visibility } })).body;
+  }
+
+  async resetBoxPort(name: string, port: number): Promise<void> {
+    await this.request('DELETE', `/v1/boxes/${encodeURIComponent(name)}/ports/${port}`);
+  }
+
+  async listSshKeys(): Promise<SshKey[]> {
+    return (await this.get<{ items: SshKey[] }>('/v1/users/me/keys')).items;
+  }
+
+  async addSshKey(publicKey: string, name?: string): Promise<SshKey> {
+    return (await this.request<SshKey>('POST', '/v1/users/me/keys', { body: { publicKey, ...(name ? { name } : {}) } })).body;
+  }
+
+  async removeSshKey(idOrFingerprint: string): Promise<void> {
+    await this.request('DELETE', `/v1/users/me/keys/${encodeURIComponent(idOrFingerprint)}`);
+  }
+
+  async createAccessToken(ttlSeconds?: number): Promise<AccessToken> {
+    return (await this.request<AccessToken>('POST', '/v1/access-tokens', { body: ttlSeconds ? { ttlSeconds } : {} })).body;
+  }
+
+  /** Gateway only: register, report activity, fetch the route table. */
+  async syncGateway(req: GatewaySyncRequest): Promise<RouteTable> {
+    return (await this.request<RouteTable>('POST', '/v1/gateway/sync', { body: req })).body;
+  }
+
+  /** Gateway only: start or resume a box for a connecting user. */
+  async wakeBox(boxId: string, subject: string): Promise<Box> {
+    return (await this.request<Box>('POST', `/v1/gateway/boxes/${encodeURIComponent(boxId)}/wake`, { body: { subject } })).body;
   }
 }

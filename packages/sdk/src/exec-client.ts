@@ -17,7 +17,11 @@ export interface ExecClientOptions {
   stdin?: Readable | null;
   stdout: Writable;
   stderr: Writable;
+  /** Called on every chunk in either direction (activity tracking). */
+  onActivity?: () => void;
 }
+
+const STDIN_HIGH_WATER = 4 * 1024 * 1024;
 
 export interface ExecHandle {
   /** Resolves with the remote exit code. */
@@ -33,7 +37,18 @@ export function execInBox(session: ExecSession, opts: ExecClientOptions): ExecHa
     ws.on('open', () => {
       ws.send(JSON.stringify({ type: 'start', argv: opts.argv, tty: opts.tty ?? false, cols: opts.cols ?? 80, rows: opts.rows ?? 24, env: opts.env ?? {}, cwd: opts.cwd }));
       if (opts.stdin) {
-        opts.stdin.on('data', (d: Buffer) => ws.readyState === ws.OPEN && ws.send(frame(CHANNEL.stdin, d)));
+        const stdin = opts.stdin;
+        stdin.on('data', (d: Buffer) => {
+          opts.onActivity?.();
+          if (ws.readyState !== ws.OPEN) return;
+          ws.send(frame(CHANNEL.stdin, d));
+          // Backpressure: stop reading input while the socket has much unsent.
+          if (ws.bufferedAmount > STDIN_HIGH_WATER) {
+            stdin.pause();
+            const poll = () => (ws.bufferedAmount > STDIN_HIGH_WATER && ws.readyState === ws.OPEN ? setTimeout(poll, 2) : stdin.resume());
+            setTimeout(poll, 2);
+          }
+        });
         opts.stdin.on('end', () => ws.readyState === ws.OPEN && ws.send(JSON.stringify({ type: 'eof' })));
       } else {
         ws.send(JSON.stringify({ type: 'eof' }));
@@ -41,8 +56,13 @@ export function execInBox(session: ExecSession, opts: ExecClientOptions): ExecHa
     });
     ws.on('message', (data: Buffer, isBinary: boolean) => {
       if (isBinary) {
+        opts.onActivity?.();
         const out = data[0] === CHANNEL.stderr ? opts.stderr : opts.stdout;
-        out.write(data.subarray(1));
+        // Backpressure: stop reading the socket until a slow consumer drains.
+        if (!out.write(data.subarray(1))) {
+          ws.pause();
+          out.once('drain', () => ws.resume());
+        }
         return;
       }
       const msg = JSON.parse(data.toString()) as ExecServerMessage;

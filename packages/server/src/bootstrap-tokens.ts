@@ -1,5 +1,5 @@
 /**
- * First-start credentials: an admin API token and a node join token, stored hashed in the store and
+ * First-start credentials: an admin API token, a node join token and a gateway token, stored hashed in the store and
  * in plain text only in files readable by root (0600) in the data dir, from where `devyard up`
  * hands them to the CLI and the local agent.
  */
@@ -13,14 +13,16 @@ import type { Store } from './store/store.js';
 export interface BootstrapTokens {
   adminToken: string;
   nodeToken: string;
+  /** Token `devyard gateway` processes authenticate with. */
+  gatewayToken: string;
 }
 
-async function ensureToken(store: Store, file: string, kind: 'user' | 'node', subject: string, now: number): Promise<string> {
+async function ensureToken(store: Store, file: string, kind: 'user' | 'node' | 'gateway', subject: string, now: number): Promise<string> {
   if (existsSync(file)) {
     const token = readFileSync(file, 'utf8').trim();
     if (await store.findTokenByHash(hashToken(token))) return token;
   }
-  const token = `dy_${kind === 'user' ? 'u' : 'n'}_${randomBytes(24).toString('base64url')}`;
+  const token = `dy_${kind[0]}_${randomBytes(24).toString('base64url')}`;
   await store.insertToken({ id: newId('t'), token_hash: hashToken(token), name: `bootstrap ${kind}`, kind, subject, created_at: now });
   writeFileSync(file, `${token}\n`, { mode: 0o600 });
   return token;
@@ -31,5 +33,6 @@ export async function ensureBootstrapTokens(store: Store, dataDir: string, now: 
   return {
     adminToken: await ensureToken(store, join(dataDir, 'admin.token'), 'user', 'admin', now),
     nodeToken: await ensureToken(store, join(dataDir, 'node.token'), 'node', 'node', now),
+    gatewayToken: await ensureToken(store, join(dataDir, 'gateway.token'), 'gateway', 'gateway', now),
   };
 }

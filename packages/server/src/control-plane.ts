@@ -11,7 +11,9 @@ import { createHandlers } from './http/api-handlers.js';
 import { ServerMetrics } from './http/server-metrics.js';
 import { BoxReconciler, deadLocalHolder } from './loops/box-reconciler.js';
 import { WarmPoolFiller } from './loops/warm-pool-filler.js';
+import { AccessService } from './services/access-service.js';
 import { BoxService } from './services/box-service.js';
+import { AccessStore } from './store/access-store.js';
 import { NodeService } from './services/node-service.js';
 import { TemplateService } from './services/template-service.js';
 import { openSqliteDatabase } from './store/sqlite-database.js';
@@ -35,6 +37,8 @@ export interface ControlPlaneOptions {
   insecureRegistries?: string[];
   /** Warm pool size per template version (default: the template's `warmPoolSize`). */
   poolSize?: (t: TemplateRecord) => number;
+  /** Lifetime of the agent tokens handed to gateways (how long they serve on with the server down). */
+  gatewayTokenTtlMs?: number;
 }
 
 export interface ControlPlane {
@@ -45,6 +49,7 @@ export interface ControlPlane {
   reconciler: BoxReconciler;
   warmPools: WarmPoolFiller;
   boxes: BoxService;
+  access: AccessService;
   tokens: BootstrapTokens;
   close(): Promise<void>;
 }
@@ -64,7 +69,8 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
   const tokens = await ensureBootstrapTokens(store, opts.dataDir, now());
   const boxes = new BoxService(store, feed, now);
   const nodes = new NodeService(store, feed, now, opts.retry);
-  const app = createApp({ store, handlers: createHandlers({ store, feed, boxes, templates, nodes, now }), logger: opts.logger });
+  const access = new AccessService(store, new AccessStore(store.db), boxes, now, { agentTokenTtlMs: opts.gatewayTokenTtlMs });
+  const app = createApp({ store, handlers: createHandlers({ store, feed, boxes, templates, nodes, access, now }), logger: opts.logger });
   const reconciler = new BoxReconciler(store, feed, now, {
     holder: `${hostname()}:${process.pid}`,
     holderIsDead: deadLocalHolder(hostname()),
@@ -92,6 +98,7 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
     reconciler,
     warmPools,
     boxes,
+    access,
     tokens,
     async close() {
       await warmPools.stop();

@@ -13,6 +13,9 @@ import { ApiError } from '@devyard/sdk/api-error';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { startControlPlane, type ControlPlane } from '@devyard/server/control-plane';
 import type { DesiredSet } from '@devyard/api/node-schemas';
+import { verifyAccessToken } from '@devyard/api/access-tokens';
+import { hashToken } from '@devyard/server/http/create-app';
+import ssh2 from 'ssh2';
 
 const covered = new Set<string>();
 const cover = (...ids: string[]) => ids.forEach((id) => covered.add(id));
@@ -398,6 +401,118 @@ describe('nodes', () => {
     expect(again.sessionKey).toBe(sessionKey);
     expect((await problemOf(node.heartbeat('n_missing'))).status).toBe(404);
     cover('heartbeatNode');
+  });
+});
+
+describe('access routes', () => {
+  const gatewayEndpoint = { url: 'http://127.0.0.1:7100', sshHost: '127.0.0.1', sshPort: 2222, previewDomain: 'localhost' };
+  let gateway: DevyardClient;
+  let other: DevyardClient;
+  let accNode: string;
+  let accKey: string;
+  const converge = async () => {
+    const set = await node.getDesiredSet(accNode);
+    await node.reportStatus(accNode, set.boxes.map((b) => ({ boxId: b.boxId, phase: b.desiredState, observedGeneration: b.generation, operationId: b.operationId, ip: '10.0.0.3', error: null, message: '' })));
+  };
+
+  beforeAll(async () => {
+    gateway = new DevyardClient({ url: cp.url, token: cp.tokens.gatewayToken });
+    const otherToken = 'dy_u_other-user-token-for-tests';
+    await cp.store.insertToken({ id: 't_other', token_hash: hashToken(otherToken), name: 'other', kind: 'user', subject: 'mallory', created_at: Date.now() });
+    other = new DevyardClient({ url: cp.url, token: otherToken });
+    // Its own node: earlier tests filled node-a on purpose.
+    const reg = await node.registerNode({ name: 'node-acc', arch: 'x86_64', region: null, labels: {}, runtimes: ['sandbox'], capacity: { cpuMillis: 8000, memoryBytes: 8 * 1024 ** 3, diskBytes: 100 * 1024 ** 3 }, images: ['tiny'], agentUrl: 'http://127.0.0.1:2' });
+    accNode = reg.nodeId;
+    accKey = reg.sessionKey;
+    await user.setCordoned('node-a', true);
+    await user.createBox({ name: 'acc', template: 'tiny' });
+    await user.setCordoned('node-a', false);
+    await until(async () => (await converge(), user.getBox('acc')), (b) => b.phase === 'running');
+  });
+
+  it('registers, lists and removes SSH keys; one key belongs to one user; bad keys change nothing', async () => {
+    const pub = ssh2.utils.generateKeyPairSync('ed25519', { comment: 'dev@laptop' }).public;
+    const k = await user.addSshKey(pub);
+    expect(k.name).toBe('dev@laptop');
+    expect(k.fingerprint).toMatch(/^SHA256:[A-Za-z0-9+/]{43}$/);
+    expect((await user.listSshKeys()).map((x) => x.id)).toContain(k.id);
+    expect(await other.listSshKeys()).toEqual([]);
+    const dup = await problemOf(other.addSshKey(pub));
+    expect([dup.status, dup.code]).toEqual([409, 'conflict']);
+    const priv = ssh2.utils.generateKeyPairSync('ed25519').private;
+    expect((await problemOf(user.addSshKey(priv))).status).toBe(400);
+    expect((await problemOf(user.addSshKey('ssh-ed25519 notbase64!!'))).status).toBe(400);
+    expect((await raw('POST', '/v1/users/me/keys', { body: JSON.stringify({ publicKey: pub, extra: 1 }) })).status).toBe(400);
+    expect((await user.listSshKeys()).length).toBe(1);
+    expect((await problemOf(other.removeSshKey(k.id))).status).toBe(404);
+    await user.removeSshKey(k.fingerprint);
+    expect(await user.listSshKeys()).toEqual([]);
+    await user.addSshKey(pub, 'laptop');
+    cover('addSshKey', 'listSshKeys', 'removeSshKey');
+  });
+
+  it('syncs gateways: route table with host keys, agent tokens and user keys; records activity; gateway-only', async () => {
+    const forbidden = await problemOf(user.syncGateway({ gatewayId: 'g1', endpoint: gatewayEndpoint, activity: [] }));
+    expect(forbidden.status).toBe(403);
+    const box = await user.getBox('acc');
+    const table = await gateway.syncGateway({ gatewayId: 'g1', endpoint: gatewayEndpoint, activity: [{ boxId: box.id, lastActiveAt: Date.now() - 5000, sessions: 1 }, { boxId: 'b_gone', lastActiveAt: 1, sessions: 0 }] });
+    const rb = table.boxes.find((b) => b.id === box.id)!;
+    expect(rb.owner).toBe('admin');
+    expect(rb.agentUrl).toBe('http://127.0.0.1:2');
+    expect(verifySessionToken(rb.agentToken!, accKey, Date.now())?.boxId).toBe(box.id);
+    expect(rb.hostKey).toContain('OPENSSH PRIVATE KEY');
+    expect(table.users.find((u) => u.subject === 'admin')?.keys).toHaveLength(1);
+    expect(table.expiresAt).toBeGreaterThan(Date.now());
+    const again = await gateway.syncGateway({ gatewayId: 'g2', endpoint: gatewayEndpoint, activity: [] });
+    expect(again.boxes.find((b) => b.id === box.id)!.hostKey).toBe(rb.hostKey);
+    expect(again.gatewayHostKey).toBe(table.gatewayHostKey);
+    cover('syncGateway');
+
+    const conn = await user.getBoxConnection('acc');
+    const hostPub = ssh2.utils.parseKey(rb.hostKey) as ssh2.ParsedKey;
+    expect(conn.hostKey).toBe(`ssh-ed25519 ${hostPub.getPublicSSH().toString('base64')}`);
+    expect(conn.hostKeyAlias).toBe('devyard.acc');
+    expect(conn.gateway).toEqual(gatewayEndpoint);
+    expect(Date.parse(conn.lastActivityAt!)).toBeLessThan(Date.now() - 4000);
+    expect((await problemOf(other.getBoxConnection('acc'))).status).toBe(404);
+    cover('getBoxConnection');
+  });
+
+  it('issues access tokens the route table key verifies', async () => {
+    const t = await user.createAccessToken(60);
+    const table = await gateway.syncGateway({ gatewayId: 'g1', endpoint: gatewayEndpoint, activity: [] });
+    expect(verifyAccessToken(t.token, table.accessTokenKey, Date.now())?.sub).toBe('admin');
+    expect(verifyAccessToken(t.token, table.accessTokenKey, Date.now() + 61_000)).toBeNull();
+    expect(verifyAccessToken(t.token.slice(0, -3) + 'AAA', table.accessTokenKey, Date.now())).toBeNull();
+    expect(t.gateway?.sshPort).toBe(2222);
+    expect((await raw('POST', '/v1/access-tokens', { body: JSON.stringify({ ttlSeconds: 999_999 }) })).status).toBe(400);
+    cover('createAccessToken');
+  });
+
+  it('sets port visibility for the owner only and shows preview URLs', async () => {
+    const p = await user.setBoxPort('acc', 8080, 'org');
+    expect(p).toEqual({ port: 8080, visibility: 'org', previewUrl: 'http://8080--acc.localhost:7100/' });
+    expect(await user.listBoxPorts('acc')).toEqual([p]);
+    const table = await gateway.syncGateway({ gatewayId: 'g1', endpoint: gatewayEndpoint, activity: [] });
+    expect(table.boxes.find((b) => b.name === 'acc')!.ports).toEqual([{ port: 8080, visibility: 'org' }]);
+    expect((await problemOf(other.setBoxPort('acc', 8080, 'private'))).status).toBe(404);
+    expect((await raw('PUT', '/v1/boxes/acc/ports/70000', { body: JSON.stringify({ visibility: 'org' }) })).status).toBe(400);
+    expect((await raw('PUT', '/v1/boxes/acc/ports/80', { body: JSON.stringify({ visibility: 'public' }) })).status).toBe(400);
+    await user.resetBoxPort('acc', 8080);
+    expect(await user.listBoxPorts('acc')).toEqual([]);
+    expect((await problemOf(other.listBoxPorts('acc'))).status).toBe(404);
+    cover('setBoxPort', 'listBoxPorts', 'resetBoxPort');
+  });
+
+  it('wakes a stopped box for its owner only', async () => {
+    await user.boxVerb('acc', 'stop');
+    const box = await until(async () => (await converge(), user.getBox('acc')), (b) => b.phase === 'stopped');
+    expect((await problemOf(gateway.wakeBox(box.id, 'mallory'))).status).toBe(404);
+    expect((await problemOf(user.wakeBox(box.id, 'admin'))).status).toBe(403);
+    const woken = await gateway.wakeBox(box.id, 'admin');
+    expect(woken.desiredState).toBe('running');
+    expect((await problemOf(gateway.wakeBox('b_nope', 'admin'))).status).toBe(404);
+    cover('wakeBox');
   });
 });
 

@@ -5,7 +5,10 @@ import { buildOpenApiDocument } from '@devyard/api/openapi-document';
 import type { CreateTemplateRequest } from '@devyard/api/template-schemas';
 import type { Verb } from '@devyard/core/box-lifecycle';
 import { DomainError } from '@devyard/core/domain-error';
+import type { AddSshKeyRequest, PortVisibility } from '@devyard/api/access-schemas';
+import type { GatewaySyncRequest } from '@devyard/api/gateway-schemas';
 import type { ChangeFeed } from '../change-feed.js';
+import type { AccessService } from '../services/access-service.js';
 import type { BoxService, Subject } from '../services/box-service.js';
 import { toApiBox, toApiEvent, toApiNode, toApiTemplate } from '../services/box-views.js';
 import type { NodeService } from '../services/node-service.js';
@@ -21,6 +24,7 @@ export interface HandlerDeps {
   boxes: BoxService;
   templates: TemplateService;
   nodes: NodeService;
+  access: AccessService;
   now: () => number;
 }
 
@@ -119,6 +123,23 @@ export function createHandlers(d: HandlerDeps): Handlers {
       await watchEvents(ctx, {});
       return undefined;
     },
+
+    getBoxConnection: async (ctx) => d.access.connection(ctx.subject, ctx.params.name!),
+    listBoxPorts: async (ctx) => ({ items: await d.access.listPorts(ctx.subject, ctx.params.name!) }),
+    setBoxPort: async (ctx) => d.access.setPort(ctx.subject, ctx.params.name!, Number(ctx.params.port), (ctx.body as { visibility: PortVisibility }).visibility),
+    resetBoxPort: async (ctx) => {
+      await d.access.resetPort(ctx.subject, ctx.params.name!, Number(ctx.params.port));
+      return undefined;
+    },
+    listSshKeys: async (ctx) => ({ items: await d.access.listKeys(ctx.subject) }),
+    addSshKey: async (ctx) => d.access.addKey(ctx.subject, ctx.body as AddSshKeyRequest),
+    removeSshKey: async (ctx) => {
+      await d.access.removeKey(ctx.subject, ctx.params.id!);
+      return undefined;
+    },
+    createAccessToken: async (ctx) => d.access.createAccessToken(ctx.subject, (ctx.body as { ttlSeconds: number }).ttlSeconds),
+    syncGateway: async (ctx) => d.access.sync(ctx.body as GatewaySyncRequest),
+    wakeBox: async (ctx) => view(await d.access.wake(ctx.params.id!, (ctx.body as { subject: string }).subject)),
 
     createTemplate: async (ctx) => toApiTemplate(await d.templates.create(ctx.body as CreateTemplateRequest)),
     listTemplates: async () => ({ items: (await d.templates.list()).map(toApiTemplate) }),

@@ -21,7 +21,7 @@ export const WARM_POOL_OWNER = 'system:warm-pool';
 export interface Subject {
   /** User (or system loop) name; boxes are scoped by it. */
   name: string;
-  kind: 'user' | 'node' | 'system';
+  kind: 'user' | 'node' | 'gateway' | 'system';
 }
 
 /** Requested resources over the template's defaults, checked against its maximum. */

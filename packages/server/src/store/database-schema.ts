@@ -124,7 +124,57 @@ export interface PrebuildTable {
   finished_at: number;
 }
 
+export interface SshKeyTable {
+  id: string;
+  subject: string;
+  name: string;
+  public_key: string;
+  fingerprint: string;
+  created_at: number;
+}
+
+export interface BoxHostKeyTable {
+  box_id: string;
+  private_key: string;
+  public_key: string;
+}
+
+export interface BoxPortTable {
+  box_id: string;
+  port: number;
+  visibility: string;
+  updated_at: number;
+}
+
+export interface BoxActivityTable {
+  box_id: string;
+  last_active_at: number;
+  sessions: number;
+  gateway_id: string;
+  reported_at: number;
+}
+
+export interface GatewayTable {
+  id: string;
+  /** GatewayEndpoint as JSON. */
+  endpoint: string;
+  last_seen_at: number;
+}
+
+export interface ServerKeyTable {
+  name: string;
+  private_key: string;
+  public_key: string;
+  created_at: number;
+}
+
 export interface Database {
+  ssh_keys: SshKeyTable;
+  box_host_keys: BoxHostKeyTable;
+  box_ports: BoxPortTable;
+  box_activity: BoxActivityTable;
+  gateways: GatewayTable;
+  server_keys: ServerKeyTable;
   prebuilds: PrebuildTable;
   templates: TemplateTable;
   boxes: BoxTable;

@@ -156,8 +156,64 @@ const m0003: Migration = {
   },
 };
 
+/**
+ * Access (issue 4): users' SSH keys (a key belongs to one user: the gateway finds the user by it),
+ * each box's own SSH host key, per-port preview visibility, gateways seen and session activity, and
+ * the server's own keys (access-token signing, the gateways' shared host key). Host keys and
+ * activity live beside the box row so neither bumps the box's version (its ETag).
+ */
+const m0004: Migration = {
+  async up(db: Kysely<unknown>) {
+    await db.schema
+      .createTable('ssh_keys')
+      .addColumn('id', 'text', (c) => c.primaryKey())
+      .addColumn('subject', 'text', (c) => c.notNull())
+      .addColumn('name', 'text', (c) => c.notNull())
+      .addColumn('public_key', 'text', (c) => c.notNull())
+      .addColumn('fingerprint', 'text', (c) => c.notNull().unique())
+      .addColumn('created_at', 'bigint', (c) => c.notNull())
+      .execute();
+    await db.schema.createIndex('ssh_keys_subject').on('ssh_keys').column('subject').execute();
+    await db.schema
+      .createTable('box_host_keys')
+      .addColumn('box_id', 'text', (c) => c.primaryKey())
+      .addColumn('private_key', 'text', (c) => c.notNull())
+      .addColumn('public_key', 'text', (c) => c.notNull())
+      .execute();
+    await db.schema
+      .createTable('box_ports')
+      .addColumn('box_id', 'text', (c) => c.notNull())
+      .addColumn('port', 'integer', (c) => c.notNull())
+      .addColumn('visibility', 'text', (c) => c.notNull())
+      .addColumn('updated_at', 'bigint', (c) => c.notNull())
+      .addPrimaryKeyConstraint('box_ports_pk', ['box_id', 'port'])
+      .execute();
+    await db.schema
+      .createTable('box_activity')
+      .addColumn('box_id', 'text', (c) => c.primaryKey())
+      .addColumn('last_active_at', 'bigint', (c) => c.notNull())
+      .addColumn('sessions', 'integer', (c) => c.notNull())
+      .addColumn('gateway_id', 'text', (c) => c.notNull())
+      .addColumn('reported_at', 'bigint', (c) => c.notNull())
+      .execute();
+    await db.schema
+      .createTable('gateways')
+      .addColumn('id', 'text', (c) => c.primaryKey())
+      .addColumn('endpoint', 'text', (c) => c.notNull())
+      .addColumn('last_seen_at', 'bigint', (c) => c.notNull())
+      .execute();
+    await db.schema
+      .createTable('server_keys')
+      .addColumn('name', 'text', (c) => c.primaryKey())
+      .addColumn('private_key', 'text', (c) => c.notNull())
+      .addColumn('public_key', 'text', (c) => c.notNull())
+      .addColumn('created_at', 'bigint', (c) => c.notNull())
+      .execute();
+  },
+};
+
 export const migrationProvider: MigrationProvider = {
   async getMigrations() {
-    return { '0001_initial': m0001, '0002_template_spec': m0002, '0003_prebuilds': m0003 };
+    return { '0001_initial': m0001, '0002_template_spec': m0002, '0003_prebuilds': m0003, '0004_access': m0004 };
   },
 };

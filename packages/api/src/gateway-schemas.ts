@@ -1,0 +1,58 @@
+/**
+ * What a gateway exchanges with the server: one `sync` call registers the gateway, reports session
+ * activity and returns the route table the gateway caches, so it keeps serving (for tokens still
+ * valid) while the server is down.
+ */
+import { z } from 'zod';
+import { GatewayEndpointSchema, PortVisibilitySchema } from './access-schemas.js';
+import { DesiredStateSchema, PhaseSchema } from './box-schemas.js';
+
+export const BoxActivitySchema = z.object({
+  boxId: z.string(),
+  lastActiveAt: z.number().int().meta({ description: 'ms since epoch of the last byte through a session' }),
+  sessions: z.number().int().min(0).meta({ description: 'sessions open on this gateway now' }),
+});
+
+export const GatewaySyncRequestSchema = z
+  .object({
+    gatewayId: z.string().min(1).max(100),
+    endpoint: GatewayEndpointSchema,
+    activity: z.array(BoxActivitySchema).max(100_000).default([]),
+  })
+  .strict();
+
+export const RouteBoxSchema = z.object({
+  id: z.string(),
+  name: z.string(),
+  owner: z.string(),
+  phase: PhaseSchema,
+  desiredState: DesiredStateSchema,
+  /** Base URL of the box's node agent (http://…), null while unscheduled. */
+  agentUrl: z.string().nullable(),
+  /** Session token for the agent, signed with the node's key, null while unscheduled. */
+  agentToken: z.string().nullable(),
+  /** OpenSSH private host key of the box (its own SSH identity). */
+  hostKey: z.string(),
+  ports: z.array(z.object({ port: z.number().int(), visibility: PortVisibilitySchema })),
+});
+
+export const RouteTableSchema = z
+  .object({
+    generatedAt: z.number().int(),
+    /** The agent tokens in this table expire then; the gateway must sync before. */
+    expiresAt: z.number().int(),
+    /** PEM (SPKI) Ed25519 key that verifies access tokens. */
+    accessTokenKey: z.string(),
+    /** OpenSSH private host key every gateway presents on its SSH port. */
+    gatewayHostKey: z.string(),
+    boxes: z.array(RouteBoxSchema),
+    users: z.array(z.object({ subject: z.string(), keys: z.array(z.string()) })),
+  })
+  .meta({ id: 'RouteTable' });
+
+export const WakeBoxRequestSchema = z.object({ subject: z.string().min(1) }).strict();
+
+export type GatewaySyncRequest = z.infer<typeof GatewaySyncRequestSchema>;
+export type RouteBox = z.infer<typeof RouteBoxSchema>;
+export type RouteTable = z.infer<typeof RouteTableSchema>;
+export type BoxActivity = z.infer<typeof BoxActivitySchema>;

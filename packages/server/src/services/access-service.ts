@@ -1,0 +1,266 @@
+/**
+ * Access to boxes: users' SSH keys, each box's SSH host identity, port visibility, signed access
+ * tokens for gateways, and the gateway sync (registration, activity, route table) and wake calls.
+ * The access rules themselves are core's access-policy, shared with the gateways.
+ */
+import { createHash, createPrivateKey, generateKeyPairSync, type KeyObject } from 'node:crypto';
+import ssh2 from 'ssh2';
+import type { AccessToken, AddSshKeyRequest, BoxConnection, BoxPort, GatewayEndpoint, PortVisibility, SshKey } from '@devyard/api/access-schemas';
+import { signAccessToken } from '@devyard/api/access-tokens';
+import type { GatewaySyncRequest, RouteTable } from '@devyard/api/gateway-schemas';
+import { signSessionToken } from '@devyard/api/session-tokens';
+import { boxHostAlias, mayConnect, mayWake, previewHost } from '@devyard/core/access-policy';
+import { DomainError } from '@devyard/core/domain-error';
+import { newId } from '../ids.js';
+import type { BoxRecord } from '../store/box-records.js';
+import type { AccessStore } from '../store/access-store.js';
+import type { Store } from '../store/store.js';
+import type { BoxService, Subject } from './box-service.js';
+
+export interface AccessServiceOptions {
+  /** Lifetime of the agent tokens in a route table: how long gateways work on with the server down. */
+  agentTokenTtlMs?: number;
+  /** A gateway not seen for this long is not offered to clients. */
+  gatewayFreshMs?: number;
+}
+
+const ACCESS_SIGNING_KEY = 'access-token-signing';
+const GATEWAY_HOST_KEY = 'gateway-host-key';
+
+function newSshHostKey(): { privateKey: string; publicKey: string } {
+  const k = ssh2.utils.generateKeyPairSync('ed25519');
+  return { privateKey: k.private, publicKey: k.public };
+}
+
+/** `SHA256:…` as `ssh-keygen -l` prints it. */
+export function sshFingerprint(publicBlob: Buffer): string {
+  return `SHA256:${createHash('sha256').update(publicBlob).digest('base64').replace(/=+$/, '')}`;
+}
+
+/** Parses one OpenSSH public key line; refuses private keys, several keys and garbage. */
+export function parsePublicKey(line: string): { algo: string; blob: Buffer; comment: string; canonical: string } {
+  const text = line.trim();
+  if (text.includes('\n')) throw new DomainError('invalid-input', 'give exactly one public key line', { field: 'publicKey' });
+  if (/PRIVATE KEY/.test(text)) throw new DomainError('invalid-input', 'that is a private key; give the public key (the .pub file)', { field: 'publicKey' });
+  const parsed = ssh2.utils.parseKey(text);
+  if (parsed instanceof Error || Array.isArray(parsed) || parsed.isPrivateKey()) {
+    throw new DomainError('invalid-input', `not an OpenSSH public key${parsed instanceof Error ? `: ${parsed.message}` : ''}`, { field: 'publicKey' });
+  }
+  const blob = parsed.getPublicSSH();
+  const comment = text.split(/\s+/).slice(2).join(' ');
+  return { algo: parsed.type, blob, comment, canonical: `${parsed.type} ${blob.toString('base64')}` };
+}
+
+export class AccessService {
+  private signingKey: Promise<{ privateKey: KeyObject; publicPem: string }> | undefined;
+  private readonly agentTokenTtlMs: number;
+  private readonly gatewayFreshMs: number;
+
+  constructor(
+    private readonly store: Store,
+    private readonly access: AccessStore,
+    private readonly boxes: BoxService,
+    private readonly now: () => number,
+    opts: AccessServiceOptions = {},
+  ) {
+    this.agentTokenTtlMs = opts.agentTokenTtlMs ?? 15 * 60_000;
+    this.gatewayFreshMs = opts.gatewayFreshMs ?? 60_000;
+  }
+
+  // ---- SSH keys ----
+
+  async listKeys(subject: Subject): Promise<SshKey[]> {
+    return (await this.access.listSshKeys(subject.name)).map((k) => ({
+      id: k.id,
+      name: k.name,
+      publicKey: k.public_key,
+      fingerprint: k.fingerprint,
+      createdAt: new Date(k.created_at).toISOString(),
+    }));
+  }
+
+  async addKey(subject: Subject, req: AddSshKeyRequest): Promise<SshKey> {
+    const k = parsePublicKey(req.publicKey);
+    const row = {
+      id: newId('key'),
+      subject: subject.name,
+      name: req.name ?? (k.comment || k.algo),
+      public_key: k.canonical,
+      fingerprint: sshFingerprint(k.blob),
+      created_at: this.now(),
+    };
+    await this.access.insertSshKey(row);
+    return { id: row.id, name: row.name, publicKey: row.public_key, fingerprint: row.fingerprint, createdAt: new Date(row.created_at).toISOString() };
+  }
+
+  async removeKey(subject: Subject, idOrFingerprint: string): Promise<void> {
+    if (!(await this.access.deleteSshKey(subject.name, idOrFingerprint))) {
+      throw new DomainError('not-found', `you have no SSH key "${idOrFingerprint}"`, { id: idOrFingerprint });
+    }
+  }
+
+  // ---- host identities ----
+
+  /** Host keys of the given boxes, generating the missing ones (boxes created before this existed). */
+  private async hostKeys(boxIds: string[]): Promise<Map<string, { privateKey: string; publicKey: string }>> {
+    const keys = await this.access.getHostKeys(boxIds);
+    const missing = boxIds.filter((id) => !keys.has(id));
+    if (missing.length === 0) return keys;
+    for (const id of missing) await this.access.insertHostKeyIfAbsent(id, newSshHostKey());
+    for (const [id, k] of await this.access.getHostKeys(missing)) keys.set(id, k);
+    return keys;
+  }
+
+  private async gatewayHostKey(): Promise<{ privateKey: string; publicKey: string }> {
+    return this.access.serverKey(GATEWAY_HOST_KEY, newSshHostKey, this.now());
+  }
+
+  private accessSigningKey(): Promise<{ privateKey: KeyObject; publicPem: string }> {
+    this.signingKey ??= this.access
+      .serverKey(
+        ACCESS_SIGNING_KEY,
+        () => {
+          const k = generateKeyPairSync('ed25519');
+          return {
+            privateKey: k.privateKey.export({ type: 'pkcs8', format: 'pem' }).toString(),
+            publicKey: k.publicKey.export({ type: 'spki', format: 'pem' }).toString(),
+          };
+        },
+        this.now(),
+      )
+      .then((k) => ({ privateKey: createPrivateKey(k.privateKey), publicPem: k.publicKey }));
+    return this.signingKey;
+  }
+
+  private async gatewayEndpoint(): Promise<GatewayEndpoint | null> {
+    const g = await this.access.freshestGateway(this.now() - this.gatewayFreshMs);
+    return g ? (JSON.parse(g.endpoint) as GatewayEndpoint) : null;
+  }
+
+  async connection(subject: Subject, name: string): Promise<BoxConnection> {
+    const box = await this.connectable(subject, name);
+    const [hostKey, gatewayKey, gateway, activity] = await Promise.all([
+      this.hostKeys([box.id]),
+      this.gatewayHostKey(),
+      this.gatewayEndpoint(),
+      this.access.getActivity(box.id),
+    ]);
+    return {
+      box: box.name,
+      hostKeyAlias: boxHostAlias(box.name),
+      hostKey: hostKey.get(box.id)!.publicKey,
+      gatewayHostKey: gatewayKey.publicKey,
+      sshUser: box.name,
+      gateway,
+      lastActivityAt: activity ? new Date(activity.last_active_at).toISOString() : null,
+    };
+  }
+
+  /** The caller's box, when the caller may connect to it; otherwise the same 404 as an unknown box. */
+  private async connectable(subject: Subject, name: string): Promise<BoxRecord> {
+    const box = await this.boxes.get(subject, name);
+    if (!mayConnect(subject.name, box)) throw new DomainError('not-found', `box "${name}" not found`, { name });
+    return box;
+  }
+
+  // ---- ports ----
+
+  private previewUrl(endpoint: GatewayEndpoint | null, box: string, port: number): string | null {
+    if (!endpoint) return null;
+    if (endpoint.previewDomain) {
+      const u = new URL(endpoint.url);
+      return `${u.protocol}//${previewHost(port, box, endpoint.previewDomain)}${u.port ? `:${u.port}` : ''}/`;
+    }
+    return `${endpoint.url.replace(/\/$/, '')}/p/${box}/${port}/`;
+  }
+
+  async listPorts(subject: Subject, name: string): Promise<BoxPort[]> {
+    const box = await this.connectable(subject, name);
+    const endpoint = await this.gatewayEndpoint();
+    return (await this.access.listPorts([box.id])).map((p) => ({ port: p.port, visibility: p.visibility as PortVisibility, previewUrl: this.previewUrl(endpoint, box.name, p.port) }));
+  }
+
+  async setPort(subject: Subject, name: string, port: number, visibility: PortVisibility): Promise<BoxPort> {
+    const box = await this.connectable(subject, name);
+    if (visibility === 'private') await this.access.deletePort(box.id, port);
+    else await this.access.setPort(box.id, port, visibility, this.now());
+    return { port, visibility, previewUrl: this.previewUrl(await this.gatewayEndpoint(), box.name, port) };
+  }
+
+  async resetPort(subject: Subject, name: string, port: number): Promise<void> {
+    const box = await this.connectable(subject, name);
+    await this.access.deletePort(box.id, port);
+  }
+
+  // ---- tokens for gateways ----
+
+  async createAccessToken(subject: Subject, ttlSeconds: number): Promise<AccessToken> {
+    const { privateKey } = await this.accessSigningKey();
+    const iat = this.now();
+    const exp = iat + ttlSeconds * 1000;
+    return {
+      token: signAccessToken({ sub: subject.name, aud: 'devyard-gateway', iat, exp }, privateKey),
+      expiresAt: new Date(exp).toISOString(),
+      gateway: await this.gatewayEndpoint(),
+    };
+  }
+
+  // ---- gateways ----
+
+  async sync(req: GatewaySyncRequest): Promise<RouteTable> {
+    const now = this.now();
+    await this.access.upsertGateway({ id: req.gatewayId, endpoint: JSON.stringify(req.endpoint), last_seen_at: now });
+    const boxes = await this.store.listBoxes();
+    const known = new Set(boxes.map((b) => b.id));
+    for (const a of req.activity) {
+      if (!known.has(a.boxId)) continue;
+      await this.access.recordActivity({ box_id: a.boxId, last_active_at: Math.min(a.lastActiveAt, now), sessions: a.sessions, gateway_id: req.gatewayId, reported_at: now });
+    }
+    const ids = boxes.map((b) => b.id);
+    const [hostKeys, ports, nodes, keys, gatewayKey, signing] = await Promise.all([
+      this.hostKeys(ids),
+      this.access.listPorts(ids),
+      this.store.listNodes(),
+      this.access.listSshKeys(),
+      this.gatewayHostKey(),
+      this.accessSigningKey(),
+    ]);
+    const nodeById = new Map(nodes.map((n) => [n.id, n]));
+    const expiresAt = now + this.agentTokenTtlMs;
+    const users = new Map<string, string[]>();
+    for (const k of keys) users.set(k.subject, [...(users.get(k.subject) ?? []), k.public_key]);
+    return {
+      generatedAt: now,
+      expiresAt,
+      accessTokenKey: signing.publicPem,
+      gatewayHostKey: gatewayKey.privateKey,
+      boxes: boxes.map((b) => {
+        const node = b.nodeId ? nodeById.get(b.nodeId) : undefined;
+        return {
+          id: b.id,
+          name: b.name,
+          owner: b.owner,
+          phase: b.phase,
+          desiredState: b.desiredState,
+          agentUrl: node?.agentUrl ?? null,
+          agentToken: node ? signSessionToken({ boxId: b.id, sub: 'gateway', exp: expiresAt }, node.sessionKey) : null,
+          hostKey: hostKeys.get(b.id)!.privateKey,
+          ports: ports.filter((p) => p.boxId === b.id).map((p) => ({ port: p.port, visibility: p.visibility as PortVisibility })),
+        };
+      }),
+      users: [...users].map(([subject, k]) => ({ subject, keys: k })),
+    };
+  }
+
+  /** Starts or resumes a box for a user connecting through a gateway, if that user may. */
+  async wake(boxId: string, subjectName: string): Promise<BoxRecord> {
+    const box = await this.store.getBox(boxId);
+    if (!box || box.deletedAt !== null || !mayConnect(subjectName, box)) throw new DomainError('not-found', `box ${boxId} not found`, { id: boxId });
+    if (!mayWake(subjectName, box)) throw new DomainError('forbidden', `you may not start box "${box.name}"`, { name: box.name });
+    const subject: Subject = { name: subjectName, kind: 'user' };
+    if (box.desiredState === 'paused') return this.boxes.applyVerb(subject, box.name, 'resume');
+    if (box.desiredState === 'stopped') return this.boxes.applyVerb(subject, box.name, 'start');
+    if (box.desiredState === 'deleted') throw new DomainError('not-found', `box ${boxId} not found`, { id: boxId });
+    return box;
+  }
+}
