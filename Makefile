@@ -3,13 +3,16 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-# Host tools the sandbox runtime and the built-in images need.
-APT_PACKAGES := crun bubblewrap debootstrap busybox-static iproute2 nftables util-linux procps ca-certificates git
-# Extra packages for the test suite only.
-APT_TEST_PACKAGES := curl docker-registry skopeo apache2-utils
+# Host tools the sandbox runtime and the built-in images need; the box tools bundle (SFTP, rsync) is
+# built from openssh-sftp-server and rsync; `devyard ssh` runs the OpenSSH client.
+APT_PACKAGES := crun bubblewrap debootstrap busybox-static iproute2 nftables util-linux procps ca-certificates git openssh-sftp-server rsync openssh-client
+# Extra packages for the test suite only (headless Chromium drives the browser tests).
+APT_TEST_PACKAGES := curl docker-registry skopeo apache2-utils chromium
+# The gateway benchmark compares against OpenSSH's sshd.
+APT_BENCH_PACKAGES := openssh-server
 UP_ARGS ?=
 
-.PHONY: help deps apt-deps apt-test-deps npm-deps build up test bench lint clean
+.PHONY: help deps apt-deps apt-test-deps apt-bench-deps npm-deps build up test bench lint clean
 
 help:
 	@echo "make up     install what is missing, build, and run Devyard on this machine"
@@ -24,8 +27,9 @@ apt-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-apt-test-deps:
-	@missing=$$(for p in $(APT_TEST_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+apt-test-deps apt-bench-deps: PKGS = $(if $(filter apt-test-deps,$@),$(APT_TEST_PACKAGES),$(APT_BENCH_PACKAGES))
+apt-test-deps apt-bench-deps:
+	@missing=$$(for p in $(PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
@@ -50,7 +54,7 @@ up: build
 test: build apt-test-deps
 	npx vitest run
 
-bench: build
+bench: build apt-bench-deps
 	npx tsc -b bench
 	node bench/dist/bench/run-benchmarks.js
 

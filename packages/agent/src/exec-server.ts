@@ -1,13 +1,15 @@
 /**
- * The agent's session endpoint: a WebSocket per command session, authorized by a short-lived token
- * the server signed with this node's key. Verification is offline, so sessions keep working while
- * the control plane is down.
+ * The agent's session endpoint: a WebSocket per command session (`/v1/boxes/<id>/exec`) or per TCP
+ * connection to a port inside a box (`/v1/boxes/<id>/tcp?port=N`, the tunnel protocol), authorized
+ * by a short-lived token the server signed with this node's key. Verification is offline, so
+ * sessions keep working while the control plane is down.
  */
 import { createServer, type IncomingMessage, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { CHANNEL, ExecClientMessageSchema, frame, type ExecServerMessage } from '@devyard/api/exec-protocol';
 import { verifySessionToken } from '@devyard/api/session-tokens';
+import { TUNNEL_CLOSE, TunnelControlSchema, TunnelPortSchema } from '@devyard/api/tunnel-protocol';
 import type { ExecProcess, RuntimeDriver } from './runtime/runtime-driver.js';
 
 export interface ExecServerOptions {
@@ -19,6 +21,21 @@ export interface ExecServerOptions {
   /** Prometheus text for GET /metrics. */
   metrics?: () => Promise<{ contentType: string; body: string }>;
   log: (msg: string, fields?: Record<string, unknown>) => void;
+}
+
+/** Box-to-client bytes queued in the WebSocket beyond which the box's socket stops being read. */
+const TUNNEL_HIGH_WATER = 4 * 1024 * 1024;
+/** Reading resumes once the queue has drained below this. */
+const TUNNEL_LOW_WATER = 1024 * 1024;
+/** Error codes of a dial meaning the box does not run (the runtime drivers' codes). */
+const BOX_DOWN_CODES = new Set(['BOX_NOT_RUNNING', 'BOX_PAUSED', 'BOX_NOT_FOUND']);
+const EOF_FRAME = JSON.stringify({ type: 'eof' });
+
+/** A WebSocket close reason must fit in 123 bytes; stay clear of it on a character boundary. */
+function closeReason(text: string): string {
+  let out = text;
+  while (Buffer.byteLength(out) > 119) out = out.slice(0, -1);
+  return out;
 }
 
 function tokenOf(req: IncomingMessage, url: URL): string | null {
@@ -47,14 +64,24 @@ export class ExecServer {
     });
     server.on('upgrade', (req, socket, head) => {
       const url = new URL(req.url ?? '/', 'http://agent');
-      const m = /^\/v1\/boxes\/([a-z0-9_]+)\/exec$/.exec(url.pathname);
+      const m = /^\/v1\/boxes\/([a-z0-9_]+)\/(exec|tcp)$/.exec(url.pathname);
       const key = this.opts.sessionKey();
       const claims = key ? verifySessionToken(tokenOf(req, url) ?? '', key, Date.now()) : null;
       if (!m || !claims || claims.boxId !== m[1]) {
         socket.end('HTTP/1.1 401 Unauthorized\r\ncontent-type: text/plain\r\n\r\ninvalid or expired session token\n');
         return;
       }
-      this.wss.handleUpgrade(req, socket, head, (ws) => void this.session(ws, m[1]!, claims.sub));
+      const boxId = m[1]!;
+      if (m[2] === 'tcp') {
+        const port = TunnelPortSchema.safeParse(url.searchParams.get('port') ?? '');
+        if (!port.success) {
+          socket.end('HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\n\r\nport must be an integer from 1 to 65535\n');
+          return;
+        }
+        this.wss.handleUpgrade(req, socket, head, (ws) => void this.tunnel(ws, boxId, port.data, claims.sub));
+        return;
+      }
+      this.wss.handleUpgrade(req, socket, head, (ws) => void this.session(ws, boxId, claims.sub));
     });
     this.server = server;
     await new Promise<void>((resolve) => server.listen(this.opts.port, this.opts.host, resolve));
@@ -64,6 +91,108 @@ export class ExecServer {
   async close(): Promise<void> {
     for (const c of this.wss.clients) c.terminate();
     await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
+  }
+
+  /**
+   * One TCP connection to 127.0.0.1:port in the box, carried over the WebSocket (tunnel protocol):
+   * binary frames are bytes, `{"type":"eof"}` is a half-close, and the WebSocket closes once both
+   * directions have ended or either side fails.
+   */
+  private async tunnel(ws: WebSocket, boxId: string, port: number, sub: string): Promise<void> {
+    const t0 = Date.now();
+    // Set once the dial succeeds; the WebSocket handlers below may run before that.
+    let sock: Socket | undefined = undefined;
+    let closed = false;
+    const early: Buffer[] = [];
+    let earlyEof = false;
+    let bytesIn = 0;
+    let bytesOut = 0;
+    // Client bytes wait (bounded by the pause) until the connection exists.
+    ws.pause();
+    ws.on('close', (code) => {
+      closed = true;
+      sock?.destroy();
+      this.opts.log('tcp session ended', { boxId, sub, port, code, bytesIn, bytesOut, ms: Date.now() - t0 });
+    });
+    ws.on('error', () => sock?.destroy());
+    const finish = (code: number, reason = '') => {
+      if (ws.readyState === ws.OPEN || ws.readyState === ws.CONNECTING) {
+        // A paused WebSocket would never read the peer's close frame (ws waits 30 s, then drops it).
+        ws.resume();
+        ws.close(code, closeReason(reason));
+      }
+      sock?.destroy();
+    };
+    ws.on('message', (data: Buffer, isBinary: boolean) => {
+      if (isBinary) {
+        bytesIn += data.length;
+        if (!sock) early.push(Buffer.from(data));
+        else if (!sock.write(data)) ws.pause();
+        return;
+      }
+      let ok = false;
+      try {
+        ok = TunnelControlSchema.safeParse(JSON.parse(data.toString())).success;
+      } catch {
+        ok = false;
+      }
+      if (!ok) return finish(1008, 'unknown control message');
+      if (sock) sock.end();
+      else earlyEof = true;
+    });
+
+    let s: Socket;
+    try {
+      s = await this.opts.driver.dial(boxId, port);
+    } catch (e) {
+      const code = (e as { code?: unknown }).code;
+      const message = (e as Error).message;
+      this.opts.log('tcp session refused', { boxId, sub, port, code, message });
+      if (code === 'PORT_REFUSED') finish(TUNNEL_CLOSE.refused, message);
+      else if (typeof code === 'string' && BOX_DOWN_CODES.has(code)) finish(TUNNEL_CLOSE.unavailable, message);
+      else finish(1011, message);
+      return;
+    }
+    if (closed) {
+      s.destroy();
+      return;
+    }
+    sock = s;
+    this.opts.log('tcp session', { boxId, sub, port });
+
+    let readDone = false;
+    let writeDone = false;
+    const maybeDone = () => {
+      if (readDone && writeDone) finish(1000);
+    };
+    // Box → client, paused while the WebSocket has too much queued.
+    let queued = 0;
+    s.on('data', (d: Buffer) => {
+      bytesOut += d.length;
+      queued += d.length;
+      ws.send(d, { binary: true }, () => {
+        queued -= d.length;
+        if (queued < TUNNEL_LOW_WATER && s.isPaused() && !readDone) s.resume();
+      });
+      if (queued > TUNNEL_HIGH_WATER) s.pause();
+    });
+    s.on('end', () => {
+      readDone = true;
+      if (ws.readyState === ws.OPEN) ws.send(EOF_FRAME);
+      maybeDone();
+    });
+    // Client → box: the WebSocket is paused while the socket's write buffer is full.
+    s.on('drain', () => ws.resume());
+    s.on('finish', () => {
+      writeDone = true;
+      maybeDone();
+    });
+    s.on('error', (err) => finish(1011, `connection to port ${port} failed: ${err.message}`));
+    s.on('close', () => finish(1000));
+
+    for (const b of early.splice(0)) s.write(b);
+    if (earlyEof) s.end();
+    ws.resume();
   }
 
   private async session(ws: WebSocket, boxId: string, sub: string): Promise<void> {

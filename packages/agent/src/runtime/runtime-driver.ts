@@ -4,6 +4,7 @@
  * call it again after a crash or a retried operation, and it must converge, not fail, when the
  * box is already in the target state.
  */
+import type { Socket } from 'node:net';
 import type { Readable, Writable } from 'node:stream';
 
 /** Resource limits enforced on a box (cgroups for the sandbox, VM size for a microVM). */
@@ -123,4 +124,11 @@ export interface RuntimeDriver {
   list(): Promise<RuntimeBoxStatus[]>;
   /** Starts a process inside a running box. */
   exec(boxId: string, opts: ExecOptions): Promise<ExecProcess>;
+  /**
+   * Opens a TCP connection to 127.0.0.1:port inside a running box (its own localhost, so servers
+   * bound to loopback in the box are reachable); the socket allows half-close. Rejects with an
+   * error whose `code` is `PORT_REFUSED` when nothing listens there, `BOX_NOT_RUNNING` or
+   * `BOX_PAUSED` when the box does not run, `DIAL_FAILED` otherwise.
+   */
+  dial(boxId: string, port: number): Promise<Socket>;
 }

@@ -17,6 +17,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, realpathSync, statSync } from 'node:fs';
 import { chmod, chown, mkdir, readdir, readFile, rename, rm, rmdir, stat, writeFile } from 'node:fs/promises';
+import type { Socket } from 'node:net';
 import { dirname, join, resolve } from 'node:path';
 import { BridgeNetwork, type BridgeNetworkOptions } from '../../network/bridge-network.js';
 import { runHostCommand, runHostCommandRaw } from '../../network/host-command-runner.js';
@@ -28,9 +29,11 @@ import type {
   RuntimeBoxStatus,
   RuntimeDriver,
 } from '../runtime-driver.js';
+import { BOX_TOOLS_BIN, BOX_TOOLS_DIR, ensureBoxToolsBundle, type BoxTool } from '../box-tools-bundle.js';
 import { spawnPipeExec, spawnPtyExec } from './box-exec-process.js';
 import { CgroupLayout, type CgroupMode } from './cgroup-layout.js';
 import { CrunCli } from './crun-cli.js';
+import { DialError, NetnsDialer } from './netns-dialer-process.js';
 import { buildOciSpec, type IdRange } from './oci-spec-builder.js';
 
 /** Host uid/gid range box root maps to; the image store shifts image ownership by the same offset. */
@@ -52,6 +55,10 @@ export interface SandboxDriverOptions {
   crunStateRoot?: string;
   /** Forces the cgroup layout instead of detecting it. */
   cgroupMode?: CgroupMode;
+  /** Host programs bundled into every box at {@link BOX_TOOLS_DIR} (default: rsync and sftp-server). */
+  boxTools?: BoxTool[];
+  /** A box's network dialer exits after this long without a dial (default 60 s). */
+  dialerIdleMs?: number;
   /** Structured log sink. */
   log?: (msg: string, fields?: object) => void;
 }
@@ -83,7 +90,8 @@ export interface BoxHostPaths {
 }
 
 const BOX_ID = /^[a-z0-9_]{1,40}$/;
-const DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
+/** The image's own programs come first; the bundled tools only fill in what it lacks. */
+const DEFAULT_PATH = `/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${BOX_TOOLS_BIN}`;
 const BUSYBOX_IN_BOX = '/.devyard/busybox';
 /** Overlay work dir of a copy-on-write /workspace: next to its upper (same filesystem), in the volume. */
 const WORKSPACE_WORK = 'volume/.workspace-work';
@@ -97,7 +105,16 @@ const INIT_SCRIPT = `trap 'exit 0' TERM INT; while :; do ${BUSYBOX_IN_BOX} sleep
 export class SandboxError extends Error {
   constructor(
     /** Stable error code. */
-    readonly code: 'BOX_NOT_RUNNING' | 'BOX_NOT_FOUND' | 'BOX_PAUSED' | 'INVALID_BOX_ID' | 'INVALID_SPEC',
+    readonly code:
+      | 'BOX_NOT_RUNNING'
+      | 'BOX_NOT_FOUND'
+      | 'BOX_PAUSED'
+      | 'INVALID_BOX_ID'
+      | 'INVALID_SPEC'
+      /** Nothing listens on the dialed port inside the box. */
+      | 'PORT_REFUSED'
+      /** A dial failed otherwise (timeout, reset, the dialer died). */
+      | 'DIAL_FAILED',
     message: string,
   ) {
     super(message);
@@ -128,6 +145,13 @@ export class SandboxDriver implements RuntimeDriver {
   private readonly locks = new Map<string, Promise<unknown>>();
   private allocLock: Promise<unknown> = Promise.resolve();
   private resolvConf: string | undefined;
+  /** Host directory bound at /.devyard/tools; unset until init built the bundle. */
+  private toolsSource: string | undefined;
+  /** The box tools bundle under the data dir. */
+  private readonly toolsDir: string;
+  private readonly boxTools: BoxTool[] | undefined;
+  private readonly dialerIdleMs: number | undefined;
+  private readonly dialers = new Map<string, NetnsDialer>();
 
   constructor(opts: SandboxDriverOptions) {
     if (/[,:\s]/.test(opts.dataDir)) throw new Error('dataDir must not contain commas, colons or spaces (overlay options)');
@@ -140,11 +164,15 @@ export class SandboxDriver implements RuntimeDriver {
     this.idRange = opts.idRange ?? DEFAULT_ID_RANGE;
     this.busybox = opts.busyboxPath ?? findBusybox();
     this.log = opts.log ?? (() => {});
+    this.toolsDir = join(opts.dataDir, 'tools');
+    this.boxTools = opts.boxTools;
+    this.dialerIdleMs = opts.dialerIdleMs;
   }
 
   /** Prepares the bridge, NAT, cgroup parent and data directory. */
   async init(): Promise<void> {
     await this.prepareBoxesDir();
+    await this.prepareTools();
     await this.network.init();
     await this.cgroups.init();
     this.log('sandbox: host ready', { cgroupMode: this.cgroups.mode, bridge: this.network.bridge });
@@ -157,7 +185,46 @@ export class SandboxDriver implements RuntimeDriver {
       await this.cgroups.removeParent();
     } finally {
       await this.unexposeBoxesDir();
+      await this.unexposeTools();
     }
+  }
+
+  /**
+   * Builds the box tools bundle (when the host's programs changed) and makes it bindable: like the
+   * boxes directory, through a bind under /run when the data dir is not searchable by others.
+   * A rebuild (after a host package upgrade) removes the old bundle: boxes started before it see an
+   * empty /.devyard/tools until they restart.
+   */
+  private async prepareTools(): Promise<void> {
+    try {
+      await ensureBoxToolsBundle({ dir: this.toolsDir, tools: this.boxTools, log: this.log });
+    } catch (err) {
+      // Boxes run without the tools rather than not at all (scp and rsync into them fail).
+      this.log('box tools: bundle unavailable', { error: (err as Error).message });
+      this.toolsSource = undefined;
+      return;
+    }
+    const exposed = this.exposedToolsDir();
+    if (exposed !== this.toolsDir) {
+      // Re-bind every time: a rebuilt bundle is a new directory the old bind does not show.
+      await this.unexposeTools();
+      await mkdir(exposed, { recursive: true, mode: 0o755 });
+      await runHostCommand(['mount', '--bind', '-o', 'ro', this.toolsDir, exposed]);
+    }
+    this.toolsSource = exposed;
+  }
+
+  private exposedToolsDir(): string {
+    if (this.boxesDir === this.hostBoxesDir) return this.toolsDir;
+    const hash = createHash('sha256').update(resolve(this.toolsDir)).digest('hex').slice(0, 16);
+    return `/run/devyard/tools-${hash}`;
+  }
+
+  private async unexposeTools(): Promise<void> {
+    const exposed = this.exposedToolsDir();
+    if (exposed === this.toolsDir) return;
+    for (let i = 0; i < 64 && isMountPoint(exposed); i++) await runHostCommandRaw(['umount', exposed]);
+    await rmdir(exposed).catch(() => undefined);
   }
 
   /** Removes the /run bind of the boxes directory (see exposedBoxesDir), every stacked layer of it. */
@@ -331,6 +398,50 @@ export class SandboxDriver implements RuntimeDriver {
     return Promise.all([...ids].sort().map((id) => this.inspect(id)));
   }
 
+  /**
+   * Connects to 127.0.0.1:port inside the box's network namespace through the box's dialer
+   * process (started on first use); the socket allows half-close.
+   */
+  async dial(boxId: string, port: number): Promise<Socket> {
+    checkBoxId(boxId);
+    if (!Number.isInteger(port) || port < 1 || port > 65535) throw new SandboxError('INVALID_SPEC', `invalid port: ${port}`);
+    // Under the box lock, so a stop cannot slip between the state check and the dialer's start.
+    const dialer = await this.withLock(boxId, async () => {
+      if (!this.hasRuntime(boxId)) throw new SandboxError('BOX_NOT_RUNNING', `box ${boxId} is not running`);
+      if (await this.cgroups.isFrozen(boxId)) throw new SandboxError('BOX_PAUSED', `box ${boxId} is paused`);
+      let d = this.dialers.get(boxId);
+      if (!d?.alive) {
+        const created: NetnsDialer = new NetnsDialer({
+          netnsPath: this.network.netnsPath(boxId),
+          idleMs: this.dialerIdleMs,
+          onExit: () => {
+            if (this.dialers.get(boxId) === created) this.dialers.delete(boxId);
+          },
+        });
+        d = created;
+        this.dialers.set(boxId, d);
+      }
+      return d;
+    });
+    try {
+      const socket = await dialer.dial(port);
+      // Half-close passes through (SSH channels, `{"type":"eof"}` in the tunnel protocol).
+      socket.allowHalfOpen = true;
+      return socket;
+    } catch (err) {
+      if (!(err instanceof DialError)) throw err;
+      if (err.code === 'ECONNREFUSED') throw new SandboxError('PORT_REFUSED', `nothing listens on port ${port} in box ${boxId}`);
+      if (err.code === 'DIALER_EXITED' && !this.hasRuntime(boxId)) throw new SandboxError('BOX_NOT_RUNNING', `box ${boxId} is not running`);
+      throw new SandboxError('DIAL_FAILED', `cannot connect to port ${port} in box ${boxId}: ${err.message}`);
+    }
+  }
+
+  /** Host pid of the box's dialer process while one runs (diagnostics and tests). */
+  dialerPid(boxId: string): number | undefined {
+    const d = this.dialers.get(boxId);
+    return d?.alive ? d.pid : undefined;
+  }
+
   /** Starts a process in a running box. */
   async exec(boxId: string, opts: ExecOptions): Promise<ExecProcess> {
     checkBoxId(boxId);
@@ -345,6 +456,7 @@ export class SandboxDriver implements RuntimeDriver {
       ...(rec?.env ?? {}),
       ...(opts.env ?? {}),
     };
+    env.PATH = withBoxTools(env.PATH);
     if (opts.tty && env.TERM === undefined) env.TERM = 'xterm-256color';
     const pidFile = join(this.boxDir(boxId), `exec-${randomBytes(6).toString('hex')}.pid`);
     const argv = this.crun.execArgv(boxId, {
@@ -414,7 +526,7 @@ export class SandboxDriver implements RuntimeDriver {
       rootfs: join(dir, 'merged'),
       hostname: rec.name,
       args: [BUSYBOX_IN_BOX, 'sh', '-c', INIT_SCRIPT],
-      env: [`PATH=${DEFAULT_PATH}`, 'HOME=/root', ...Object.entries(rec.env).map(([k, v]) => `${k}=${v}`)],
+      env: Object.entries({ HOME: '/root', ...rec.env, PATH: withBoxTools(rec.env.PATH) }).map(([k, v]) => `${k}=${v}`),
       resources: rec.resources,
       cgroupsPath: this.cgroups.cgroupsPath(rec.boxId),
       netnsPath,
@@ -422,6 +534,7 @@ export class SandboxDriver implements RuntimeDriver {
       sysfsSource: join(dir, 'sys'),
       binds: [
         { source: this.busybox, destination: BUSYBOX_IN_BOX, readonly: true },
+        ...(this.toolsSource ? [{ source: this.toolsSource, destination: BOX_TOOLS_DIR, readonly: true }] : []),
         {
           source: join(dir, rec.workspaceBase ? WORKSPACE_MERGED : 'volume/workspace'),
           destination: '/workspace',
@@ -525,6 +638,11 @@ export class SandboxDriver implements RuntimeDriver {
    */
   private async releaseRuntime(boxId: string, graceMs: number): Promise<void> {
     const t0 = performance.now();
+    const dialer = this.dialers.get(boxId);
+    if (dialer) {
+      this.dialers.delete(boxId);
+      await dialer.close();
+    }
     if (this.hasRuntime(boxId)) {
       const st = await this.crun.state(boxId);
       if (await this.cgroups.isFrozen(boxId)) await this.cgroups.thaw(boxId);
@@ -562,6 +680,12 @@ export class SandboxDriver implements RuntimeDriver {
     });
     return next;
   }
+}
+
+/** A PATH set by a template or session still finds the bundled tools, after its own directories. */
+function withBoxTools(path: string | undefined): string {
+  if (!path) return DEFAULT_PATH;
+  return path.split(':').includes(BOX_TOOLS_BIN) ? path : `${path}:${BOX_TOOLS_BIN}`;
 }
 
 function sameSpec(rec: BoxRecord, spec: BoxRuntimeSpec): boolean {
