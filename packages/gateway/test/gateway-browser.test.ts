@@ -1,0 +1,122 @@
+/**
+ * The gateway's browser front door in headless Chromium (Debian's, driven by playwright-core):
+ * the terminal runs a command in the box, a preview URL shows a page served inside the box, and
+ * both are refused to a browser that has not signed in. Port visibility is checked for another
+ * user with plain HTTP.
+ */
+import { PassThrough } from 'node:stream';
+import { chromium, type Browser } from 'playwright-core';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { execInBox } from '@devyard/sdk/exec-client';
+import { DevyardClient } from '@devyard/sdk/devyard-client';
+import { hashToken } from '@devyard/server/http/create-app';
+import { startAccessStack, waitFor, type AccessStack } from './access-test-stack.js';
+
+let stack: AccessStack;
+let browser: Browser;
+
+async function inBox(cmd: string): Promise<string> {
+  const out = new PassThrough();
+  let text = '';
+  out.on('data', (d: Buffer) => (text += d.toString()));
+  const code = await execInBox(await stack.client.createExecSession('web'), { argv: ['/bin/sh', '-c', cmd], stdout: out, stderr: out }).exited;
+  if (code !== 0) throw new Error(`${cmd}: exit ${code}: ${text}`);
+  return text;
+}
+
+beforeAll(async () => {
+  stack = await startAccessStack('gwb', 245);
+  await stack.runningBox('web');
+  await inBox('mkdir -p /tmp/www && echo "<h1>hello from the box</h1>" > /tmp/www/index.html && (busybox httpd -p 127.0.0.1:8080 -h /tmp/www &)');
+  // playwright-core gives the browser a fresh temporary --user-data-dir and removes it on close.
+  browser = await chromium.launch({
+    executablePath: '/usr/bin/chromium',
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
+  });
+}, 240_000);
+
+afterAll(async () => {
+  await browser?.close();
+  await stack?.close();
+}, 120_000);
+
+const signInLink = async (base: string, next: string) => `${base}/__devyard/auth?token=${encodeURIComponent((await stack.client.createAccessToken(600)).token)}&next=${encodeURIComponent(next)}`;
+
+describe('browser terminal', () => {
+  it('runs a command in the box and shows its output', async () => {
+    const ctx = await browser.newContext();
+    try {
+      const page = await ctx.newPage();
+      await page.goto(await signInLink(stack.gateway.endpoint.url, '/boxes/web/terminal'));
+      await page.waitForSelector('.xterm-rows');
+      await waitFor(async () => page.textContent('#status'), (s) => s === 'connected', 30_000);
+      await page.keyboard.type('echo $((6*7))-$(cat /etc/hostname)\n');
+      await page.waitForFunction(() => document.querySelector('.xterm-rows')?.textContent?.includes('42-web'), undefined, { timeout: 30_000 });
+    } finally {
+      await ctx.close();
+    }
+  });
+
+  it('is refused to a browser that has not signed in', async () => {
+    const ctx = await browser.newContext();
+    try {
+      const page = await ctx.newPage();
+      const res = await page.goto(`${stack.gateway.endpoint.url}/boxes/web/terminal`);
+      expect(res?.status()).toBe(401);
+      expect(await page.textContent('h1')).toBe('Sign in to Devyard');
+    } finally {
+      await ctx.close();
+    }
+  });
+});
+
+describe('port previews', () => {
+  const hostForm = () => `http://8080--web.localhost:${new URL(stack.gateway.endpoint.url).port}`;
+
+  it('shows a page served inside the box, by host and by path', async () => {
+    const ctx = await browser.newContext();
+    try {
+      const page = await ctx.newPage();
+      await page.goto(await signInLink(hostForm(), '/'));
+      expect(await page.textContent('h1')).toBe('hello from the box');
+      await page.goto(await signInLink(stack.gateway.endpoint.url, '/p/web/8080/'));
+      expect(await page.textContent('h1')).toBe('hello from the box');
+    } finally {
+      await ctx.close();
+    }
+  });
+
+  it('refuses an unauthenticated browser', async () => {
+    const ctx = await browser.newContext();
+    try {
+      const page = await ctx.newPage();
+      const res = await page.goto(`${hostForm()}/`);
+      expect(res?.status()).toBe(401);
+      expect(await page.content()).not.toContain('hello from the box');
+    } finally {
+      await ctx.close();
+    }
+  });
+
+  it('is private to the owner until the port is made org-visible; a closed port is a clear 502', async () => {
+    const otherToken = 'dy_u_browser-test-other';
+    await stack.cp.store.insertToken({ id: 't_other', token_hash: hashToken(otherToken), name: 'other', kind: 'user', subject: 'bob', created_at: Date.now() });
+    const bob = new DevyardClient({ url: stack.cp.url, token: otherToken });
+    const bobToken = (await bob.createAccessToken(600)).token;
+    const get = (path: string, token: string) => fetch(`${stack.gateway.endpoint.url}${path}`, { headers: { authorization: `Bearer ${token}` } });
+    expect((await get('/p/web/8080/', bobToken)).status).toBe(404);
+    expect((await get('/boxes/web/terminal', bobToken)).status).toBe(404);
+    await stack.client.setBoxPort('web', 8080, 'org');
+    await stack.gateway.cache.refresh();
+    const shared = await get('/p/web/8080/', bobToken);
+    expect([shared.status, await shared.text()]).toEqual([200, '<h1>hello from the box</h1>\n']);
+    // Org-visible opens the preview only, not the box.
+    expect((await get('/boxes/web/terminal', bobToken)).status).toBe(404);
+    await stack.client.resetBoxPort('web', 8080);
+    await stack.gateway.cache.refresh();
+    expect((await get('/p/web/8080/', bobToken)).status).toBe(404);
+    const mine = (await stack.client.createAccessToken(600)).token;
+    const closed = await get('/p/web/9999/', mine);
+    expect([closed.status, await closed.text()]).toEqual([502, 'nothing is listening on port 9999 in box "web"\n']);
+  });
+});
