@@ -19,6 +19,9 @@ export interface Harness {
   bridge: string;
   subnet: string;
   url: string;
+  /** The gateway `devyard up` started: its HTTP base URL and SSH port (free ports picked at start). */
+  gatewayUrl: string;
+  sshPort: number;
   proc: ChildProcess | null;
   /** Log files of the daemons started, oldest first. */
   logs: string[];
@@ -37,6 +40,8 @@ export function newHarness(tag: string, octet: number): Harness {
     bridge,
     subnet: `10.${octet}.0.0/24`,
     url: '',
+    gatewayUrl: '',
+    sshPort: 0,
     proc: null,
     logs: [],
   };
@@ -73,17 +78,20 @@ export function daemonOutput(h: Harness): string {
 export async function startUp(h: Harness): Promise<void> {
   const { proc, match } = await startDaemon(
     h,
-    ['up', '--data-dir', h.dataDir, '--port', '0', '--no-prebuild', '--bridge', h.bridge, '--subnet', h.subnet, '--prebuild-check-ms', '2000'],
-    /API\s+(http:\/\/\S+)/,
+    ['up', '--data-dir', h.dataDir, '--port', '0', '--ssh-port', '0', '--gateway-port', '0', '--no-prebuild', '--bridge', h.bridge, '--subnet', h.subnet, '--prebuild-check-ms', '2000'],
+    // The whole banner is one write: API, gateway and SSH lines arrive together.
+    /API\s+(http:\/\/\S+)[\s\S]*Gateway\s+(http:\/\/\S+)[\s\S]*SSH\s+ssh -p (\d+) /,
   );
   h.proc = proc;
   h.url = match[1]!;
-  // Wait for the full banner (written after the URL line in the same write).
+  h.gatewayUrl = match[2]!;
+  h.sshPort = Number(match[3]);
   await new Promise((r) => setTimeout(r, 50));
 }
 
 export function kill9(proc: ChildProcess | null): Promise<void> {
-  if (!proc || proc.exitCode !== null) return Promise.resolve();
+  // A child that ended on a signal has exitCode null: it is gone all the same.
+  if (!proc || proc.exitCode !== null || proc.signalCode !== null) return Promise.resolve();
   return new Promise((r) => {
     proc.once('exit', () => r());
     proc.kill('SIGKILL');

@@ -1,6 +1,7 @@
 /** The `devyard` command. Errors are printed as one readable line with a non-zero exit. */
 import { Command, CommanderError } from 'commander';
 import { ApiError } from '@devyard/sdk/api-error';
+import { registerAccessCommands } from './commands/access-commands.js';
 import { registerBoxCommands } from './commands/box-commands.js';
 import { registerClusterCommands } from './commands/cluster-commands.js';
 import { registerDaemonCommands } from './commands/daemon-commands.js';
@@ -16,6 +17,7 @@ export function buildProgram(): Command {
   registerDaemonCommands(program);
   registerBoxCommands(program);
   registerClusterCommands(program);
+  registerAccessCommands(program);
   program.exitOverride();
   return program;
 }

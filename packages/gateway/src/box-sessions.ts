@@ -52,8 +52,13 @@ export class BoxSessions {
    * server for a user who may (progress goes to `progress`); a box that cannot run is an error.
    */
   async ensureRunning(box: RouteBox, subject: string, progress: (line: string) => void, timeoutMs = 180_000): Promise<RouteBox> {
+    const runs = (b: RouteBox) => b.phase === 'running' && b.desiredState === 'running' && !!b.agentToken;
     let cur = box;
-    if (cur.phase === 'running' && cur.desiredState === 'running' && cur.agentToken) return cur;
+    if (runs(cur)) return cur;
+    // The cached table may be up to one sync interval old: look again before waking anything.
+    await this.cache.refreshIfOlder(250);
+    cur = this.cache.boxById(box.id) ?? cur;
+    if (runs(cur)) return cur;
     if (cur.desiredState === 'stopped' || cur.desiredState === 'paused') {
       progress(`devyard: box "${cur.name}" is ${cur.phase}; ${cur.desiredState === 'paused' ? 'resuming' : 'starting'} it…`);
       try {

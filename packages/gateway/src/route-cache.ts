@@ -91,7 +91,8 @@ export class RouteCache {
       return true;
     } catch (e) {
       this.opts.restoreActivity(activity);
-      if (this.serverReachable || !this.table) this.opts.log('route sync failed; serving from the cached table', { error: (e as Error).message });
+      if (this.serverReachable) this.opts.log('route sync failed; serving from the cached table', { error: (e as Error).message });
+      else if (!this.table) this.opts.log('route sync failed; no route table yet', { error: (e as Error).message });
       this.serverReachable = false;
       return false;
     } finally {

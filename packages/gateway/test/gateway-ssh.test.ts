@@ -192,6 +192,19 @@ describe('the token-authenticated tunnel (devyard ssh --stdio)', () => {
   });
 });
 
+describe('boxes that stopped or paused a moment ago', () => {
+  it('resumes a box paused since the last route sync, and does not claim to start a running one', async () => {
+    await stack.client.boxVerb('dev', 'pause');
+    await waitFor(() => stack.client.getBox('dev'), (b) => b.phase === 'paused');
+    const r = await ssh('dev', 'echo back');
+    expect(r.stdout).toBe('back\n');
+    expect(r.stderr).toContain('resuming it');
+    expect(r.code).toBe(0);
+    const again = await ssh('dev', 'true');
+    expect([again.code, again.stderr]).toEqual([0, '']);
+  });
+});
+
 describe('activity and faults', () => {
   it('reports session activity to the server', async () => {
     await ssh('dev', 'true');

@@ -1,5 +1,5 @@
-/** Long-running roles: `up` (all-in-one), `server` (control plane) and `agent` (node). */
-import { mkdirSync } from 'node:fs';
+/** Long-running roles: `up` (all-in-one), `server` (control plane), `agent` (node) and `gateway` (access). */
+import { mkdirSync, readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
@@ -7,8 +7,9 @@ import pino from 'pino';
 import type { NodeAgent } from '@devyard/agent/node-agent';
 import type { ImageResolver } from '@devyard/agent/images/image-resolver';
 import { createSandboxNode } from '@devyard/agent/sandbox-node';
+import { startGateway, type Gateway, type GatewayOptions } from '@devyard/gateway/gateway-process';
 import { startControlPlane } from '@devyard/server/control-plane';
-import { configPath, writeConfig } from '../cli-config.js';
+import { CliUsageError, configPath, writeConfig } from '../cli-config.js';
 
 type Logger = pino.Logger;
 
@@ -50,12 +51,29 @@ function startAgent(o: { serverUrl: string; token: string; dataDir: string; name
   });
 }
 
-function onShutdown(fn: () => Promise<void>): void {
+const portOption = (v: string): number => {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0 || n > 65535) throw new CliUsageError(`expected a port number (0 picks one), got "${v}"`);
+  return n;
+};
+
+/** Starts a gateway, with a readable error for a port in use. */
+async function startGatewayOn(opts: GatewayOptions, flags: { ssh: string; http: string }): Promise<Gateway> {
+  return startGateway(opts).catch((e: Error & { code?: string; port?: number }) => {
+    if (e.code === 'EADDRINUSE') {
+      const which = e.port === opts.sshPort ? `SSH port ${e.port}` : `HTTP port ${e.port}`;
+      throw new Error(`the gateway's ${which} is in use (choose others with ${flags.ssh} and ${flags.http}; 0 picks a free one)`);
+    }
+    throw e;
+  });
+}
+
+function onShutdown(fn: () => Promise<void>, note = 'boxes keep running; start again to adopt them'): void {
   let closing = false;
   const handler = (sig: string) => {
     if (closing) process.exit(130);
     closing = true;
-    process.stderr.write(`\n${sig}: stopping (boxes keep running; start again to adopt them)\n`);
+    process.stderr.write(`\n${sig}: stopping (${note})\n`);
     fn().then(
       () => process.exit(0),
       (e) => {
@@ -79,6 +97,8 @@ export function registerDaemonCommands(program: Command): void {
     .option('--bridge <name>', 'bridge interface for box networking (default devyard0)')
     .option('--subnet <cidr>', 'box subnet (default 10.213.0.0/16)')
     .option('--prebuild-check-ms <ms>', 'how often tracked refs are checked for new commits to prebuild', (v) => Number(v), 60_000)
+    .option('--ssh-port <port>', 'gateway SSH port (0 picks one)', portOption, 2222)
+    .option('--gateway-port <port>', 'gateway HTTP port: browser terminal, previews, CLI tunnels (0 picks one)', portOption, 7100)
     .action(async (o) => {
       requireRoot('devyard up');
       const dataDir = resolve(o.dataDir);
@@ -92,6 +112,21 @@ export function registerDaemonCommands(program: Command): void {
       await agent.start();
       for (let i = 0; i < 200 && !agent.nodeId; i++) await new Promise((r) => setTimeout(r, 25));
       if (!agent.nodeId) process.stderr.write(`warning: the node agent has not registered yet; see ${join(dataDir, 'devyard.log')}\n`);
+      let gateway: Gateway;
+      try {
+        const glog = log.child({ role: 'gateway' });
+        gateway = await startGatewayOn(
+          { serverUrl: cp.url, token: cp.tokens.gatewayToken, host: o.host, sshPort: o.sshPort, httpPort: o.gatewayPort, log: (msg, fields) => glog.info(fields ?? {}, msg) },
+          { ssh: '--ssh-port', http: '--gateway-port' },
+        );
+      } catch (e) {
+        await agent.stop();
+        await cp.close();
+        log.flush();
+        throw e;
+      }
+      const gw = gateway.endpoint;
+      const sshPortFlag = gw.sshPort === 22 ? '' : `-p ${gw.sshPort} `;
       const cfgFile = writeConfig({ url: cp.url, token: cp.tokens.adminToken });
       if (o.prebuild) {
         // Build the built-in images ahead of the first create, so `create --wait` is quick.
@@ -112,19 +147,24 @@ export function registerDaemonCommands(program: Command): void {
           `  API       ${cp.url}   (OpenAPI: ${cp.url}/v1/openapi.json)`,
           `  Token     ${cp.tokens.adminToken}`,
           `  CLI       configured in ${cfgFile} (or set DEVYARD_URL and DEVYARD_TOKEN)`,
+          `  Gateway   ${gw.url}   (browser terminal: devyard open NAME)`,
+          `  SSH       ssh ${sshPortFlag}NAME@${gw.sshHost}   (after \`devyard keys add\`), or: devyard ssh NAME`,
           `  Data      ${dataDir}   (log: ${join(dataDir, 'devyard.log')})`,
           '',
           'Next, in another shell:',
           '  devyard create demo --template base --wait',
           '  devyard exec demo -- uname -a',
+          '  devyard ssh demo                 # a shell over SSH; `devyard config-ssh` for `ssh devyard.demo`, VS Code, JetBrains',
+          '  devyard open demo                # terminal in the browser',
           '  devyard list',
           '  devyard stop demo --wait; devyard start demo --wait; devyard delete demo --wait',
           '',
-          'Ctrl-C stops the control plane and the agent; boxes keep running and are adopted on the next `devyard up`.',
+          'Ctrl-C stops the control plane, the agent and the gateway; boxes keep running and are adopted on the next `devyard up`.',
           '',
         ].join('\n'),
       );
       onShutdown(async () => {
+        await gateway.close();
         await agent.stop();
         await cp.close();
         log.flush();
@@ -165,6 +205,47 @@ export function registerDaemonCommands(program: Command): void {
       const { agent } = startAgent({ serverUrl: o.server, token: o.token, dataDir: resolve(o.dataDir), name: o.name, listen: o.listen, advertise: o.advertise, bridge: o.bridge, subnet: o.subnet, resyncMs: o.resyncMs, prebuildCheckMs: o.prebuildCheckMs, insecureRegistries: o.insecureRegistry, log });
       await agent.start();
       onShutdown(() => agent.stop());
+    });
+
+  program
+    .command('gateway')
+    .description('run an access gateway: SSH, browser terminal, port previews and CLI tunnels into boxes')
+    .requiredOption('--server <url>', 'control plane URL')
+    .option('--token-file <file>', "gateway token file (the server data dir's gateway.token); or set DEVYARD_GATEWAY_TOKEN")
+    .option('--host <host>', 'listen address of both ports', '127.0.0.1')
+    .option('--ssh-port <port>', 'SSH port (0 picks one)', portOption, 2222)
+    .option('--http-port <port>', 'HTTP port (0 picks one)', portOption, 7100)
+    .option('--public-url <url>', 'base URL browsers and the CLI reach the HTTP port at (default http://HOST:PORT)')
+    .option('--ssh-public-host <host>', 'host name users give ssh (default: the public URL\'s host)')
+    .option('--preview-domain <domain>', 'previews at <port>--<box>.<domain> ("none": under /p/<box>/<port>/; default localhost for a loopback URL)')
+    .action(async (o) => {
+      let token = process.env.DEVYARD_GATEWAY_TOKEN?.trim();
+      if (o.tokenFile) {
+        try {
+          token = readFileSync(resolve(o.tokenFile as string), 'utf8').trim();
+        } catch (e) {
+          throw new CliUsageError(`cannot read the gateway token file ${o.tokenFile} (${(e as { code?: string }).code ?? (e as Error).message})`);
+        }
+      }
+      if (!token) throw new CliUsageError('the gateway needs its token: --token-file <server data dir>/gateway.token, or DEVYARD_GATEWAY_TOKEN');
+      const log = pino({ level: 'info' }, pino.destination(2));
+      const previewDomain = o.previewDomain === undefined ? undefined : o.previewDomain === 'none' || o.previewDomain === '' ? null : (o.previewDomain as string);
+      // startGateway logs "gateway ready" with both endpoints once the ports are bound and the route table is in.
+      const gateway = await startGatewayOn(
+        {
+          serverUrl: o.server,
+          token,
+          host: o.host,
+          sshPort: o.sshPort,
+          httpPort: o.httpPort,
+          publicUrl: o.publicUrl,
+          sshPublicHost: o.sshPublicHost,
+          previewDomain,
+          log: (msg, fields) => log.info(fields ?? {}, msg),
+        },
+        { ssh: '--ssh-port', http: '--http-port' },
+      );
+      onShutdown(() => gateway.close(), 'open sessions through this gateway end; boxes keep running');
     });
 }
 
