@@ -11,7 +11,7 @@ import type { ChildProcess } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
-import { cleanup, daemonOutput, cliOk, kill9, newHarness, startDaemon, type Harness } from './devyard-harness.js';
+import { cleanup, cliOk, kill9, newHarness, startDaemon, waitUntil, type Harness } from './devyard-harness.js';
 
 let h: Harness;
 let port: number;
@@ -44,15 +44,7 @@ async function startAgent(): Promise<void> {
 
 const driver = () => new SandboxDriver({ dataDir: join(h.dataDir, 'node', 'sandbox'), network: { bridge: h.bridge, subnet: h.subnet, nftTable: `devyard_${h.bridge}` } });
 
-async function until<T>(fn: () => Promise<T>, ok: (v: T) => boolean, ms = 30_000): Promise<T> {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await fn().catch(() => undefined as T);
-    if (v !== undefined && ok(v)) return v;
-    if (Date.now() > end) throw new Error(`condition not met in ${ms} ms; last: ${JSON.stringify(v)}\n${daemonOutput(h).slice(-3000)}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
+const until = <T>(fn: () => Promise<T>, ok: (v: T) => boolean, ms = 30_000) => waitUntil(h, fn, ok, ms, 100);
 
 beforeAll(async () => {
   h = newHarness('flt', 216);

@@ -71,6 +71,26 @@ export async function startDaemon(h: Harness, args: string[], ready: RegExp, tim
 let daemonCount = 0;
 
 /** Everything the daemons of this harness wrote so far (for assertions and failure messages). */
+/**
+ * Polls `fn` until `ok` holds (an error counts as "not yet"); on timeout the error shows the last
+ * value and the tail of the daemons' logs.
+ */
+export async function waitUntil<T>(h: Harness, fn: () => T | Promise<T>, ok: (v: T) => boolean, ms = 60_000, everyMs = 200): Promise<T> {
+  const end = Date.now() + ms;
+  for (;;) {
+    let v: T | undefined;
+    let err: Error | undefined;
+    try {
+      v = await fn();
+      if (ok(v)) return v;
+    } catch (e) {
+      err = e as Error;
+    }
+    if (Date.now() > end) throw new Error(`condition not met in ${ms} ms; last: ${err ? err.message : JSON.stringify(v)?.slice(0, 800)}\n${daemonOutput(h).slice(-3000)}`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
+
 export function daemonOutput(h: Harness): string {
   return h.logs.map((f) => (existsSync(f) ? readFileSync(f, 'utf8') : '')).join('\n');
 }

@@ -13,7 +13,7 @@ import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
-import { BIN, cleanup, cli, cliOk, daemonOutput, kill9, newHarness, startDaemon, startUp, type CliResult, type Harness } from './devyard-harness.js';
+import { BIN, cleanup, cli, cliOk, daemonOutput, kill9, newHarness, startDaemon, startUp, waitUntil, type CliResult, type Harness } from './devyard-harness.js';
 
 let h: Harness;
 let client: DevyardClient;
@@ -58,15 +58,7 @@ const freePort = () =>
     });
   });
 
-async function until<T>(fn: () => Promise<T>, ok: (v: T) => boolean, ms = 60_000): Promise<T> {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await fn().catch(() => undefined as T);
-    if (v !== undefined && ok(v)) return v;
-    if (Date.now() > end) throw new Error(`condition not met in ${ms} ms; last: ${JSON.stringify(v)}\n${daemonOutput(h).slice(-3000)}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
+const until = <T>(fn: () => Promise<T>, ok: (v: T) => boolean, ms = 60_000) => waitUntil(h, fn, ok, ms);
 
 /** GET through a local forward, retried while the forward comes up. */
 async function fetchText(url: string): Promise<string> {

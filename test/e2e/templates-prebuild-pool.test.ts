@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { busyboxRootEntries, OciLayoutBuilder, tarLayer } from '../../packages/oci/test/oci-layout-builder.js';
 import { TestRegistry } from '../../packages/oci/test/registry-test-host.js';
 import { GitFixture } from '../../packages/agent/test/workspace-git-fixture.js';
-import { cleanup, daemonOutput, cli, cliAsync, cliOk, newHarness, startUp, type Harness } from './devyard-harness.js';
+import { cleanup, cli, cliAsync, cliOk, newHarness, startUp, waitUntil, type Harness } from './devyard-harness.js';
 
 const APPLETS = ['sh', 'cat', 'echo', 'ls', 'hostname', 'env', 'mkdir', 'touch', 'sleep', 'true', 'grep', 'id', 'wc'];
 
@@ -19,15 +19,7 @@ let registry: TestRegistry;
 let git: GitFixture;
 let imageRef: string;
 
-async function until<T>(fn: () => T | Promise<T>, ok: (v: T) => boolean, ms = 60_000): Promise<T> {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await fn();
-    if (ok(v)) return v;
-    if (Date.now() > end) throw new Error(`condition not met: ${JSON.stringify(v).slice(0, 800)}\n${daemonOutput(h).slice(-2000)}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
+const until = <T>(fn: () => T | Promise<T>, ok: (v: T) => boolean, ms = 60_000) => waitUntil(h, fn, ok, ms);
 
 const runningPoolBoxes = async () => {
   const m = /devyard_boxes\{phase="running"\} (\d+)/.exec(await (await fetch(`${h.url}/metrics`)).text());

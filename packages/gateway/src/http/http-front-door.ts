@@ -22,6 +22,7 @@ import { TUNNEL_CLOSE } from '@devyard/api/tunnel-protocol';
 import { parsePreviewHost } from '@devyard/core/access-policy';
 import { tunnelStream, TunnelError } from '@devyard/sdk/tunnel-client';
 import { SessionError, shellArgv, type BoxSessions } from '../box-sessions.js';
+import { listenPort } from '../listen-port.js';
 import type { RouteCache } from '../route-cache.js';
 import type { SshFrontDoor } from '../ssh/ssh-front-door.js';
 import { signInPage, terminalPage } from './terminal-page.js';
@@ -79,12 +80,7 @@ export class HttpFrontDoor {
     const server = createServer((req, res) => void this.onRequest(req, res).catch((e) => this.fail(res, e)));
     server.on('upgrade', (req, socket, head) => void this.onUpgrade(req, socket, head).catch((e) => refuseUpgrade(socket, 500, 'Internal Server Error', (e as Error).message)));
     this.server = server;
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(this.opts.port, this.opts.host, resolve);
-    });
-    const addr = server.address();
-    return typeof addr === 'object' && addr ? addr.port : this.opts.port;
+    return listenPort(server, this.opts.port, this.opts.host);
   }
 
   async close(): Promise<void> {

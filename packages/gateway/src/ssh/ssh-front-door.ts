@@ -15,6 +15,7 @@ import type { Duplex } from 'node:stream';
 import ssh2 from 'ssh2';
 import type { RouteBox } from '@devyard/api/gateway-schemas';
 import { BoxSessions, SessionError, SFTP_SERVER_ARGV, shellArgv } from '../box-sessions.js';
+import { listenPort } from '../listen-port.js';
 import type { RouteCache } from '../route-cache.js';
 
 export interface SshFrontDoorOptions {
@@ -45,12 +46,7 @@ export class SshFrontDoor {
   async listen(): Promise<number> {
     const server = createServer((socket) => this.accept(socket, { remote: `${socket.remoteAddress}:${socket.remotePort}` }, this.opts.cache.gatewayHostKey()));
     this.server = server;
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(this.opts.port, this.opts.host, resolve);
-    });
-    const addr = server.address();
-    return typeof addr === 'object' && addr ? addr.port : this.opts.port;
+    return listenPort(server, this.opts.port, this.opts.host);
   }
 
   /** Serves SSH over a stream whose user and box the caller already authenticated. */

@@ -8,7 +8,7 @@ import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyRepl
 import { ROUTES, type OperationId, type RouteDef } from '@devyard/api/routes';
 import { DomainError } from '@devyard/core/domain-error';
 import type { Store } from '../store/store.js';
-import type { Subject } from '../services/box-service.js';
+import { DEFAULT_ORG_ID, type Subject } from '../services/box-service.js';
 import { problem, toProblem } from './problem-details.js';
 
 export interface HandlerContext {
@@ -36,14 +36,14 @@ export function hashToken(token: string): string {
 }
 
 async function authenticate(store: Store, req: FastifyRequest, route: RouteDef): Promise<Subject> {
-  if (route.auth === 'none') return { name: 'anonymous', kind: 'user' };
+  if (route.auth === 'none') return { name: 'anonymous', kind: 'user', orgId: DEFAULT_ORG_ID };
   const header = req.headers.authorization;
   const m = header ? /^Bearer\s+(\S+)$/i.exec(header) : null;
   if (!m) throw new DomainError('unauthenticated', 'missing bearer token (set DEVYARD_TOKEN or run `devyard up`)');
   const row = await store.findTokenByHash(hashToken(m[1]!));
   if (!row) throw new DomainError('unauthenticated', 'invalid or revoked token');
   if (row.kind !== route.auth) throw new DomainError('forbidden', `a ${row.kind} token cannot call ${route.operationId}`);
-  return { name: row.subject, kind: row.kind as Subject['kind'] };
+  return { name: row.subject, kind: row.kind as Subject['kind'], orgId: DEFAULT_ORG_ID };
 }
 
 export function createApp(opts: AppOptions): FastifyInstance {

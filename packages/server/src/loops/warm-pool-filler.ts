@@ -6,11 +6,11 @@
  * through BoxService, so pool boxes are reconciled, scheduled and reported like any other box.
  */
 import type { ChangeFeed } from '../change-feed.js';
-import { WARM_POOL_OWNER, type BoxService, type Subject } from '../services/box-service.js';
+import { DEFAULT_ORG_ID, WARM_POOL_OWNER, type BoxService, type Subject } from '../services/box-service.js';
 import type { BoxRecord } from '../store/box-records.js';
 import type { Store, TemplateRecord } from '../store/store.js';
 
-export const WARM_POOL_SUBJECT: Subject = { name: WARM_POOL_OWNER, kind: 'system' };
+export const WARM_POOL_SUBJECT: Subject = { name: WARM_POOL_OWNER, kind: 'system', orgId: DEFAULT_ORG_ID };
 
 export interface WarmPoolOptions {
   /** Pool size of a template version (0: no pool). */

@@ -15,7 +15,7 @@ import { newId } from '../ids.js';
 import type { BoxRecord } from '../store/box-records.js';
 import type { AccessStore } from '../store/access-store.js';
 import type { Store } from '../store/store.js';
-import type { BoxService, Subject } from './box-service.js';
+import { DEFAULT_ORG_ID, type BoxService, type Subject } from './box-service.js';
 
 export interface AccessServiceOptions {
   /** Lifetime of the agent tokens in a route table: how long gateways work on with the server down. */
@@ -257,7 +257,7 @@ export class AccessService {
     const box = await this.store.getBox(boxId);
     if (!box || box.deletedAt !== null || !mayConnect(subjectName, box)) throw new DomainError('not-found', `box ${boxId} not found`, { id: boxId });
     if (!mayWake(subjectName, box)) throw new DomainError('forbidden', `you may not start box "${box.name}"`, { name: box.name });
-    const subject: Subject = { name: subjectName, kind: 'user' };
+    const subject: Subject = { name: subjectName, kind: 'user', orgId: DEFAULT_ORG_ID };
     if (box.desiredState === 'paused') return this.boxes.applyVerb(subject, box.name, 'resume');
     if (box.desiredState === 'stopped') return this.boxes.applyVerb(subject, box.name, 'start');
     if (box.desiredState === 'deleted') throw new DomainError('not-found', `box ${boxId} not found`, { id: boxId });

@@ -22,7 +22,12 @@ export interface Subject {
   /** User (or system loop) name; boxes are scoped by it. */
   name: string;
   kind: 'user' | 'node' | 'gateway' | 'system';
+  /** Organization the subject acts in; every box, template, secret and quota belongs to one. */
+  orgId: string;
 }
+
+/** The organization every installation starts with (and, until organizations are managed, the only one). */
+export const DEFAULT_ORG_ID = 'org_default';
 
 /** Requested resources over the template's defaults, checked against its maximum. */
 export function resolveResources(
