@@ -2,6 +2,9 @@
  * What the agent remembers across restarts and server outages: its node identity, the session key,
  * the last desired set it was given, and per box the operations it already tried. Written
  * atomically (temp file + rename) so a crash never leaves a torn file.
+ *
+ * Box secrets are never written here: the file is on disk, secrets live only in memory and on
+ * tmpfs. A restarted agent gets them again with the next desired set from the server.
  */
 import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
@@ -23,7 +26,7 @@ export function loadAgentState(file: string, serverUrl: string): AgentState {
   try {
     const s = JSON.parse(readFileSync(file, 'utf8')) as AgentState;
     // A state file from another control plane describes boxes we must not act on.
-    if (s.serverUrl === serverUrl) return { ...s, failedOperations: s.failedOperations ?? {}, setup: s.setup ?? {} };
+    if (s.serverUrl === serverUrl) return { ...withoutSecrets(s), failedOperations: s.failedOperations ?? {}, setup: s.setup ?? {} };
   } catch {}
   return { serverUrl, nodeId: null, sessionKey: null, desired: null, failedOperations: {}, setup: {} };
 }
@@ -31,6 +34,12 @@ export function loadAgentState(file: string, serverUrl: string): AgentState {
 export function saveAgentState(file: string, state: AgentState): void {
   mkdirSync(dirname(file), { recursive: true });
   const tmp = `${file}.${process.pid}.tmp`;
-  writeFileSync(tmp, JSON.stringify(state), { mode: 0o600 });
+  writeFileSync(tmp, JSON.stringify(withoutSecrets(state)), { mode: 0o600 });
   renameSync(tmp, file);
+}
+
+/** The state with every box's secrets emptied (what goes to disk, and what a restarted agent knows). */
+function withoutSecrets(state: AgentState): AgentState {
+  if (!state.desired) return state;
+  return { ...state, desired: { ...state.desired, boxes: state.desired.boxes.map((b) => ({ ...b, secrets: [] })) } };
 }

@@ -94,6 +94,8 @@ export class BoxProvisioner {
       env: box.env,
       ...(setup.layers ? { layers: setup.layers } : {}),
       ...(setup.workspaceBase ? { workspaceBase: setup.workspaceBase } : {}),
+      // A user's box: it gets a secrets directory (prebuild and image build boxes never do).
+      secrets: true,
     };
   }
 

@@ -95,6 +95,13 @@ export class NodeAgent {
   private connected = false;
   private readonly metrics: AgentMetrics;
   private readonly provisioner: BoxProvisioner;
+  /**
+   * Whether the desired set in memory came from the server in this process: only then does it hold
+   * the boxes' secrets (the state file never does), and only then are they written to boxes.
+   */
+  private secretsFresh = false;
+  /** The secret set last written per box (in memory only), so unchanged sets are not rewritten. */
+  private readonly secretsWritten = new Map<string, string>();
 
   constructor(private readonly opts: NodeAgentOptions) {
     this.client = new DevyardClient({ url: opts.serverUrl, token: opts.token, timeoutMs: 10_000 });
@@ -232,9 +239,12 @@ export class NodeAgent {
   }
 
   private applyDesired(set: DesiredSet): void {
-    const key = (b: DesiredBox) => `${b.operationId}|${b.desiredState}|${b.name}|${b.pooled}`;
+    // A server from before secrets sends none: treat that as an empty set.
+    set = { ...set, boxes: set.boxes.map((b) => ({ ...b, secrets: b.secrets ?? [] })) };
+    const key = (b: DesiredBox) => `${b.operationId}|${b.desiredState}|${b.name}|${b.pooled}|${JSON.stringify(b.secrets)}`;
     const before = new Map((this.state.desired?.boxes ?? []).map((b) => [b.boxId, key(b)]));
     this.state = { ...this.state, desired: set };
+    this.secretsFresh = true;
     const live = new Set(set.boxes.map((b) => b.operationId));
     for (const [boxId, op] of Object.entries(this.state.failedOperations)) if (!live.has(op)) delete this.state.failedOperations[boxId];
     saveAgentState(this.stateFile, this.state);
@@ -262,7 +272,8 @@ export class NodeAgent {
       try {
         await this.reconcileBox(boxId);
       } catch (e) {
-        this.log('reconcile failed', { boxId, err: (e as Error).message });
+        const secrets = this.state.desired?.boxes.find((b) => b.boxId === boxId)?.secrets ?? [];
+        this.log('reconcile failed', { boxId, err: redactSecrets((e as Error).message, secrets) });
       }
       if (this.rerun.delete(boxId) && !this.abort.signal.aborted) return run();
     };
@@ -286,6 +297,13 @@ export class NodeAgent {
       const observed = await this.opts.driver.inspect(boxId);
       const step = decideNodeStep(box.desiredState, observed.state);
       if (step.kind === 'none') {
+        if (observed.state === 'running' || observed.state === 'paused') {
+          try {
+            await this.syncSecrets(box);
+          } catch (e) {
+            this.log('writing box secrets failed', { boxId, err: redactSecrets(errorText(e), box.secrets) });
+          }
+        }
         const setup = this.state.setup[boxId];
         if (observed.state === 'running' && setup && this.state.failedOperations[boxId] !== box.operationId) {
           try {
@@ -311,9 +329,11 @@ export class NodeAgent {
           case 'start':
           case 'create': {
             const progress = (line: string) => {
-              this.log('setup', { boxId, line });
+              this.log('setup', { boxId, line: redactSecrets(line, box.secrets) });
               this.progress(box, step.phase, line);
             };
+            // Before the box starts: its hooks and first sessions see them.
+            if (step.kind === 'start') await this.syncSecrets(box, true);
             const known = this.state.setup[boxId];
             if (observed.state === 'absent' || !known) {
               // A box found on disk without a setup record predates setup tracking: start it as is.
@@ -329,15 +349,19 @@ export class NodeAgent {
           }
           case 'stop':
             await d.stop(boxId);
+            this.secretsWritten.delete(boxId);
             break;
           case 'pause':
             await d.pause(boxId);
             break;
           case 'resume':
+            // Refreshed before the box thaws, so nothing in it reads a set that changed meanwhile.
+            await this.syncSecrets(box, true);
             await d.resume(boxId);
             break;
           case 'destroy':
             await d.destroy(boxId);
+            this.secretsWritten.delete(boxId);
             delete this.state.setup[boxId];
             saveAgentState(this.stateFile, this.state);
             break;
@@ -346,7 +370,7 @@ export class NodeAgent {
         clearTimeout(transient);
         this.metrics.stepErrors.inc({ step: step.kind });
         const message = errorText(e);
-        this.log('box step failed', { boxId, step: step.kind, err: message });
+        this.log('box step failed', { boxId, step: step.kind, err: redactSecrets(message, box.secrets) });
         this.state.failedOperations[boxId] = box.operationId;
         saveAgentState(this.stateFile, this.state);
         const now = await this.opts.driver.inspect(boxId).catch(() => observed);
@@ -359,6 +383,17 @@ export class NodeAgent {
       const after = await this.opts.driver.inspect(boxId);
       this.report(box, step.then, after.ip ?? null, null, this.takePendingProgress(boxId));
     }
+  }
+
+  /** Writes the box's secrets if they changed since last written (or always, with `force`). */
+  private async syncSecrets(box: DesiredBox, force = false): Promise<void> {
+    const write = this.opts.driver.writeSecrets?.bind(this.opts.driver);
+    // A set loaded from the state file has no secrets: writing it would wipe the box's until the server is back.
+    if (!write || !this.secretsFresh) return;
+    const json = JSON.stringify(box.secrets);
+    if (!force && this.secretsWritten.get(box.boxId) === json) return;
+    await write(box.boxId, box.secrets);
+    this.secretsWritten.set(box.boxId, json);
   }
 
   /** Reports a progress line of a long step, at most a few times a second. */
@@ -397,6 +432,9 @@ export class NodeAgent {
   }
 
   private report(box: DesiredBox, phase: Phase, ip: string | null, error: string | null = null, message = ''): void {
+    // Hook output and errors become events on the server: never with a secret value in them.
+    error = error === null ? null : redactSecrets(error, box.secrets);
+    message = redactSecrets(message, box.secrets);
     // The same report again within a few seconds adds nothing; later repeats are kept on purpose,
     // they heal a report the server lost (it applies them idempotently).
     const key = `${box.operationId}|${phase}|${ip}|${error}|${message}`;
@@ -491,6 +529,22 @@ export class NodeAgent {
       this.prebuilding = null;
     });
   }
+}
+
+/**
+ * Replaces secret values in text that leaves the agent (reports, events, logs), the way CI systems
+ * mask them: whole values of 4 characters or more, and each line of 8 or more of a multi-line value.
+ */
+export function redactSecrets(text: string, secrets: readonly { value: string }[] | undefined): string {
+  if (!text || !secrets?.length) return text;
+  const needles = new Set<string>();
+  for (const { value } of secrets) {
+    if (value.length >= 4) needles.add(value);
+    if (value.includes('\n')) for (const line of value.split(/\r?\n/)) if (line.trim().length >= 8) needles.add(line.trim());
+  }
+  let out = text;
+  for (const n of [...needles].sort((a, b) => b.length - a.length)) out = out.split(n).join('***');
+  return out;
 }
 
 /** An error as one report message: the first line plus, for hooks and builds, the log tail. */

@@ -25,6 +25,10 @@ export const RouteBoxSchema = z.object({
   id: z.string(),
   name: z.string(),
   owner: z.string(),
+  /** Organization of the box. */
+  orgId: z.string(),
+  /** Teams the box is shared with (by team id). */
+  shares: z.array(z.object({ teamId: z.string(), access: z.enum(['connect', 'manage']) })),
   phase: PhaseSchema,
   desiredState: DesiredStateSchema,
   /** Base URL of the box's node agent (http://…), null while unscheduled. */
@@ -46,7 +50,14 @@ export const RouteTableSchema = z
     /** OpenSSH private host key every gateway presents on its SSH port. */
     gatewayHostKey: z.string(),
     boxes: z.array(RouteBoxSchema),
-    users: z.array(z.object({ subject: z.string(), keys: z.array(z.string()) })),
+    /** Users with their SSH keys and their memberships (role and team ids per organization). */
+    users: z.array(
+      z.object({
+        subject: z.string(),
+        keys: z.array(z.string()),
+        memberships: z.array(z.object({ orgId: z.string(), role: z.enum(['owner', 'admin', 'template-admin', 'auditor', 'member']), teamIds: z.array(z.string()) })),
+      }),
+    ),
   })
   .meta({ id: 'RouteTable' });
 

@@ -1,6 +1,7 @@
 import { z } from 'zod';
 import { ResourcesSchema, TimestampSchema } from './common-schemas.js';
 import { DesiredStateSchema, PhaseSchema } from './box-schemas.js';
+import { BoxSecretSchema } from './secret-schemas.js';
 
 export const NodeSchema = z
   .object({
@@ -92,6 +93,12 @@ export const DesiredBoxSchema = z
     templateVersion: z.number().int().default(0),
     /** Kept ready in a warm pool: postCreate waits until a user claims the box. */
     pooled: z.boolean().default(false),
+    /**
+     * Decrypted secrets of the box (org, template, the owner's teams and user; the narrower scope
+     * wins a name clash), only while it should run or be paused. The agent keeps them in memory
+     * and on tmpfs, never in its state file.
+     */
+    secrets: z.array(BoxSecretSchema).default([]),
   })
   .meta({ id: 'DesiredBox' });
 

@@ -2,9 +2,13 @@
 import { Command, CommanderError } from 'commander';
 import { ApiError } from '@devyard/sdk/api-error';
 import { registerAccessCommands } from './commands/access-commands.js';
+import { registerAuditCommands } from './commands/audit-commands.js';
 import { registerBoxCommands } from './commands/box-commands.js';
 import { registerClusterCommands } from './commands/cluster-commands.js';
 import { registerDaemonCommands } from './commands/daemon-commands.js';
+import { registerLoginCommands } from './commands/login-commands.js';
+import { registerSecretCommands } from './commands/secret-commands.js';
+import { registerTenancyCommands } from './commands/tenancy-commands.js';
 import { CliUsageError } from './cli-config.js';
 import { BoxFailedError } from './wait-for-box.js';
 
@@ -18,6 +22,10 @@ export function buildProgram(): Command {
   registerBoxCommands(program);
   registerClusterCommands(program);
   registerAccessCommands(program);
+  registerSecretCommands(program);
+  registerTenancyCommands(program);
+  registerAuditCommands(program);
+  registerLoginCommands(program);
   program.exitOverride();
   return program;
 }

@@ -1,33 +1,30 @@
 /**
- * Who may reach a box through a gateway. One place for the rule, used by the server (routes,
- * connection details, wake) and by gateways (offline, from their cached route table).
- *
- * Until organizations exist, every user of an installation is in its one organization: an
- * "org-visible" port is open to every signed-in user, a private one only to those who may connect.
+ * Who may reach a box through a gateway, on top of rbac-policy's box access: used by gateways
+ * offline, from their cached route table. An "org-visible" port is open to every member of the
+ * box's organization, a private one only to those who may connect.
  */
-
-/** The part of a box the access rules look at. */
-export interface AccessBox {
-  /** Subject that owns the box. */
-  owner: string;
-}
+import { accessAtLeast, boxAccess, type BoxAccess, type OrgRole, type SharedBox } from './rbac-policy.js';
 
 /** Who may open a port's preview: users who may connect (private) or the whole organization. */
 export type PortVisibility = 'private' | 'org';
 
-/** Whether `subject` may open shells, copy files and forward ports into the box. */
-export function mayConnect(subject: string, box: AccessBox): boolean {
-  return subject === box.owner;
+/**
+ * What a user may do with a box through a gateway, from the user's membership in the box's
+ * organization (none: not a member) and the box's shares — the same rule the server applies.
+ */
+export function gatewayAccess(membership: { role: OrgRole; teamIds: readonly string[] } | undefined, userName: string, box: SharedBox): BoxAccess {
+  if (!membership) return 'none';
+  return boxAccess({ name: userName, orgId: box.orgId, role: membership.role, teamIds: membership.teamIds }, box);
 }
 
-/** Whether `subject` may start or resume the box on connect (a stopped box is woken by the gateway). */
-export function mayWake(subject: string, box: AccessBox): boolean {
-  return subject === box.owner;
+/** Whether a user may shell in, copy files and forward ports. */
+export function mayConnect(access: BoxAccess): boolean {
+  return accessAtLeast(access, 'connect');
 }
 
-/** Whether `subject` may open the preview of a port with the given visibility. */
-export function mayOpenPort(subject: string, box: AccessBox, visibility: PortVisibility): boolean {
-  return mayConnect(subject, box) || visibility === 'org';
+/** Whether a user may open a port's preview: those who may connect, or any member for an org-visible port. */
+export function mayOpenPort(access: BoxAccess, isMember: boolean, visibility: PortVisibility): boolean {
+  return mayConnect(access) || (isMember && visibility === 'org');
 }
 
 /** The host alias a box is known by in `~/.ssh/config` and `known_hosts`. */

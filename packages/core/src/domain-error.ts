@@ -11,6 +11,7 @@ export type DomainErrorCode =
   | 'unauthenticated'
   | 'forbidden'
   | 'no-capacity'
+  | 'quota-exceeded'
   | 'stale-lease'
   | 'unavailable'
   | 'internal';

@@ -1,21 +1,24 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { boxHostAlias, mayConnect, mayOpenPort, mayWake, parsePreviewHost, previewHost } from '@devyard/core/access-policy';
+import { boxHostAlias, gatewayAccess, mayConnect, mayOpenPort, parsePreviewHost, previewHost } from '@devyard/core/access-policy';
 
 describe('access policy', () => {
-  const box = { owner: 'alice' };
+  const box = { owner: 'alice', orgId: 'o1', shares: [{ teamId: 't1', access: 'connect' as const }] };
 
-  it('lets the owner connect and wake; nobody else', () => {
-    expect(mayConnect('alice', box)).toBe(true);
-    expect(mayWake('alice', box)).toBe(true);
-    expect(mayConnect('bob', box)).toBe(false);
-    expect(mayWake('bob', box)).toBe(false);
+  it('derives gateway access from membership, ownership and shares', () => {
+    expect(gatewayAccess({ role: 'member', teamIds: [] }, 'alice', box)).toBe('manage');
+    expect(gatewayAccess({ role: 'member', teamIds: ['t1'] }, 'bob', box)).toBe('connect');
+    expect(gatewayAccess({ role: 'member', teamIds: [] }, 'bob', box)).toBe('none');
+    expect(gatewayAccess(undefined, 'alice', box)).toBe('none');
+    expect(gatewayAccess({ role: 'admin', teamIds: [] }, 'carol', box)).toBe('manage');
   });
 
-  it('opens a private port to those who may connect, an org port to every signed-in user', () => {
-    expect(mayOpenPort('alice', box, 'private')).toBe(true);
-    expect(mayOpenPort('bob', box, 'private')).toBe(false);
-    expect(mayOpenPort('bob', box, 'org')).toBe(true);
+  it('opens a private port to those who may connect, an org port to every member', () => {
+    expect(mayOpenPort('connect', true, 'private')).toBe(true);
+    expect(mayOpenPort('none', true, 'private')).toBe(false);
+    expect(mayOpenPort('none', true, 'org')).toBe(true);
+    expect(mayOpenPort('none', false, 'org')).toBe(false);
+    expect(mayConnect('read')).toBe(false);
   });
 
   it('names a box devyard.<box> for SSH', () => {

@@ -8,7 +8,8 @@ import ssh2 from 'ssh2';
 import type { GatewayEndpoint } from '@devyard/api/access-schemas';
 import type { BoxActivity, RouteBox, RouteTable } from '@devyard/api/gateway-schemas';
 import { verifyAccessToken, type AccessClaims } from '@devyard/api/access-tokens';
-import { mayConnect, mayOpenPort } from '@devyard/core/access-policy';
+import { gatewayAccess, mayConnect, mayOpenPort } from '@devyard/core/access-policy';
+import type { BoxAccess } from '@devyard/core/rbac-policy';
 
 /** The server calls the cache needs; declared here, implemented by the SDK client. */
 export interface GatewayControlPlane {
@@ -77,9 +78,28 @@ export class RouteCache {
     return this.inFlight;
   }
 
-  /** Syncs unless one finished within `minAgeMs` (used on a miss, so misses cannot hammer the server). */
+  /** Syncs unless one finished within `minAgeMs`. */
   async refreshIfOlder(minAgeMs: number): Promise<void> {
     if (this.now() - this.lastSyncAt >= minAgeMs) await this.refresh();
+  }
+
+  private readonly missAt = new Map<string, number>();
+  private forcedSyncs: number[] = [];
+
+  /**
+   * Looks again after a miss (a key or box added a moment ago): a fresh sync, unless this same
+   * thing missed within the last 5 s (a wrong key retried) or ten misses forced a sync within the
+   * last second (then at most one sync a second), so misses cannot hammer the server.
+   */
+  async refreshAfterMiss(what: string): Promise<void> {
+    const now = this.now();
+    if (now - (this.missAt.get(what) ?? 0) < 5000) return;
+    this.missAt.set(what, now);
+    if (this.missAt.size > 10_000) this.missAt.clear();
+    this.forcedSyncs = this.forcedSyncs.filter((t) => now - t < 1000);
+    if (this.forcedSyncs.length >= 10) return this.refreshIfOlder(1000);
+    this.forcedSyncs.push(now);
+    await this.refresh();
   }
 
   private async sync(): Promise<boolean> {
@@ -141,10 +161,24 @@ export class RouteCache {
     return verifyAccessToken(token, this.accessKey, this.now());
   }
 
-  /** The box `name` of `subject` that subject may connect to, or undefined (unknown and not allowed look the same). */
+  private membership(subject: string, orgId: string) {
+    return this.table?.users.find((u) => u.subject === subject)?.memberships.find((m) => m.orgId === orgId);
+  }
+
+  /** What `subject` may do with a box (the server's rule, from the cached memberships and shares). */
+  accessTo(subject: string, box: RouteBox): BoxAccess {
+    return gatewayAccess(this.membership(subject, box.orgId), subject, box);
+  }
+
+  /**
+   * The box a user means by `name` (`box`, or `box.owner` for another user's box shared with them),
+   * when the user may connect to it: their own box of that name first, else the only one they may
+   * connect to. Unknown and not allowed look the same (undefined).
+   */
   connectableBox(subject: string, name: string): RouteBox | undefined {
-    const b = this.table?.boxes.find((x) => x.name === name && x.owner === subject);
-    return b && mayConnect(subject, b) ? b : undefined;
+    const [box, owner] = name.split('.', 2) as [string, string | undefined];
+    const candidates = (this.table?.boxes ?? []).filter((b) => b.name === box && (owner === undefined || b.owner === owner) && mayConnect(this.accessTo(subject, b)));
+    return candidates.find((b) => b.owner === subject) ?? (candidates.length === 1 ? candidates[0] : undefined);
   }
 
   boxById(id: string): RouteBox | undefined {
@@ -158,7 +192,9 @@ export class RouteCache {
   previewBox(viewer: string, name: string, port: number): RouteBox | undefined {
     const own = this.connectableBox(viewer, name);
     if (own) return own;
-    const shared = (this.table?.boxes ?? []).filter((b) => b.name === name && mayOpenPort(viewer, b, b.ports.find((p) => p.port === port)?.visibility ?? 'private'));
+    const shared = (this.table?.boxes ?? []).filter(
+      (b) => b.name === name && mayOpenPort(this.accessTo(viewer, b), !!this.membership(viewer, b.orgId), b.ports.find((p) => p.port === port)?.visibility ?? 'private'),
+    );
     return shared.length === 1 ? shared[0] : undefined;
   }
 

@@ -9,7 +9,6 @@ import { chromium, type Browser } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execInBox } from '@devyard/sdk/exec-client';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
-import { hashToken } from '@devyard/server/http/create-app';
 import { startAccessStack, waitFor, type AccessStack } from './access-test-stack.js';
 
 let stack: AccessStack;
@@ -99,9 +98,8 @@ describe('port previews', () => {
   });
 
   it('is private to the owner until the port is made org-visible; a closed port is a clear 502', async () => {
-    const otherToken = 'dy_u_browser-test-other';
-    await stack.cp.store.insertToken({ id: 't_other', token_hash: hashToken(otherToken), name: 'other', kind: 'user', subject: 'bob', created_at: Date.now() });
-    const bob = new DevyardClient({ url: stack.cp.url, token: otherToken });
+    // Another member of the organization (a service account is a real user).
+    const bob = new DevyardClient({ url: stack.cp.url, token: (await stack.client.createServiceAccount('bob', 'member')).token });
     const bobToken = (await bob.createAccessToken(600)).token;
     const get = (path: string, token: string) => fetch(`${stack.gateway.endpoint.url}${path}`, { headers: { authorization: `Bearer ${token}` } });
     expect((await get('/p/web/8080/', bobToken)).status).toBe(404);

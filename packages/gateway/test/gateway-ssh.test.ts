@@ -10,6 +10,7 @@ import { createServer, type AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import ssh2 from 'ssh2';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { openTunnel } from '@devyard/sdk/tunnel-client';
 import { startAccessStack, waitFor, type AccessStack } from './access-test-stack.js';
 
@@ -181,7 +182,7 @@ describe('the token-authenticated tunnel (devyard ssh --stdio)', () => {
     // Connecting to a stopped box starts it for its owner.
     const second = await hostKeyOf();
     expect([second.seen, second.out]).toEqual([first.seen, first.out]);
-    expect(second.err).toContain('devyard: box "dev" is stopped; starting it…');
+    expect(second.err).toMatch(/devyard: box "dev" is stopp(ed|ing); starting it…/);
     expect((await stack.client.getBox('dev')).phase).toBe('running');
   });
 
@@ -189,6 +190,29 @@ describe('the token-authenticated tunnel (devyard ssh --stdio)', () => {
     const sock = openTunnel({ url: `${stack.gateway.endpoint.url.replace(/^http/, 'ws')}/v1/boxes/dev/ssh`, token: 'dya_forged.token' });
     const err = await new Promise<Error & { code?: number }>((resolve) => sock.on('error', resolve));
     expect(err.code).toBe(401);
+  });
+});
+
+describe('another user', () => {
+  it('reaches a box shared with their team as <box>.<owner>, and nothing else', async () => {
+    const bobToken = (await stack.client.createServiceAccount('bob', 'member')).token;
+    const bob = new DevyardClient({ url: stack.cp.url, token: bobToken });
+    const bobKey = join(stack.dir, 'bob_key');
+    await run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', bobKey]);
+    await bob.addSshKey(await readFile(`${bobKey}.pub`, 'utf8'));
+    const asBob = (user: string) =>
+      run('ssh', ['-F', '/dev/null', '-i', bobKey, '-o', 'IdentitiesOnly=yes', '-o', 'BatchMode=yes', '-o', `UserKnownHostsFile=${knownHosts}`, '-o', 'StrictHostKeyChecking=accept-new', '-o', 'LogLevel=ERROR', '-p', String(stack.gateway.endpoint.sshPort), `${user}@127.0.0.1`, 'cat /etc/hostname']);
+    const denied = await asBob('dev.admin');
+    expect([denied.code, denied.stderr.trim()]).toEqual([255, 'devyard: no box "dev.admin" (or you may not connect to it); see `devyard list`']);
+    await stack.client.createTeam('pair');
+    await stack.client.setTeamMember('pair', 'bob', 'member');
+    await stack.client.setBoxShare('dev', 'pair', 'connect');
+    await stack.gateway.cache.refresh();
+    const shared = await asBob('dev.admin');
+    expect([shared.code, shared.stdout]).toEqual([0, 'dev\n']);
+    await stack.client.removeBoxShare('dev', 'pair');
+    await stack.gateway.cache.refresh();
+    expect((await asBob('dev.admin')).code).toBe(255);
   });
 });
 

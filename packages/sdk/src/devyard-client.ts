@@ -7,6 +7,10 @@ import type { BoxStatusReport, DesiredSet, PrebuildReport, Node, RegisterNodeReq
 import type { CreateTemplateRequest, Prebuild, Template } from '@devyard/api/template-schemas';
 import type { AccessToken, BoxConnection, BoxPort, PortVisibility, SshKey } from '@devyard/api/access-schemas';
 import type { GatewaySyncRequest, RouteTable } from '@devyard/api/gateway-schemas';
+import type { SecretMetadata } from '@devyard/api/secret-schemas';
+import type { AuditEntry, AuditVerification } from '@devyard/api/audit-schemas';
+import type { BoxShare, CreatedToken, Me, Member, Quota, QuotaLimits, Team, Token } from '@devyard/api/tenancy-schemas';
+import type { OrgRole } from '@devyard/core/rbac-policy';
 import { ApiError } from './api-error.js';
 import { readSse } from './sse-client.js';
 
@@ -76,18 +80,19 @@ export class DevyardClient {
     return (await this.get<{ items: Box[] }>('/v1/boxes')).items;
   }
 
-  getBox(name: string): Promise<Box> {
-    return this.get<Box>(`/v1/boxes/${encodeURIComponent(name)}`);
+  /** A box; `owner` addresses another user's box (shared with you, or you administer the organization). */
+  getBox(name: string, owner?: string): Promise<Box> {
+    return this.get<Box>(`/v1/boxes/${encodeURIComponent(name)}${this.ownerQuery(owner)}`);
   }
 
-  async boxVerb(name: string, verb: BoxVerb, ifMatchVersion?: number): Promise<Box> {
+  async boxVerb(name: string, verb: BoxVerb, ifMatchVersion?: number, owner?: string): Promise<Box> {
     const headers = ifMatchVersion !== undefined ? { 'if-match': `"v${ifMatchVersion}"` } : undefined;
-    return (await this.request<Box>('POST', `/v1/boxes/${encodeURIComponent(name)}/${verb}`, { headers })).body;
+    return (await this.request<Box>('POST', `/v1/boxes/${encodeURIComponent(name)}/${verb}${this.ownerQuery(owner)}`, { headers })).body;
   }
 
-  async deleteBox(name: string, ifMatchVersion?: number): Promise<Box> {
+  async deleteBox(name: string, ifMatchVersion?: number, owner?: string): Promise<Box> {
     const headers = ifMatchVersion !== undefined ? { 'if-match': `"v${ifMatchVersion}"` } : undefined;
-    return (await this.request<Box>('DELETE', `/v1/boxes/${encodeURIComponent(name)}`, { headers })).body;
+    return (await this.request<Box>('DELETE', `/v1/boxes/${encodeURIComponent(name)}${this.ownerQuery(owner)}`, { headers })).body;
   }
 
   async boxEvents(name: string): Promise<BoxEvent[]> {
@@ -199,6 +204,22 @@ export class DevyardClient {
     return (await this.request<AccessToken>('POST', '/v1/access-tokens', { body: ttlSeconds ? { ttlSeconds } : {} })).body;
   }
 
+  // ---- secrets (values are write-only: nothing here reads one back) ----
+
+  /** Sets a secret; scope is `org`, `user`, `team:<team>` or `template:<template>`. */
+  async putSecret(scope: string, name: string, value: string): Promise<{ secret: SecretMetadata; created: boolean }> {
+    const { body, res } = await this.request<SecretMetadata>('PUT', `/v1/secrets/${encodeURIComponent(scope)}/${encodeURIComponent(name)}`, { body: { value } });
+    return { secret: body, created: res.status === 201 };
+  }
+
+  async listSecrets(): Promise<SecretMetadata[]> {
+    return (await this.get<{ items: SecretMetadata[] }>('/v1/secrets')).items;
+  }
+
+  async deleteSecret(scope: string, name: string): Promise<void> {
+    await this.request('DELETE', `/v1/secrets/${encodeURIComponent(scope)}/${encodeURIComponent(name)}`);
+  }
+
   /** Gateway only: register, report activity, fetch the route table. */
   async syncGateway(req: GatewaySyncRequest): Promise<RouteTable> {
     return (await this.request<RouteTable>('POST', '/v1/gateway/sync', { body: req })).body;
@@ -208,4 +229,141 @@ export class DevyardClient {
   async wakeBox(boxId: string, subject: string): Promise<Box> {
     return (await this.request<Box>('POST', `/v1/gateway/boxes/${encodeURIComponent(boxId)}/wake`, { body: { subject } })).body;
   }
+
+  // ---- audit log (issue 5) ----
+
+  /** Entries of your organization's audit log: oldest first, or newest first with `order: 'desc'`. */
+  async listAudit(q: AuditListQuery = {}): Promise<AuditEntry[]> {
+    return (await this.get<{ items: AuditEntry[] }>(`/v1/audit${auditQueryString(q)}`)).items;
+  }
+
+  /** The export: every matching entry as one JSON line (the server's bytes), oldest first. */
+  async *exportAudit(q: Omit<AuditListQuery, 'order'> = {}, signal?: AbortSignal): AsyncGenerator<string> {
+    const { res } = await this.request('GET', `/v1/audit${auditQueryString({ ...q, format: 'jsonl' })}`, { stream: true, signal, headers: { accept: 'application/x-ndjson' } });
+    const decoder = new TextDecoder();
+    let buf = '';
+    for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
+      buf += decoder.decode(chunk, { stream: true });
+      let nl: number;
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        if (line !== '') yield line;
+      }
+    }
+    buf += decoder.decode();
+    if (buf !== '') yield buf;
+  }
+
+  /** Checks the organization's hash chain on the server. */
+  verifyAudit(): Promise<AuditVerification> {
+    return this.get<AuditVerification>('/v1/audit/verify');
+  }
+
+  // ---- identity and tenancy ----
+
+  getMe(): Promise<Me> {
+    return this.get<Me>('/v1/users/me');
+  }
+
+  async listTokens(): Promise<Token[]> {
+    return (await this.get<{ items: Token[] }>('/v1/tokens')).items;
+  }
+
+  async createToken(req: { name: string; ttlSeconds?: number; scopes?: Array<'read' | 'write'>; org?: string }): Promise<CreatedToken> {
+    return (await this.request<CreatedToken>('POST', '/v1/tokens', { body: req })).body;
+  }
+
+  async revokeToken(id: string): Promise<void> {
+    await this.request('DELETE', `/v1/tokens/${encodeURIComponent(id)}`);
+  }
+
+  async listOrgs(): Promise<Array<{ name: string; role: OrgRole; createdAt: string }>> {
+    return (await this.get<{ items: Array<{ name: string; role: OrgRole; createdAt: string }> }>('/v1/orgs')).items;
+  }
+
+  async createOrg(name: string): Promise<{ name: string; role: OrgRole; createdAt: string }> {
+    return (await this.request<{ name: string; role: OrgRole; createdAt: string }>('POST', '/v1/orgs', { body: { name } })).body;
+  }
+
+  async listMembers(): Promise<Member[]> {
+    return (await this.get<{ items: Member[] }>('/v1/org/members')).items;
+  }
+
+  async setMember(user: string, role: OrgRole): Promise<void> {
+    await this.request('PUT', `/v1/org/members/${encodeURIComponent(user)}`, { body: { role } });
+  }
+
+  async removeMember(user: string): Promise<void> {
+    await this.request('DELETE', `/v1/org/members/${encodeURIComponent(user)}`);
+  }
+
+  async createServiceAccount(name: string, role: OrgRole, ttlSeconds?: number): Promise<CreatedToken> {
+    return (await this.request<CreatedToken>('POST', '/v1/org/service-accounts', { body: { name, role, ...(ttlSeconds ? { ttlSeconds } : {}) } })).body;
+  }
+
+  async listTeams(): Promise<Team[]> {
+    return (await this.get<{ items: Team[] }>('/v1/teams')).items;
+  }
+
+  async createTeam(name: string): Promise<void> {
+    await this.request('POST', '/v1/teams', { body: { name } });
+  }
+
+  async deleteTeam(name: string): Promise<void> {
+    await this.request('DELETE', `/v1/teams/${encodeURIComponent(name)}`);
+  }
+
+  async setTeamMember(team: string, user: string, role: 'admin' | 'member'): Promise<void> {
+    await this.request('PUT', `/v1/teams/${encodeURIComponent(team)}/members/${encodeURIComponent(user)}`, { body: { role } });
+  }
+
+  async removeTeamMember(team: string, user: string): Promise<void> {
+    await this.request('DELETE', `/v1/teams/${encodeURIComponent(team)}/members/${encodeURIComponent(user)}`);
+  }
+
+  private ownerQuery(owner?: string): string {
+    return owner ? `?owner=${encodeURIComponent(owner)}` : '';
+  }
+
+  async listBoxShares(name: string, owner?: string): Promise<BoxShare[]> {
+    return (await this.get<{ items: BoxShare[] }>(`/v1/boxes/${encodeURIComponent(name)}/shares${this.ownerQuery(owner)}`)).items;
+  }
+
+  async setBoxShare(name: string, team: string, access: 'connect' | 'manage', owner?: string): Promise<BoxShare> {
+    return (await this.request<BoxShare>('PUT', `/v1/boxes/${encodeURIComponent(name)}/shares/${encodeURIComponent(team)}${this.ownerQuery(owner)}`, { body: { access } })).body;
+  }
+
+  async removeBoxShare(name: string, team: string, owner?: string): Promise<void> {
+    await this.request('DELETE', `/v1/boxes/${encodeURIComponent(name)}/shares/${encodeURIComponent(team)}${this.ownerQuery(owner)}`);
+  }
+
+  async listQuotas(): Promise<Quota[]> {
+    return (await this.get<{ items: Quota[] }>('/v1/quotas')).items;
+  }
+
+  async setQuota(scope: string, limits: QuotaLimits): Promise<Quota> {
+    return (await this.request<Quota>('PUT', `/v1/quotas/${encodeURIComponent(scope)}`, { body: limits })).body;
+  }
+
+  async deleteQuota(scope: string): Promise<void> {
+    await this.request('DELETE', `/v1/quotas/${encodeURIComponent(scope)}`);
+  }
+}
+
+/** Filters of the audit log (`since` is RFC 3339). */
+export interface AuditListQuery {
+  since?: string;
+  actor?: string;
+  limit?: number;
+  afterSeq?: number;
+  order?: 'asc' | 'desc';
+}
+
+function auditQueryString(q: AuditListQuery & { format?: 'jsonl' }): string {
+  const p = new URLSearchParams();
+  for (const [k, v] of Object.entries(q)) if (v !== undefined) p.set(k, String(v));
+  const s = p.toString();
+  return s ? `?${s}` : '';
+
 }

@@ -6,7 +6,7 @@
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { hashToken } from './http/create-app.js';
+import { hashToken } from './token-hash.js';
 import { newId } from './ids.js';
 import type { Store } from './store/store.js';
 
@@ -23,7 +23,9 @@ async function ensureToken(store: Store, file: string, kind: 'user' | 'node' | '
     if (await store.findTokenByHash(hashToken(token))) return token;
   }
   const token = `dy_${kind[0]}_${randomBytes(24).toString('base64url')}`;
-  await store.insertToken({ id: newId('t'), token_hash: hashToken(token), name: `bootstrap ${kind}`, kind, subject, created_at: now });
+  // The admin token speaks for the bootstrap admin (user u_admin, owner of the default organization).
+  const user = kind === 'user' ? { user_id: 'u_admin', org_id: 'org_default' } : {};
+  await store.insertToken({ id: newId('t'), token_hash: hashToken(token), name: `bootstrap ${kind}`, kind, subject, created_at: now, ...user });
   writeFileSync(file, `${token}\n`, { mode: 0o600 });
   return token;
 }

@@ -12,6 +12,9 @@ import { ServerMetrics } from './http/server-metrics.js';
 import { BoxReconciler, deadLocalHolder } from './loops/box-reconciler.js';
 import { WarmPoolFiller } from './loops/warm-pool-filler.js';
 import { AccessService } from './services/access-service.js';
+import { QuotaService } from './services/quota-service.js';
+import { TenancyService } from './services/tenancy-service.js';
+import { TenancyStore } from './store/tenancy-store.js';
 import { BoxService } from './services/box-service.js';
 import { AccessStore } from './store/access-store.js';
 import { NodeService } from './services/node-service.js';
@@ -23,6 +26,12 @@ import { registryCredentialFiles } from '@devyard/oci/registry-credential-files'
 import { RegistryClient } from '@devyard/oci/registry-client';
 import type { RetryPolicy } from '@devyard/core/box-reconcile';
 import { hostname } from 'node:os';
+import { KeyringSource } from './secrets/secret-envelope.js';
+import { SecretService, type SecretTenancy } from './secrets/secret-service.js';
+import { SecretStore } from './store/secret-store.js';
+import { AuditLog } from './audit/audit-log.js';
+import { installAuditHook } from './http/audit-hook.js';
+import { OidcLogin, type OidcOptions } from './identity/oidc-login.js';
 
 export interface ControlPlaneOptions {
   /** Directory for the SQLite store and the bootstrap token files. */
@@ -39,6 +48,12 @@ export interface ControlPlaneOptions {
   poolSize?: (t: TemplateRecord) => number;
   /** Lifetime of the agent tokens handed to gateways (how long they serve on with the server down). */
   gatewayTokenTtlMs?: number;
+  /** Secrets: the KEK keyring (default: DEVYARD_KEK, else `<dataDir>/secrets/kek.keyring`) and the tenancy answers. */
+  secrets?: { kek?: string; tenancy?: Partial<SecretTenancy> };
+  /** Sign-in through an OpenID Connect provider (issue 5; docs/identity.md). */
+  oidc?: OidcOptions;
+  /** Base URL browsers and CLIs reach this server at (default: the listen URL); the OIDC redirect URI derives from it. */
+  publicUrl?: string;
 }
 
 export interface ControlPlane {
@@ -51,6 +66,16 @@ export interface ControlPlane {
   boxes: BoxService;
   access: AccessService;
   tokens: BootstrapTokens;
+  /** Secrets (issue 5): write-only values, delivered to boxes in their nodes' desired sets. */
+  secrets: SecretService;
+  /** The audit log (issue 5). */
+  audit: AuditLog;
+  /** Users, organizations, teams, tokens (issue 5). */
+  tenancy: TenancyService;
+  /** Quotas (issue 5). */
+  quotas: QuotaService;
+  /** OIDC sign-in (issue 5), when configured. */
+  oidc?: OidcLogin;
   close(): Promise<void>;
 }
 
@@ -67,13 +92,45 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
   });
   await templates.seedBuiltins();
   const tokens = await ensureBootstrapTokens(store, opts.dataDir, now());
-  const boxes = new BoxService(store, feed, now);
+  const tenancyStore = new TenancyStore(store.db);
+  const tenancy = new TenancyService(store, tenancyStore, now);
+  const quotas = new QuotaService(store, tenancyStore);
+  const boxes = new BoxService(store, feed, now, { tenancy: tenancyStore, quotas });
   const nodes = new NodeService(store, feed, now, opts.retry);
-  const access = new AccessService(store, new AccessStore(store.db), boxes, now, { agentTokenTtlMs: opts.gatewayTokenTtlMs });
-  const app = createApp({ store, handlers: createHandlers({ store, feed, boxes, templates, nodes, access, now }), logger: opts.logger });
+  const secrets = new SecretService({
+    store,
+    secrets: new SecretStore(store.db),
+    keys: new KeyringSource({ dataDir: opts.dataDir, env: opts.secrets?.kek ?? process.env.DEVYARD_KEK, create: true, onReloadError: (m) => app.log.error(m) }),
+    feed,
+    now,
+    tenancy: opts.secrets?.tenancy ?? {
+      teamsOf: async (orgId, userName) => {
+        const user = await tenancyStore.getUserByName(userName);
+        return user ? (await tenancyStore.teamsOf(orgId, user.id)).map((t) => t.name) : [];
+      },
+      teamExists: async (orgId, team) => !!(await tenancyStore.getTeamByName(orgId, team)),
+      orgOfBox: (b) => b.orgId,
+    },
+    log: (level, msg, fields) => app.log[level](fields ?? {}, msg),
+  });
+  nodes.secrets = secrets;
+  tenancy.onMembershipChange = (orgId, userName) => void secrets.refreshUser(orgId, userName).catch((e: Error) => app.log.error({ err: e.message }, 'secrets: refreshing a user after a membership change failed'));
+  const access = new AccessService(store, new AccessStore(store.db), boxes, now, {
+    agentTokenTtlMs: opts.gatewayTokenTtlMs,
+    principalByName: (name, orgId) => tenancy.principalByName(name, orgId),
+    tenancy: tenancyStore,
+  });
+  const audit = new AuditLog(store, now);
+  const oidc = opts.oidc && new OidcLogin(opts.oidc, { tenancy, now, publicUrl: () => opts.publicUrl ?? url, audit: (e) => audit.append(e) });
+  const app = createApp({ store, handlers: createHandlers({ store, feed, boxes, templates, nodes, access, now, audit, secrets, tenancy, tenancyStore, quotas, oidc }),
+    principal: (row) => tenancy.principalForToken(row),
+    logger: opts.logger,
+  });
+  installAuditHook(app, audit, store); // every mutating request is recorded (issue 5)
   const reconciler = new BoxReconciler(store, feed, now, {
     holder: `${hostname()}:${process.pid}`,
     holderIsDead: deadLocalHolder(hostname()),
+    audit,
     retry: opts.retry,
     log: (msg, fields) => app.log.warn(fields ?? {}, msg),
     onError: () => metrics.reconcileErrors.inc(),
@@ -83,15 +140,22 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
   nodes.onRunning = (createdAt) => metrics.createToRunning.observe((now() - createdAt) / 1000);
   const warmPools = new WarmPoolFiller(store, feed, boxes, {
     poolSize: opts.poolSize ?? ((t) => t.spec.warmPoolSize ?? 0),
+    audit,
     log: (msg, fields) => app.log.warn(fields ?? {}, msg),
   });
+  // Keys added to the keyring since the last start become current for every secret (on-start rewrap).
+  await secrets.rewrapAll().then(
+    (r) => r.rewrapped > 0 && app.log.info({ rewrapped: r.rewrapped, kekId: r.currentKekId }, 'secrets: data keys re-wrapped under the current KEK'),
+    (e: Error) => app.log.error({ err: e.message }, 'secrets: re-wrapping data keys under the current KEK failed; they stay under their old keys'),
+  );
   await app.listen({ host: opts.host ?? '127.0.0.1', port: opts.port ?? 0 });
   const addr = app.server.address();
   const port = typeof addr === 'object' && addr ? addr.port : opts.port;
+  const url = `http://${opts.host && opts.host !== '0.0.0.0' ? opts.host : '127.0.0.1'}:${port}`;
   reconciler.start();
   warmPools.start();
   return {
-    url: `http://${opts.host && opts.host !== '0.0.0.0' ? opts.host : '127.0.0.1'}:${port}`,
+    url,
     app,
     store,
     feed,
@@ -100,6 +164,11 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
     boxes,
     access,
     tokens,
+    audit,
+    secrets,
+    tenancy,
+    quotas,
+    oidc,
     async close() {
       await warmPools.stop();
       await reconciler.stop();

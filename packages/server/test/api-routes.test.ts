@@ -14,7 +14,6 @@ import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { startControlPlane, type ControlPlane } from '@devyard/server/control-plane';
 import type { DesiredSet } from '@devyard/api/node-schemas';
 import { verifyAccessToken } from '@devyard/api/access-tokens';
-import { hashToken } from '@devyard/server/http/create-app';
 import ssh2 from 'ssh2';
 
 const covered = new Set<string>();
@@ -417,9 +416,8 @@ describe('access routes', () => {
 
   beforeAll(async () => {
     gateway = new DevyardClient({ url: cp.url, token: cp.tokens.gatewayToken });
-    const otherToken = 'dy_u_other-user-token-for-tests';
-    await cp.store.insertToken({ id: 't_other', token_hash: hashToken(otherToken), name: 'other', kind: 'user', subject: 'mallory', created_at: Date.now() });
-    other = new DevyardClient({ url: cp.url, token: otherToken });
+    // Another member of the organization (a service account is a real user with a token).
+    other = new DevyardClient({ url: cp.url, token: (await user.createServiceAccount('mallory', 'member')).token });
     // Its own node: earlier tests filled node-a on purpose.
     const reg = await node.registerNode({ name: 'node-acc', arch: 'x86_64', region: null, labels: {}, runtimes: ['sandbox'], capacity: { cpuMillis: 8000, memoryBytes: 8 * 1024 ** 3, diskBytes: 100 * 1024 ** 3 }, images: ['tiny'], agentUrl: 'http://127.0.0.1:2' });
     accNode = reg.nodeId;
@@ -513,6 +511,314 @@ describe('access routes', () => {
     expect(woken.desiredState).toBe('running');
     expect((await problemOf(gateway.wakeBox('b_nope', 'admin'))).status).toBe(404);
     cover('wakeBox');
+  });
+});
+
+// ---- audit log (issue 5); the full tests are in audit-api.test.ts and audit-log.test.ts ----
+describe('audit routes', () => {
+  it('lists what the requests above did, exports it and verifies the chain', async () => {
+    const created = await user.createBox({ name: 'audited', template: 'tiny' });
+    const entries = await until(() => user.listAudit({ limit: 1000 }), (l) => l.some((e) => e.action === 'createBox' && e.target === 'box/audited'));
+    expect(entries.find((e) => e.target === 'box/audited')).toMatchObject({ actor: 'admin', result: 'ok', source: '127.0.0.1' });
+    expect((await raw('DELETE', '/v1/boxes/audited', { token: 'dy_u_forged', headers: { 'x-request-id': 'audit-forged' } })).status).toBe(401);
+    const refused = await until(() => user.listAudit({ actor: 'anonymous', limit: 1000 }), (l) => l.some((e) => e.requestId === 'audit-forged'));
+    expect(refused.find((e) => e.requestId === 'audit-forged')).toMatchObject({ action: 'deleteBox', target: 'box/audited', result: 'denied', detail: { status: 401 } });
+    // One line of JSON Lines is one JSON document (raw parses the body).
+    const line = await raw('GET', '/v1/audit?format=jsonl&limit=1');
+    expect(line.headers.get('content-type')).toContain('application/x-ndjson');
+    expect(line.body).toMatchObject({ seq: 1 });
+    expect(await user.verifyAudit()).toMatchObject({ ok: true });
+    expect((await raw('GET', '/v1/audit/verify', { token: cp.tokens.nodeToken })).status).toBe(403);
+    await user.deleteBox(created.name);
+    cover('listAudit', 'verifyAudit');
+  });
+});
+// ---- end audit log ----
+
+// ---- secrets (issue 5); envelope: secret-envelope.test.ts; delivery into real boxes: packages/agent/test/box-secrets.test.ts ----
+describe('secrets routes', () => {
+  const VALUE = 'sv-4f1c9e-only-in-the-desired-set';
+  /** Every response body of this block, to check that none carries a value. */
+  const seen: string[] = [];
+  const call = async (method: string, path: string, body?: unknown, token?: string) => {
+    const res = await fetch(cp.url + path, {
+      method,
+      headers: { authorization: `Bearer ${token ?? cp.tokens.adminToken}`, ...(body !== undefined ? { 'content-type': 'application/json' } : {}) },
+      body: body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body),
+    });
+    const text = await res.text();
+    seen.push(text, JSON.stringify([...res.headers]));
+    return { status: res.status, text, body: text ? JSON.parse(text) : undefined };
+  };
+  let eveToken: string;
+  let boxId: string;
+  let boxNode: string;
+  const delivered = async () => (await node.getDesiredSet(boxNode)).boxes.find((b) => b.boxId === boxId)!.secrets;
+
+  beforeAll(async () => {
+    eveToken = (await user.createServiceAccount('eve', 'member')).token;
+    boxId = (await user.createBox({ name: 'sec', template: 'tiny' })).id;
+    const placed = await until(async () => cp.store.getBox(boxId), (b) => Boolean(b?.nodeId && b.computeReserved));
+    boxNode = placed!.nodeId!;
+  });
+
+  it('sets (201, then 200), lists and deletes; values go to the node only, never into a response', async () => {
+    const created = await call('PUT', '/v1/secrets/user/API_TOKEN', { value: 'first' });
+    expect(created.status).toBe(201);
+    expect(created.body).toMatchObject({ name: 'API_TOKEN', scope: 'user', version: 1, createdBy: 'admin' });
+    expect(Object.keys(created.body).sort()).toEqual(['createdAt', 'createdBy', 'name', 'scope', 'updatedAt', 'version']);
+    const updated = await call('PUT', '/v1/secrets/user/API_TOKEN', { value: VALUE });
+    expect([updated.status, updated.body.version]).toEqual([200, 2]);
+    // The same value again changes nothing (no new version, no redelivery).
+    expect((await call('PUT', '/v1/secrets/user/API_TOKEN', { value: VALUE })).body.version).toBe(2);
+    expect((await call('PUT', '/v1/secrets/org/SHARED', { value: 'org-value' })).status).toBe(201);
+    expect((await call('PUT', '/v1/secrets/template%3Atiny/SHARED', { value: 'template-value' })).body.scope).toBe('template:tiny');
+    expect((await call('PUT', '/v1/secrets/team:platform/TEAM_ONLY', { value: 'team-value' })).status).toBe(404);
+    await user.createTeam('platform');
+    expect((await call('PUT', '/v1/secrets/team:platform/TEAM_ONLY', { value: 'team-value' })).body.scope).toBe('team:platform');
+    const list = await call('GET', '/v1/secrets');
+    expect(list.body.items.map((s: { scope: string; name: string }) => `${s.scope}/${s.name}`).sort()).toEqual(['org/SHARED', 'team:platform/TEAM_ONLY', 'template:tiny/SHARED', 'user/API_TOKEN']);
+    expect(await user.listSecrets()).toEqual(list.body.items);
+
+    // The box gets org + template + (no teams yet) + user; the template's SHARED wins over the org's.
+    expect(await delivered()).toEqual([
+      { name: 'API_TOKEN', value: VALUE },
+      { name: 'SHARED', value: 'template-value' },
+    ]);
+    await call('PUT', '/v1/secrets/user/SHARED', { value: 'user-value' });
+    expect((await delivered()).find((s) => s.name === 'SHARED')!.value).toBe('user-value');
+    expect((await call('DELETE', '/v1/secrets/user/SHARED')).status).toBe(204);
+    expect((await call('DELETE', '/v1/secrets/template:tiny/SHARED')).status).toBe(204);
+    expect((await delivered()).find((s) => s.name === 'SHARED')!.value).toBe('org-value');
+    expect((await call('DELETE', '/v1/secrets/template:tiny/SHARED')).status).toBe(404);
+    await user.deleteSecret('org', 'SHARED');
+    await user.deleteSecret('team:platform', 'TEAM_ONLY');
+    expect(await delivered()).toEqual([{ name: 'API_TOKEN', value: VALUE }]);
+
+    // Nowhere else: not in any response above, the OpenAPI document, the box's events or the audit log.
+    seen.push((await call('GET', '/v1/openapi.json', undefined)).text);
+    seen.push(JSON.stringify(await user.boxEvents('sec')), JSON.stringify(await user.getBox('sec')));
+    seen.push(JSON.stringify(await user.listAudit({ limit: 1000 })));
+    for (const text of seen) {
+      expect(text).not.toContain(VALUE);
+      expect(text).not.toContain('org-value');
+    }
+    cover('putSecret', 'listSecrets', 'deleteSecret');
+  });
+
+  it('pushes a change to the node watching its desired set', async () => {
+    const ac = new AbortController();
+    const sets: DesiredSet[] = [];
+    const watching = (async () => {
+      for await (const set of node.watchDesiredSet(boxNode, ac.signal)) sets.push(set);
+    })().catch(() => undefined);
+    await until(async () => sets.length, (n) => n > 0);
+    await user.putSecret('user', 'PUSHED', 'pushed-value');
+    const got = await until(async () => sets.at(-1)!, (s) => s.boxes.some((b) => b.boxId === boxId && b.secrets.some((x) => x.name === 'PUSHED')));
+    expect(got.boxes.find((b) => b.boxId === boxId)!.secrets.find((x) => x.name === 'PUSHED')!.value).toBe('pushed-value');
+    await user.deleteSecret('user', 'PUSHED');
+    await until(async () => sets.at(-1)!, (s) => !s.boxes.some((b) => b.boxId === boxId && b.secrets.some((x) => x.name === 'PUSHED')));
+    ac.abort();
+    await watching;
+  });
+
+  it('refuses bad names, scopes and values with 400 and stores nothing', async () => {
+    const before = await call('GET', '/v1/secrets');
+    const cases: Array<[string, unknown]> = [
+      ['/v1/secrets/user/lower_case', { value: 'v' }],
+      ['/v1/secrets/user/1STARTS_WITH_DIGIT', { value: 'v' }],
+      ['/v1/secrets/user/HAS-DASH', { value: 'v' }],
+      ['/v1/secrets/user/PATH', { value: 'v' }],
+      ['/v1/secrets/user/BIG', { value: 'x'.repeat(64 * 1024 + 1) }],
+      ['/v1/secrets/user/BIG_UTF8', { value: 'é'.repeat(32 * 1024 + 1) }],
+      ['/v1/secrets/user/NUL', { value: 'a\u0000b' }],
+      ['/v1/secrets/user/EXTRA', { value: 'v', extra: 1 }],
+      ['/v1/secrets/user/NO_VALUE', {}],
+      ['/v1/secrets/user/NUMBER', { value: 42 }],
+      ['/v1/secrets/group/GOOD', { value: 'v' }],
+      ['/v1/secrets/team:/GOOD', { value: 'v' }],
+      ['/v1/secrets/template:Bad_Name/GOOD', { value: 'v' }],
+      ['/v1/secrets/user%3Aadmin/GOOD', { value: 'v' }],
+    ];
+    for (const [path, body] of cases) {
+      const r = await call('PUT', path, body);
+      expect([path, r.status, r.body?.code]).toEqual([path, 400, 'invalid-input']);
+    }
+    expect((await call('PUT', '/v1/secrets/user/BAD_JSON', '{"value":')).status).toBe(400);
+    // Too long: the router refuses path parameters over its limit (414) before the schema would (400).
+    expect([400, 414]).toContain((await call('PUT', `/v1/secrets/user/${'A'.repeat(129)}`, { value: 'v' })).status);
+    // Exactly at the limit is fine.
+    expect((await call('PUT', '/v1/secrets/user/AT_LIMIT', { value: 'x'.repeat(64 * 1024) })).status).toBe(201);
+    expect((await call('PUT', '/v1/secrets/template:no-such-template/GOOD', { value: 'v' })).status).toBe(404);
+    expect((await call('DELETE', '/v1/secrets/user/lower')).status).toBe(400);
+    await user.deleteSecret('user', 'AT_LIMIT');
+    expect((await call('GET', '/v1/secrets')).body).toEqual(before.body);
+    expect((await call('PUT', '/v1/secrets/user/NOPE', { value: 'v' }, cp.tokens.nodeToken)).status).toBe(403);
+    expect((await call('PUT', '/v1/secrets/user/NOPE', { value: 'v' }, 'dy_u_not-a-token')).status).toBe(401);
+  });
+
+  it("keeps user secrets to their user: another user neither lists nor deletes them, and their boxes do not get them", async () => {
+    const eve = new DevyardClient({ url: cp.url, token: eveToken });
+    expect((await eve.putSecret('user', 'EVE_ONLY', 'eve-value')).created).toBe(true);
+    expect((await user.listSecrets()).map((s) => s.name)).not.toContain('EVE_ONLY');
+    expect((await eve.listSecrets()).filter((s) => s.scope === 'user').map((s) => s.name)).toEqual(['EVE_ONLY']);
+    // "user" is always the caller's own: eve deleting user/API_TOKEN finds no such secret of hers.
+    expect((await problemOf(eve.deleteSecret('user', 'API_TOKEN'))).status).toBe(404);
+    expect((await user.listSecrets()).map((s) => s.name)).toContain('API_TOKEN');
+    expect((await delivered()).map((s) => s.name)).not.toContain('EVE_ONLY');
+    await eve.deleteSecret('user', 'EVE_ONLY');
+  });
+
+  it('keeps values out of the database file in plaintext', async () => {
+    const { readFileSync, existsSync } = await import('node:fs');
+    for (const f of ['devyard.db', 'devyard.db-wal']) {
+      const file = join(dir, f);
+      if (existsSync(file)) expect(readFileSync(file).includes(Buffer.from(VALUE))).toBe(false);
+    }
+  });
+
+  afterAll(async () => {
+    await user.deleteSecret('user', 'API_TOKEN').catch(() => undefined);
+    await user.deleteBox('sec').catch(() => undefined);
+  });
+});
+// ---- end secrets ----
+
+describe('identity and tenancy routes', () => {
+  // Its own node with room: earlier tests filled node-a on purpose.
+  let tnode: string;
+  const converge = async () => {
+    const set = await node.getDesiredSet(tnode);
+    await node.reportStatus(tnode, set.boxes.map((b) => ({ boxId: b.boxId, phase: b.desiredState, observedGeneration: b.generation, operationId: b.operationId, ip: '10.0.0.4', error: null, message: '' })));
+  };
+  const small = { cpu: '10m', memory: '16MiB' };
+
+  beforeAll(async () => {
+    tnode = (await node.registerNode({ name: 'node-tenancy', arch: 'x86_64', region: null, labels: {}, runtimes: ['sandbox'], capacity: { cpuMillis: 64000, memoryBytes: 64 * 1024 ** 3, diskBytes: 1024 ** 4 }, images: ['tiny'], agentUrl: 'http://127.0.0.1:3' })).nodeId;
+    for (const n of (await user.listNodes()).filter((x) => x.name !== 'node-tenancy')) await user.setCordoned(n.name, true);
+  });
+
+  afterAll(async () => {
+    for (const n of (await user.listNodes()).filter((x) => x.name !== 'node-tenancy')) await user.setCordoned(n.name, false);
+  });
+
+  it('tells the caller who it is; personal tokens are shown once, expire, can be revoked and narrowed', async () => {
+    const me = await user.getMe();
+    expect([me.user, me.org, me.role, me.kind]).toEqual(['admin', 'default', 'owner', 'user']);
+    const created = await user.createToken({ name: 'ci', ttlSeconds: 3600, scopes: ['read'] });
+    expect(created.token).toMatch(/^dy_u_/);
+    expect(created.info.scopes).toEqual(['read']);
+    const listed = (await user.listTokens()).find((t) => t.id === created.info.id)!;
+    expect(JSON.stringify(listed)).not.toContain(created.token);
+    const ci = new DevyardClient({ url: cp.url, token: created.token });
+    expect((await ci.getMe()).token?.scopes).toEqual(['read']);
+    expect((await problemOf(ci.createToken({ name: 'wider' }))).status).toBe(403);
+    await user.revokeToken(created.info.id);
+    const revoked = await problemOf(ci.getMe());
+    expect([revoked.status, revoked.message]).toEqual([401, 'this token was revoked']);
+    expect((await user.listTokens()).find((t) => t.id === created.info.id)?.revoked).toBe(true);
+    const shortLived = await user.createToken({ name: 'short', ttlSeconds: 60 });
+    await cp.store.db.updateTable('api_tokens').set({ expires_at: Date.now() - 1 }).where('id', '=', shortLived.info.id).execute();
+    expect((await problemOf(new DevyardClient({ url: cp.url, token: shortLived.token }).getMe())).message).toBe('this token has expired');
+    expect((await problemOf(user.revokeToken('t_someone_elses'))).status).toBe(404);
+    cover('getMe', 'createToken', 'listTokens', 'revokeToken');
+  });
+
+  it('creates organizations; tokens act in one organization at a time; other organizations stay invisible', async () => {
+    await user.createOrg('acme');
+    expect((await user.listOrgs()).map((o) => [o.name, o.role])).toEqual([['acme', 'owner'], ['default', 'owner']]);
+    expect((await problemOf(user.createOrg('acme'))).status).toBe(409);
+    const inAcme = new DevyardClient({ url: cp.url, token: (await user.createToken({ name: 'acme', org: 'acme' })).token });
+    expect((await inAcme.getMe()).org).toBe('acme');
+    await user.createBox({ name: 'home-box', template: 'tiny', resources: small });
+    expect((await inAcme.listBoxes()).map((b) => b.name)).not.toContain('home-box');
+    expect((await problemOf(inAcme.getBox('home-box'))).status).toBe(404);
+    const member = new DevyardClient({ url: cp.url, token: (await user.createServiceAccount('tina', 'member')).token });
+    expect((await problemOf(member.createToken({ name: 'x', org: 'acme' }))).status).toBe(404);
+    await user.boxVerb('home-box', 'stop');
+    cover('createOrg', 'listOrgs');
+  });
+
+  it('changes roles within what the granter may grant, keeps an owner, and service accounts act with their role', async () => {
+    const adminSa = await user.createServiceAccount('ada', 'admin');
+    const ada = new DevyardClient({ url: cp.url, token: adminSa.token });
+    expect(adminSa.info.user).toBe('ada');
+    expect((await problemOf(ada.createServiceAccount('sneaky', 'owner'))).status).toBe(403);
+    expect((await problemOf(ada.setMember('tina', 'owner'))).status).toBe(403);
+    await ada.setMember('tina', 'auditor');
+    expect((await user.listMembers()).find((m) => m.user === 'tina')?.role).toBe('auditor');
+    expect((await problemOf(ada.setMember('admin', 'member'))).status).toBe(403);
+    expect((await problemOf(ada.removeMember('admin'))).status).toBe(403);
+    expect((await problemOf(user.setMember('admin', 'member'))).code).toBe('invalid-state');
+    expect((await problemOf(ada.setMember('nobody', 'member'))).status).toBe(404);
+    const tina = new DevyardClient({ url: cp.url, token: (await user.createToken({ name: 'unused' })).token });
+    void tina;
+    await ada.removeMember('tina');
+    expect((await user.listMembers()).map((m) => m.user)).not.toContain('tina');
+    cover('listMembers', 'setMember', 'removeMember', 'createServiceAccount');
+  });
+
+  it('shares a box with a team: connect lets members in, manage also lets them operate it', async () => {
+    const alice = new DevyardClient({ url: cp.url, token: (await user.createServiceAccount('alice', 'member')).token });
+    const bob = new DevyardClient({ url: cp.url, token: (await user.createServiceAccount('bob', 'member')).token });
+    await user.createTeam('web');
+    expect((await problemOf(user.createTeam('web'))).status).toBe(409);
+    await user.setTeamMember('web', 'alice', 'admin');
+    await alice.setTeamMember('web', 'bob', 'member');
+    expect((await problemOf(bob.setTeamMember('web', 'alice', 'member'))).status).toBe(403);
+    expect((await user.listTeams()).find((t) => t.name === 'web')?.members).toEqual([
+      { user: 'alice', role: 'admin' },
+      { user: 'bob', role: 'member' },
+    ]);
+    await alice.createBox({ name: 'shared', template: 'tiny', resources: small });
+    expect((await problemOf(bob.getBox('shared', 'alice'))).status).toBe(404);
+    await alice.setBoxShare('shared', 'web', 'connect');
+    expect(await alice.listBoxShares('shared')).toEqual([{ team: 'web', access: 'connect' }]);
+    expect((await bob.getBox('shared', 'alice')).owner).toBe('alice');
+    expect((await bob.listBoxes()).map((b) => b.name)).toContain('shared');
+    expect((await problemOf(bob.boxVerb('shared', 'stop', undefined, 'alice'))).status).toBe(403);
+    await alice.setBoxShare('shared', 'web', 'manage');
+    expect((await bob.boxVerb('shared', 'stop', undefined, 'alice')).desiredState).toBe('stopped');
+    await alice.removeBoxShare('shared', 'web');
+    expect((await problemOf(bob.getBox('shared', 'alice'))).status).toBe(404);
+    await alice.removeTeamMember('web', 'bob');
+    await user.deleteTeam('web');
+    expect((await user.listTeams()).map((t) => t.name)).not.toContain('web');
+    cover('createTeam', 'listTeams', 'setTeamMember', 'removeTeamMember', 'deleteTeam', 'setBoxShare', 'listBoxShares', 'removeBoxShare');
+  });
+
+  it('enforces quotas atomically: many concurrent creates against a quota of N yield exactly N boxes', async () => {
+    const q = new DevyardClient({ url: cp.url, token: (await user.createServiceAccount('quinn', 'member')).token });
+    const set = await user.setQuota('user:quinn', { boxes: 3, memoryBytes: 1024 ** 3 });
+    expect(set.usage.boxes).toBe(0);
+    const results = await Promise.allSettled(Array.from({ length: 12 }, (_, i) => q.createBox({ name: `q${i}`, template: 'tiny', resources: small })));
+    expect(results.filter((r) => r.status === 'fulfilled')).toHaveLength(3);
+    const refused = results.find((r) => r.status === 'rejected') as PromiseRejectedResult;
+    expect(refused.reason).toMatchObject({ status: 403, code: 'quota-exceeded' });
+    expect((refused.reason as ApiError).problem).toMatchObject({ scope: 'user:quinn', resource: 'boxes', limit: 3, used: 3, requested: 1 });
+    expect((await q.listBoxes()).filter((b) => b.owner === 'quinn')).toHaveLength(3);
+    expect((await q.listQuotas()).find((x) => x.scope === 'user:quinn')?.usage.boxes).toBe(3);
+    // Stopped boxes hold no memory; starting one counts again.
+    await user.deleteQuota('user:quinn');
+    await user.setQuota('user:quinn', { runningBoxes: 3 });
+    await q.boxVerb('q0', 'stop').catch(() => q.boxVerb('q1', 'stop'));
+    await until(async () => (await converge(), q.listBoxes()), (bs) => bs.some((b) => b.phase === 'stopped' && b.owner === 'quinn'));
+    await q.createBox({ name: 'q-extra', template: 'tiny', resources: small });
+    const stopped = (await q.listBoxes()).find((b) => b.owner === 'quinn' && b.desiredState === 'stopped')!;
+    expect((await problemOf(q.boxVerb(stopped.name, 'start'))).code).toBe('quota-exceeded');
+    expect((await problemOf(q.setQuota('org', { boxes: 1 }))).status).toBe(403);
+    expect((await problemOf(user.setQuota('team:ghosts', { boxes: 1 }))).status).toBe(404);
+    expect((await raw('PUT', '/v1/quotas/org', { body: JSON.stringify({ boxes: -1 }) })).status).toBe(400);
+    expect((await raw('PUT', '/v1/quotas/everyone', { body: JSON.stringify({ boxes: 1 }) })).status).toBe(400);
+    cover('setQuota', 'listQuotas', 'deleteQuota');
+  });
+});
+
+describe('sign-in routes', () => {
+  it('answer 404 when no identity provider is configured (the flow itself: oidc-login.test.ts)', async () => {
+    expect((await raw('GET', '/v1/auth/oidc/login?cli=http://127.0.0.1:9/cb', { token: null })).status).toBe(404);
+    expect((await raw('GET', '/v1/auth/oidc/callback?code=x&state=y', { token: null })).status).toBe(404);
+    cover('oidcLogin', 'oidcCallback');
   });
 });
 

@@ -14,7 +14,9 @@ import type { CreateTemplateInput } from '@devyard/api/template-schemas';
 import { ensureBootstrapTokens } from '@devyard/server/bootstrap-tokens';
 import { ChangeFeed } from '@devyard/server/change-feed';
 import { createApp } from '@devyard/server/http/create-app';
-import { createHandlers } from '@devyard/server/http/api-handlers';
+import { createHandlers, type HandlerDeps } from '@devyard/server/http/api-handlers';
+import { TenancyService } from '@devyard/server/services/tenancy-service';
+import { TenancyStore } from '@devyard/server/store/tenancy-store';
 import { BoxService } from '@devyard/server/services/box-service';
 import { NodeService } from '@devyard/server/services/node-service';
 import { TemplateService, type ImageDigestResolver } from '@devyard/server/services/template-service';
@@ -61,8 +63,11 @@ beforeAll(async () => {
   const templates = new TemplateService(store, now, { imageResolver: resolver, resolveTimeoutMs: 200 });
   await templates.seedBuiltins();
   token = (await ensureBootstrapTokens(store, dir, now())).adminToken;
-  const handlers = createHandlers({ store, feed, templates, boxes: new BoxService(store, feed, now), nodes: new NodeService(store, feed, now), now });
-  app = createApp({ store, handlers });
+  // Only the template routes are exercised; the other services are not needed for them.
+  const tenancyStore = new TenancyStore(store.db);
+  const tenancy = new TenancyService(store, tenancyStore, now);
+  const handlers = createHandlers({ store, feed, templates, boxes: new BoxService(store, feed, now), nodes: new NodeService(store, feed, now), now, tenancy, tenancyStore } as unknown as HandlerDeps);
+  app = createApp({ store, handlers, principal: (row) => tenancy.principalForToken(row) });
   await app.ready();
 });
 

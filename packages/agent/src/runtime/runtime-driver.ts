@@ -41,6 +41,20 @@ export interface BoxRuntimeSpec {
    * its content, its own changes stay in its workspace volume.
    */
   workspaceBase?: string;
+  /**
+   * Give the box its secrets directory (bound read-only at /run/devyard/secrets, see
+   * {@link RuntimeDriver.writeSecrets}). Set for the agent's boxes; never for prebuild or image
+   * build boxes, which must not see a user's secrets.
+   */
+  secrets?: boolean;
+}
+
+/** A secret as a box receives it. */
+export interface BoxSecret {
+  /** Environment-variable style name: the file name under /run/devyard/secrets and the variable name in sessions. */
+  name: string;
+  /** The value. */
+  value: string;
 }
 
 /** What a driver observes of a box on this host. */
@@ -122,6 +136,12 @@ export interface RuntimeDriver {
   inspect(boxId: string): Promise<RuntimeBoxStatus>;
   /** Lists every box this driver has anything of on the host (used to adopt boxes after a restart). */
   list(): Promise<RuntimeBoxStatus[]>;
+  /**
+   * Replaces the box's secrets (the whole set) where the box sees them: files under
+   * /run/devyard/secrets and the environment of every later exec, merged over the box's env and
+   * under the session's own. Kept in memory only (tmpfs); stop and destroy remove them.
+   */
+  writeSecrets?(boxId: string, secrets: readonly BoxSecret[]): Promise<void>;
   /** Starts a process inside a running box. */
   exec(boxId: string, opts: ExecOptions): Promise<ExecProcess>;
   /**

@@ -106,7 +106,7 @@ export class HttpFrontDoor {
     const { cache } = this.opts;
     let box = cache.connectableBox(subject, name);
     if (!box) {
-      await cache.refreshIfOlder(1000);
+      await cache.refreshAfterMiss(`box:${subject}:${name}`);
       box = cache.connectableBox(subject, name);
     }
     return box;
@@ -171,12 +171,13 @@ export class HttpFrontDoor {
     const { cache, sessions } = this.opts;
     let box = cache.previewBox(subject, t.box, t.port);
     if (!box) {
-      await cache.refreshIfOlder(1000);
+      await cache.refreshAfterMiss(`preview:${subject}:${t.box}:${t.port}`);
       box = cache.previewBox(subject, t.box, t.port);
     }
     if (!box) return { status: 404, message: `no box "${t.box}" with port ${t.port} you may open` };
     if (box.phase === 'running' && box.agentToken) return box;
-    if (box.owner !== subject) return { status: 503, message: `box "${t.box}" is ${box.phase}` };
+    // Only those who may start the box wake it for a preview; the server decides (wake answers 403 otherwise).
+    if (this.opts.cache.accessTo(subject, box) !== 'manage') return { status: 503, message: `box "${t.box}" is ${box.phase}` };
     try {
       return await sessions.ensureRunning(box, subject, () => {}, 120_000);
     } catch (e) {

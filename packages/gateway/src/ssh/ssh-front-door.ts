@@ -84,7 +84,7 @@ export class SshFrontDoor {
       const user = cache.userByKey(ctx.key.algo, ctx.key.data);
       if (!user) {
         // The key may have been added a moment ago: look again once (rate-limited).
-        void cache.refreshIfOlder(1000).then(() => {
+        void cache.refreshAfterMiss(`key:${ctx.key.algo}:${ctx.key.data.toString('base64')}`).then(() => {
           const again = cache.userByKey(ctx.key.algo, ctx.key.data);
           if (!again) return ctx.reject(['publickey']);
           this.finishKeyAuth(ctx, again, peer);
@@ -99,7 +99,7 @@ export class SshFrontDoor {
         const name = wantBox ?? '';
         let box = cache.connectableBox(peer.subject!, name);
         if (!box) {
-          await cache.refreshIfOlder(1000);
+          await cache.refreshAfterMiss(`box:${peer.subject}:${name}`);
           box = cache.connectableBox(peer.subject!, name);
         }
         return box;

@@ -8,8 +8,12 @@ import { DomainError } from '@devyard/core/domain-error';
 import type { AddSshKeyRequest, PortVisibility } from '@devyard/api/access-schemas';
 import type { GatewaySyncRequest } from '@devyard/api/gateway-schemas';
 import type { ChangeFeed } from '../change-feed.js';
+import type { QuotaService } from '../services/quota-service.js';
+import type { TenancyService } from '../services/tenancy-service.js';
+import type { TenancyStore } from '../store/tenancy-store.js';
+import { createTenancyHandlers } from './tenancy-handlers.js';
 import type { AccessService } from '../services/access-service.js';
-import type { BoxService, Subject } from '../services/box-service.js';
+import { DEFAULT_ORG_ID, WARM_POOL_OWNER, type BoxService, type Subject } from '../services/box-service.js';
 import { toApiBox, toApiEvent, toApiNode, toApiTemplate } from '../services/box-views.js';
 import type { NodeService } from '../services/node-service.js';
 import type { TemplateService } from '../services/template-service.js';
@@ -17,6 +21,12 @@ import type { BoxRecord } from '../store/box-records.js';
 import type { Store } from '../store/store.js';
 import { etag, parseIfMatch, type HandlerContext, type Handlers } from './create-app.js';
 import { openSse } from './sse-stream.js';
+import type { SecretService } from '../secrets/secret-service.js';
+import { createSecretHandlers } from './secret-handlers.js';
+import type { AuditLog } from '../audit/audit-log.js';
+import { createAuditHandlers } from './audit-handlers.js';
+import type { OidcLogin } from '../identity/oidc-login.js';
+import { createOidcHandlers } from './oidc-handlers.js';
 
 export interface HandlerDeps {
   store: Store;
@@ -26,6 +36,21 @@ export interface HandlerDeps {
   nodes: NodeService;
   access: AccessService;
   now: () => number;
+  /** The audit log (issue 5): read by the audit routes. */
+  audit: AuditLog;
+  /** Secrets (issue 5). */
+  secrets: SecretService;
+  /** Users, organizations, teams, tokens (issue 5). */
+  tenancy: TenancyService;
+  tenancyStore: TenancyStore;
+  quotas: QuotaService;
+  /** OIDC sign-in (issue 5); undefined when the server has no provider configured. */
+  oidc?: OidcLogin;
+}
+
+/** Nodes are the installation's, not a tenant's: only admins of the default (operator) organization see them. */
+function operatorsOnly(subject: Subject): void {
+  if (subject.kind !== 'system' && subject.orgId !== DEFAULT_ORG_ID) throw new DomainError('forbidden', 'nodes are managed by the admins of the default organization', {});
 }
 
 const isWatch = (q: Record<string, unknown>) => q.watch === '1' || q.watch === 'true';
@@ -40,8 +65,12 @@ export function createHandlers(d: HandlerDeps): Handlers {
     return view(b);
   };
 
+  /** `?owner=` addresses another user's box (shared with the caller, or the caller administers the org). */
+  const owner = (ctx: HandlerContext) => ctx.query.owner as string | undefined;
+  const visible = async (subject: Subject, b: BoxRecord) => b.owner !== WARM_POOL_OWNER && b.orgId === subject.orgId && (await d.boxes.accessOf(subject, b)) !== 'none';
+
   const verb = (v: Verb) => async (ctx: HandlerContext) => {
-    const box = await d.boxes.applyVerb(ctx.subject, ctx.params.name!, v, parseIfMatch(ctx.req.headers['if-match']));
+    const box = await d.boxes.applyVerb(ctx.subject, ctx.params.name!, v, parseIfMatch(ctx.req.headers['if-match']), owner(ctx));
     void ctx.reply.header('location', `/v1/boxes/${box.name}`);
     return withEtag(ctx, box);
   };
@@ -52,18 +81,20 @@ export function createHandlers(d: HandlerDeps): Handlers {
   const watchEvents = async (ctx: HandlerContext, filter: { boxId?: string }) => {
     const sse = openSse(ctx.req, ctx.reply);
     const lastId = Number(ctx.req.headers['last-event-id'] ?? NaN);
-    let cursor = Number.isFinite(lastId) ? lastId : filter.boxId ? 0 : ((await d.store.listEvents({ owner: ctx.subject.name, afterId: 0, limit: 1_000_000 })).at(-1)?.id ?? 0);
+    let cursor = Number.isFinite(lastId) ? lastId : filter.boxId ? 0 : ((await d.store.listEvents({ afterId: 0, limit: 1_000_000 })).at(-1)?.id ?? 0);
     let busy: Promise<void> = Promise.resolve();
     const flush = () => {
       busy = busy.then(async () => {
-        for (const e of await d.store.listEvents({ owner: ctx.subject.name, afterId: cursor, ...filter })) {
-          sse.send('event', toApiEvent(e), e.id);
+        // A box route was authorized already; the global stream shows the boxes the caller may see.
+        const ids = filter.boxId ? null : new Set((await d.boxes.list(ctx.subject)).map((b) => b.id));
+        for (const e of await d.store.listEvents({ afterId: cursor, ...filter })) {
+          if (!ids || ids.has(e.boxId)) sse.send('event', toApiEvent(e), e.id);
           cursor = e.id;
         }
       });
     };
     const onBox = (b: BoxRecord) => {
-      if (b.owner === ctx.subject.name && (!filter.boxId || b.id === filter.boxId)) flush();
+      if (filter.boxId ? b.id === filter.boxId : b.orgId === ctx.subject.orgId) flush();
     };
     d.feed.on('box', onBox);
     flush();
@@ -72,6 +103,10 @@ export function createHandlers(d: HandlerDeps): Handlers {
   };
 
   return {
+    ...createAuditHandlers(d.audit), // audit log (issue 5)
+    ...createSecretHandlers(d.secrets), // secrets (issue 5)
+    ...createOidcHandlers(d.oidc), // OIDC sign-in (issue 5)
+    ...createTenancyHandlers(d), // users, tokens, organization, teams, shares, quotas (issue 5)
     healthz: async () => {
       await d.store.listNodes();
       return { status: 'ok' };
@@ -95,7 +130,7 @@ export function createHandlers(d: HandlerDeps): Handlers {
       }
       const sse = openSse(ctx.req, ctx.reply);
       const onBox = async (b: BoxRecord) => {
-        if (b.owner === ctx.subject.name) sse.send('box', await view(b));
+        if (await visible(ctx.subject, b)) sse.send('box', await view(b));
       };
       d.feed.on('box', onBox);
       for (const b of await d.boxes.list(ctx.subject)) await onBox(b);
@@ -103,20 +138,20 @@ export function createHandlers(d: HandlerDeps): Handlers {
       d.feed.off('box', onBox);
       return undefined;
     },
-    getBox: async (ctx) => withEtag(ctx, await d.boxes.get(ctx.subject, ctx.params.name!)),
+    getBox: async (ctx) => withEtag(ctx, await d.boxes.get(ctx.subject, ctx.params.name!, { owner: owner(ctx) })),
     startBox: verb('start'),
     stopBox: verb('stop'),
     pauseBox: verb('pause'),
     resumeBox: verb('resume'),
     deleteBox: verb('delete'),
     listBoxEvents: async (ctx) => {
-      const { box, events } = await d.boxes.events(ctx.subject, ctx.params.name!);
+      const { box, events } = await d.boxes.events(ctx.subject, ctx.params.name!, owner(ctx));
       if (!isWatch(ctx.query)) return { items: events.map(toApiEvent) };
       await watchEvents(ctx, { boxId: box.id });
       return undefined;
     },
     createExecSession: async (ctx) => {
-      const s = await d.boxes.createExecSession(ctx.subject, ctx.params.name!);
+      const s = await d.boxes.createExecSession(ctx.subject, ctx.params.name!, owner(ctx));
       return { url: s.url, token: s.token, expiresAt: new Date(s.expiresAt).toISOString() };
     },
     watchEvents: async (ctx) => {
@@ -124,11 +159,11 @@ export function createHandlers(d: HandlerDeps): Handlers {
       return undefined;
     },
 
-    getBoxConnection: async (ctx) => d.access.connection(ctx.subject, ctx.params.name!),
-    listBoxPorts: async (ctx) => ({ items: await d.access.listPorts(ctx.subject, ctx.params.name!) }),
-    setBoxPort: async (ctx) => d.access.setPort(ctx.subject, ctx.params.name!, Number(ctx.params.port), (ctx.body as { visibility: PortVisibility }).visibility),
+    getBoxConnection: async (ctx) => d.access.connection(ctx.subject, ctx.params.name!, owner(ctx)),
+    listBoxPorts: async (ctx) => ({ items: await d.access.listPorts(ctx.subject, ctx.params.name!, owner(ctx)) }),
+    setBoxPort: async (ctx) => d.access.setPort(ctx.subject, ctx.params.name!, Number(ctx.params.port), (ctx.body as { visibility: PortVisibility }).visibility, owner(ctx)),
     resetBoxPort: async (ctx) => {
-      await d.access.resetPort(ctx.subject, ctx.params.name!, Number(ctx.params.port));
+      await d.access.resetPort(ctx.subject, ctx.params.name!, Number(ctx.params.port), owner(ctx));
       return undefined;
     },
     listSshKeys: async (ctx) => ({ items: await d.access.listKeys(ctx.subject) }),
@@ -163,9 +198,18 @@ export function createHandlers(d: HandlerDeps): Handlers {
     },
     listTemplateVersions: async (ctx) => ({ items: (await d.templates.versions(ctx.params.name!)).map(toApiTemplate) }),
 
-    listNodes: async () => ({ items: (await d.nodes.list()).map(({ node, boxes }) => toApiNode(node, d.now(), boxes)) }),
-    cordonNode: async (ctx) => toApiNode(await d.nodes.setCordoned(ctx.params.name!, true), d.now(), 0),
-    uncordonNode: async (ctx) => toApiNode(await d.nodes.setCordoned(ctx.params.name!, false), d.now(), 0),
+    listNodes: async (ctx) => {
+      operatorsOnly(ctx.subject);
+      return { items: (await d.nodes.list()).map(({ node, boxes }) => toApiNode(node, d.now(), boxes)) };
+    },
+    cordonNode: async (ctx) => {
+      operatorsOnly(ctx.subject);
+      return toApiNode(await d.nodes.setCordoned(ctx.params.name!, true), d.now(), 0);
+    },
+    uncordonNode: async (ctx) => {
+      operatorsOnly(ctx.subject);
+      return toApiNode(await d.nodes.setCordoned(ctx.params.name!, false), d.now(), 0);
+    },
 
     registerNode: async (ctx) => {
       const { node, leaseSeconds } = await d.nodes.register(ctx.body as RegisterNodeRequest);

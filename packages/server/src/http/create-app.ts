@@ -3,11 +3,13 @@
  * with its zod schemas, authenticated per its `auth`, and answered by the handler of the same
  * operationId. Routes without a handler fail at start-up, not at request time.
  */
-import { createHash } from 'node:crypto';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { ROUTES, type OperationId, type RouteDef } from '@devyard/api/routes';
 import { DomainError } from '@devyard/core/domain-error';
 import type { Store } from '../store/store.js';
+import type { TokenRow } from '../store/tenancy-store.js';
+import { requirePermission } from '../services/tenancy-service.js';
+import { hashToken } from '../token-hash.js';
 import { DEFAULT_ORG_ID, type Subject } from '../services/box-service.js';
 import { problem, toProblem } from './problem-details.js';
 
@@ -28,26 +30,41 @@ export type Handlers = Record<OperationId, Handler>;
 export interface AppOptions {
   store: Store;
   handlers: Handlers;
+  /** Who a user token speaks for: its user, organization, role and teams; throws when refused. */
+  principal: (row: TokenRow) => Promise<Subject>;
   logger?: boolean | object;
 }
 
-export function hashToken(token: string): string {
-  return createHash('sha256').update(token).digest('hex');
-}
+export { hashToken };
 
-async function authenticate(store: Store, req: FastifyRequest, route: RouteDef): Promise<Subject> {
-  if (route.auth === 'none') return { name: 'anonymous', kind: 'user', orgId: DEFAULT_ORG_ID };
+const ANONYMOUS: Subject = { name: 'anonymous', kind: 'user', orgId: DEFAULT_ORG_ID, role: 'member', teamIds: [] };
+
+/**
+ * The one place every request is authenticated and checked against its route's organization
+ * permission (resource rules, e.g. a box's owner and shares, are applied by the services).
+ */
+async function authenticate(opts: AppOptions, req: FastifyRequest, route: RouteDef): Promise<Subject> {
+  if (route.auth === 'none') return ANONYMOUS;
   const header = req.headers.authorization;
   const m = header ? /^Bearer\s+(\S+)$/i.exec(header) : null;
   if (!m) throw new DomainError('unauthenticated', 'missing bearer token (set DEVYARD_TOKEN or run `devyard up`)');
-  const row = await store.findTokenByHash(hashToken(m[1]!));
+  const row = await opts.store.findTokenByHash(hashToken(m[1]!));
   if (!row) throw new DomainError('unauthenticated', 'invalid or revoked token');
   if (row.kind !== route.auth) throw new DomainError('forbidden', `a ${row.kind} token cannot call ${route.operationId}`);
-  return { name: row.subject, kind: row.kind as Subject['kind'], orgId: DEFAULT_ORG_ID };
+  if (row.kind !== 'user') return { name: row.subject, kind: row.kind as Subject['kind'], orgId: DEFAULT_ORG_ID, role: 'member', teamIds: [] };
+  const subject = await opts.principal(row);
+  // Known before the scope and permission checks, so a refusal is audited with the full subject.
+  Object.assign(req, { devyardSubject: subject });
+  if (subject.scopes && !subject.scopes.includes('write') && route.method !== 'GET') {
+    throw new DomainError('forbidden', `this token is read-only (scopes: ${subject.scopes.join(', ')})`, { scopes: subject.scopes });
+  }
+  if (route.permission) requirePermission(subject, route.permission);
+  return subject;
 }
 
 export function createApp(opts: AppOptions): FastifyInstance {
-  const common = { bodyLimit: 1024 * 1024, requestIdHeader: 'x-request-id' } as const;
+  // maxParamLength: secret names are up to 128 characters (fastify's default cuts path parameters at 100).
+  const common = { bodyLimit: 1024 * 1024, requestIdHeader: 'x-request-id', routerOptions: { maxParamLength: 256 } } as const;
   // Fastify takes a ready logger (pino instance) under a different option than a logger config.
   const app = (
     opts.logger && typeof (opts.logger as { info?: unknown }).info === 'function'
@@ -86,7 +103,8 @@ export function createApp(opts: AppOptions): FastifyInstance {
       method: route.method,
       url: route.path.replace(/\{(\w+)\}/g, ':$1'),
       handler: async (req, reply) => {
-        const subject = await authenticate(opts.store, req, route);
+        const subject = await authenticate(opts, req, route);
+        Object.assign(req, { devyardSubject: subject }); // the audit hook's actor and org (http/audit-hook.ts)
         const parse = (schema: RouteDef['params'] | RouteDef['body'], value: unknown, where: string) => {
           if (!schema) return value;
           const r = schema.safeParse(value ?? {});

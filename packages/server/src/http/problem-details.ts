@@ -15,6 +15,7 @@ const STATUS: Record<DomainErrorCode, number> = {
   'invalid-state': 409,
   'precondition-failed': 412,
   'no-capacity': 409,
+  'quota-exceeded': 403,
   'stale-lease': 409,
   unavailable: 503,
   internal: 500,

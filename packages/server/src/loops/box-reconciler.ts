@@ -11,6 +11,7 @@ import { describeRejection, schedule, type NodeSnapshot } from '@devyard/core/sc
 import type { ChangeFeed } from '../change-feed.js';
 import { setCondition, type BoxRecord } from '../store/box-records.js';
 import type { Executor, NodeRecord, Store } from '../store/store.js';
+import { orgOfBox, type AuditLog } from '../audit/audit-log.js';
 
 export interface ReconcilerOptions {
   /** Name of this worker; leases are held in its name. */
@@ -23,6 +24,17 @@ export interface ReconcilerOptions {
   holderIsDead?: (holder: string) => boolean;
   /** Called on every unexpected reconcile error (for metrics). */
   onError?: () => void;
+  /** Where the reconciler's decisions (placing, failing, deleting boxes) are recorded, in the same transaction. */
+  audit?: AuditLog;
+}
+
+/** The actor of the reconciler's audit entries. */
+export const RECONCILER_ACTOR = 'system:box-reconciler';
+
+/** An audit entry for a write: the action and context beyond the box's id and owner. */
+interface WriteAudit {
+  action: string;
+  detail?: Record<string, unknown>;
 }
 
 const UNSCHEDULABLE_RETRY_MS = 3000;
@@ -171,6 +183,7 @@ export class BoxReconciler {
             conditions: setCondition(box.conditions, { type: 'Ready', status: 'False', reason: 'Failed', message: d.reason }, now),
           },
           event: { type: 'Failed', message: d.reason },
+          audit: { action: 'failBox', detail: { reason: d.reason } },
         }));
         return null;
       case 'finalize-delete':
@@ -180,7 +193,11 @@ export class BoxReconciler {
             const held = box.computeReserved ? box.resources : diskOnly(box.resources);
             await this.store.updateNode({ ...node, allocated: subtract(node.allocated, held) }, node.version, tx);
           }
-          return { next: { ...box, phase: 'deleted', computeReserved: false, deletedAt: now, updatedAt: now }, event: { type: 'Deleted', message: 'box deleted; its name is free again' } };
+          return {
+            next: { ...box, phase: 'deleted', computeReserved: false, deletedAt: now, updatedAt: now },
+            event: { type: 'Deleted', message: 'box deleted; its name is free again' },
+            audit: { action: 'finalizeBoxDelete', detail: { node: node?.name ?? null } },
+          };
         });
         return null;
     }
@@ -191,14 +208,20 @@ export class BoxReconciler {
     box: BoxRecord,
     leaseName: string,
     token: number,
-    fn: (tx: Executor, now: number) => Promise<{ next: BoxRecord; event: { type: string; message: string } | null }>,
+    fn: (tx: Executor, now: number) => Promise<{ next: BoxRecord; event: { type: string; message: string } | null; audit?: WriteAudit }>,
   ): Promise<BoxRecord> {
     const saved = await this.store.transaction(async (tx) => {
       const now = this.now();
       await this.store.assertLease(leaseName, this.opts.holder, token, now, tx);
-      const { next, event } = await fn(tx, now);
+      const { next, event, audit } = await fn(tx, now);
       const stored = await this.store.updateBox(next, box.version, tx);
       if (event) await this.store.appendEvent({ boxId: box.id, boxName: box.name, owner: box.owner, time: now, type: event.type, phase: stored.phase, message: event.message }, tx);
+      if (audit && this.opts.audit) {
+        await this.opts.audit.append(
+          { orgId: orgOfBox(stored), actor: RECONCILER_ACTOR, action: audit.action, target: `box/${box.name}`, result: 'ok', detail: { boxId: box.id, owner: box.owner, ...audit.detail }, time: now },
+          tx,
+        );
+      }
       return stored;
     });
     this.feed.emit('box', saved);
@@ -247,6 +270,7 @@ export class BoxReconciler {
           conditions: setCondition(box.conditions, { type: 'Scheduled', status: 'True', reason: 'Scheduled', message: `placed on ${node.name}` }, t),
         },
         event: { type: 'Scheduled', message: `placed on node ${node.name}` },
+        audit: { action: 'scheduleBox', detail: { node: node.name } },
       };
     });
     return 0;

@@ -9,14 +9,17 @@ import type { ChangeFeed } from '../change-feed.js';
 import { DEFAULT_ORG_ID, WARM_POOL_OWNER, type BoxService, type Subject } from '../services/box-service.js';
 import type { BoxRecord } from '../store/box-records.js';
 import type { Store, TemplateRecord } from '../store/store.js';
+import { orgOfBox, type AuditLog } from '../audit/audit-log.js';
 
-export const WARM_POOL_SUBJECT: Subject = { name: WARM_POOL_OWNER, kind: 'system', orgId: DEFAULT_ORG_ID };
+export const WARM_POOL_SUBJECT: Subject = { name: WARM_POOL_OWNER, kind: 'system', orgId: DEFAULT_ORG_ID, role: 'owner', teamIds: [] };
 
 export interface WarmPoolOptions {
   /** Pool size of a template version (0: no pool). */
   poolSize: (t: TemplateRecord) => number;
   periodMs?: number;
   log?: (msg: string, fields?: Record<string, unknown>) => void;
+  /** Where pool boxes created and retired are recorded (actor `system:warm-pool`). */
+  audit?: AuditLog;
 }
 
 export class WarmPoolFiller {
@@ -73,18 +76,38 @@ export class WarmPoolFiller {
   async fill(): Promise<void> {
     const templates = await this.store.listTemplates();
     const pool = await this.store.listBoxes({ owner: WARM_POOL_SUBJECT.name });
+    const retired = new Set<string>();
     for (const t of templates) {
       const size = this.opts.poolSize(t);
       const mine = pool.filter((b) => b.templateName === t.name && b.desiredState !== 'deleted');
-      for (const old of mine.filter((b) => b.templateVersion !== t.version)) await this.boxes.applyVerb(WARM_POOL_SUBJECT, old.name, 'delete');
+      for (const old of mine.filter((b) => b.templateVersion !== t.version)) await this.retire(old, `superseded by ${t.name} v${t.version}`, retired);
       const current = mine.filter((b) => b.templateVersion === t.version && b.phase !== 'failed');
-      for (const extra of current.slice(size)) await this.boxes.applyVerb(WARM_POOL_SUBJECT, extra.name, 'delete');
+      for (const extra of current.slice(size)) await this.retire(extra, `pool size is ${size}`, retired);
       for (let i = current.length; i < size; i++) {
         const name = `pool-${t.name}-${Date.now().toString(36)}${(this.seq++).toString(36)}`.slice(0, 40).replace(/-+$/, '');
-        await this.boxes.create(WARM_POOL_SUBJECT, { name, template: t.name, templateVersion: t.version });
+        const { box } = await this.boxes.create(WARM_POOL_SUBJECT, { name, template: t.name, templateVersion: t.version });
+        await this.record('createBox', box, { template: t.name, templateVersion: t.version });
       }
     }
     // A failed pool box helps nobody: delete it so the next pass replaces it.
-    for (const b of pool.filter((x) => x.phase === 'failed' && x.desiredState !== 'deleted')) await this.boxes.applyVerb(WARM_POOL_SUBJECT, b.name, 'delete');
+    for (const b of pool.filter((x) => x.phase === 'failed' && x.desiredState !== 'deleted')) await this.retire(b, 'failed', retired);
+  }
+
+  // ---- audit (issue 5) ----
+  /** Deletes a pool box once per pass (`retired`), so a box is not recorded twice. */
+  private async retire(box: BoxRecord, reason: string, retired: Set<string>): Promise<void> {
+    if (retired.has(box.id)) return;
+    retired.add(box.id);
+    const deleted = await this.boxes.applyVerb(WARM_POOL_SUBJECT, box.name, 'delete');
+    await this.record('deleteBox', deleted, { reason });
+  }
+
+  /**
+   * Records a pool change. BoxService owns the transaction of the change itself, so this entry
+   * follows it in a transaction of its own: a crash in between loses the entry, not the change.
+   */
+  private async record(action: string, box: BoxRecord, detail: Record<string, unknown>): Promise<void> {
+    if (!this.opts.audit) return;
+    await this.opts.audit.append({ orgId: orgOfBox(box), actor: WARM_POOL_SUBJECT.name, action, target: `box/${box.name}`, result: 'ok', detail: { boxId: box.id, ...detail } });
   }
 }

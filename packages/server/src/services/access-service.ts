@@ -9,19 +9,25 @@ import type { AccessToken, AddSshKeyRequest, BoxConnection, BoxPort, GatewayEndp
 import { signAccessToken } from '@devyard/api/access-tokens';
 import type { GatewaySyncRequest, RouteTable } from '@devyard/api/gateway-schemas';
 import { signSessionToken } from '@devyard/api/session-tokens';
-import { boxHostAlias, mayConnect, mayWake, previewHost } from '@devyard/core/access-policy';
+import { boxHostAlias, previewHost } from '@devyard/core/access-policy';
+import { accessAtLeast } from '@devyard/core/rbac-policy';
 import { DomainError } from '@devyard/core/domain-error';
 import { newId } from '../ids.js';
 import type { BoxRecord } from '../store/box-records.js';
 import type { AccessStore } from '../store/access-store.js';
 import type { Store } from '../store/store.js';
-import { DEFAULT_ORG_ID, type BoxService, type Subject } from './box-service.js';
+import type { TenancyStore } from '../store/tenancy-store.js';
+import type { BoxService, Subject } from './box-service.js';
 
 export interface AccessServiceOptions {
   /** Lifetime of the agent tokens in a route table: how long gateways work on with the server down. */
   agentTokenTtlMs?: number;
   /** A gateway not seen for this long is not offered to clients. */
   gatewayFreshMs?: number;
+  /** Memberships and box shares for the route table (absent: everyone is a member of the default org). */
+  tenancy?: TenancyStore;
+  /** The principal of a user in an organization (for wake: the gateway acts for a user it authenticated). */
+  principalByName?: (name: string, orgId: string) => Promise<Subject | undefined>;
 }
 
 const ACCESS_SIGNING_KEY = 'access-token-signing';
@@ -55,6 +61,8 @@ export class AccessService {
   private signingKey: Promise<{ privateKey: KeyObject; publicPem: string }> | undefined;
   private readonly agentTokenTtlMs: number;
   private readonly gatewayFreshMs: number;
+  private readonly principalByName: (name: string, orgId: string) => Promise<Subject | undefined>;
+  private readonly tenancy: TenancyStore | undefined;
 
   constructor(
     private readonly store: Store,
@@ -65,6 +73,8 @@ export class AccessService {
   ) {
     this.agentTokenTtlMs = opts.agentTokenTtlMs ?? 15 * 60_000;
     this.gatewayFreshMs = opts.gatewayFreshMs ?? 60_000;
+    this.tenancy = opts.tenancy;
+    this.principalByName = opts.principalByName ?? (async (name, orgId) => ({ name, kind: 'user', orgId, role: 'member', teamIds: [] }));
   }
 
   // ---- SSH keys ----
@@ -137,8 +147,8 @@ export class AccessService {
     return g ? (JSON.parse(g.endpoint) as GatewayEndpoint) : null;
   }
 
-  async connection(subject: Subject, name: string): Promise<BoxConnection> {
-    const box = await this.connectable(subject, name);
+  async connection(subject: Subject, name: string, owner?: string): Promise<BoxConnection> {
+    const box = await this.connectable(subject, name, owner);
     const [hostKey, gatewayKey, gateway, activity] = await Promise.all([
       this.hostKeys([box.id]),
       this.gatewayHostKey(),
@@ -156,11 +166,9 @@ export class AccessService {
     };
   }
 
-  /** The caller's box, when the caller may connect to it; otherwise the same 404 as an unknown box. */
-  private async connectable(subject: Subject, name: string): Promise<BoxRecord> {
-    const box = await this.boxes.get(subject, name);
-    if (!mayConnect(subject.name, box)) throw new DomainError('not-found', `box "${name}" not found`, { name });
-    return box;
+  /** A box the caller may connect to (404 when it may not see it, 403 when it may only read it). */
+  private async connectable(subject: Subject, name: string, owner?: string): Promise<BoxRecord> {
+    return this.boxes.get(subject, name, { owner, need: 'connect' });
   }
 
   // ---- ports ----
@@ -174,21 +182,21 @@ export class AccessService {
     return `${endpoint.url.replace(/\/$/, '')}/p/${box}/${port}/`;
   }
 
-  async listPorts(subject: Subject, name: string): Promise<BoxPort[]> {
-    const box = await this.connectable(subject, name);
+  async listPorts(subject: Subject, name: string, owner?: string): Promise<BoxPort[]> {
+    const box = await this.connectable(subject, name, owner);
     const endpoint = await this.gatewayEndpoint();
     return (await this.access.listPorts([box.id])).map((p) => ({ port: p.port, visibility: p.visibility as PortVisibility, previewUrl: this.previewUrl(endpoint, box.name, p.port) }));
   }
 
-  async setPort(subject: Subject, name: string, port: number, visibility: PortVisibility): Promise<BoxPort> {
-    const box = await this.connectable(subject, name);
+  async setPort(subject: Subject, name: string, port: number, visibility: PortVisibility, owner?: string): Promise<BoxPort> {
+    const box = await this.connectable(subject, name, owner);
     if (visibility === 'private') await this.access.deletePort(box.id, port);
     else await this.access.setPort(box.id, port, visibility, this.now());
     return { port, visibility, previewUrl: this.previewUrl(await this.gatewayEndpoint(), box.name, port) };
   }
 
-  async resetPort(subject: Subject, name: string, port: number): Promise<void> {
-    const box = await this.connectable(subject, name);
+  async resetPort(subject: Subject, name: string, port: number, owner?: string): Promise<void> {
+    const box = await this.connectable(subject, name, owner);
     await this.access.deletePort(box.id, port);
   }
 
@@ -217,13 +225,15 @@ export class AccessService {
       await this.access.recordActivity({ box_id: a.boxId, last_active_at: Math.min(a.lastActiveAt, now), sessions: a.sessions, gateway_id: req.gatewayId, reported_at: now });
     }
     const ids = boxes.map((b) => b.id);
-    const [hostKeys, ports, nodes, keys, gatewayKey, signing] = await Promise.all([
+    const [hostKeys, ports, nodes, keys, gatewayKey, signing, shares, directory] = await Promise.all([
       this.hostKeys(ids),
       this.access.listPorts(ids),
       this.store.listNodes(),
       this.access.listSshKeys(),
       this.gatewayHostKey(),
       this.accessSigningKey(),
+      this.tenancy ? this.tenancy.sharesOf(ids) : new Map<string, Array<{ teamId: string; access: string }>>(),
+      this.tenancy ? this.tenancy.directory() : undefined,
     ]);
     const nodeById = new Map(nodes.map((n) => [n.id, n]));
     const expiresAt = now + this.agentTokenTtlMs;
@@ -240,6 +250,8 @@ export class AccessService {
           id: b.id,
           name: b.name,
           owner: b.owner,
+          orgId: b.orgId,
+          shares: (shares.get(b.id) ?? []) as Array<{ teamId: string; access: 'connect' | 'manage' }>,
           phase: b.phase,
           desiredState: b.desiredState,
           agentUrl: node?.agentUrl ?? null,
@@ -248,18 +260,23 @@ export class AccessService {
           ports: ports.filter((p) => p.boxId === b.id).map((p) => ({ port: p.port, visibility: p.visibility as PortVisibility })),
         };
       }),
-      users: [...users].map(([subject, k]) => ({ subject, keys: k })),
+      users: [...new Set([...users.keys(), ...(directory?.keys() ?? [])])].map((subject) => ({
+        subject,
+        keys: users.get(subject) ?? [],
+        memberships: (directory?.get(subject) ?? [{ orgId: 'org_default', role: 'member', teamIds: [] }]) as RouteTable['users'][number]['memberships'],
+      })),
     };
   }
 
   /** Starts or resumes a box for a user connecting through a gateway, if that user may. */
   async wake(boxId: string, subjectName: string): Promise<BoxRecord> {
     const box = await this.store.getBox(boxId);
-    if (!box || box.deletedAt !== null || !mayConnect(subjectName, box)) throw new DomainError('not-found', `box ${boxId} not found`, { id: boxId });
-    if (!mayWake(subjectName, box)) throw new DomainError('forbidden', `you may not start box "${box.name}"`, { name: box.name });
-    const subject: Subject = { name: subjectName, kind: 'user', orgId: DEFAULT_ORG_ID };
-    if (box.desiredState === 'paused') return this.boxes.applyVerb(subject, box.name, 'resume');
-    if (box.desiredState === 'stopped') return this.boxes.applyVerb(subject, box.name, 'start');
+    const subject = box ? await this.principalByName(subjectName, box.orgId) : undefined;
+    const access = box && subject ? await this.boxes.accessOf(subject, box) : 'none';
+    if (!box || !subject || box.deletedAt !== null || !accessAtLeast(access, 'connect')) throw new DomainError('not-found', `box ${boxId} not found`, { id: boxId });
+    if (!accessAtLeast(access, 'manage')) throw new DomainError('forbidden', `you may not start box "${box.name}"`, { name: box.name });
+    if (box.desiredState === 'paused') return this.boxes.applyVerb(subject, box.name, 'resume', undefined, box.owner);
+    if (box.desiredState === 'stopped') return this.boxes.applyVerb(subject, box.name, 'start', undefined, box.owner);
     if (box.desiredState === 'deleted') throw new DomainError('not-found', `box ${boxId} not found`, { id: boxId });
     return box;
   }

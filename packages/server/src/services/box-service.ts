@@ -8,6 +8,9 @@ import type { CreateBoxRequest } from '@devyard/api/box-schemas';
 import { signSessionToken } from '@devyard/api/session-tokens';
 import { planVerb, type Verb } from '@devyard/core/box-lifecycle';
 import { DomainError } from '@devyard/core/domain-error';
+import { accessAtLeast, boxAccess, type BoxAccess, type OrgRole, type SharedBox, type TeamRole } from '@devyard/core/rbac-policy';
+import type { TenancyStore } from '../store/tenancy-store.js';
+import type { QuotaService } from './quota-service.js';
 import { parseBytes, parseCpu, shortfall, type Resources } from '@devyard/core/resources';
 import type { ChangeFeed } from '../change-feed.js';
 import { newId } from '../ids.js';
@@ -24,6 +27,18 @@ export interface Subject {
   kind: 'user' | 'node' | 'gateway' | 'system';
   /** Organization the subject acts in; every box, template, secret and quota belongs to one. */
   orgId: string;
+  /** Role in that organization (system loops act as owners of what they touch). */
+  role: OrgRole;
+  /** Ids of the subject's teams in that organization. */
+  teamIds: readonly string[];
+  /** The subject's teams with names and team roles (users). */
+  teams?: ReadonlyArray<{ id: string; name: string; role: TeamRole }>;
+  /** The user's id (users and service accounts). */
+  userId?: string;
+  /** The API token the request came with. */
+  tokenId?: string;
+  /** Token scopes (`read`, `write`); undefined = everything the role allows. */
+  scopes?: readonly string[];
 }
 
 /** The organization every installation starts with (and, until organizations are managed, the only one). */
@@ -49,12 +64,40 @@ export function resolveResources(
   return r;
 }
 
+/** What box authorization and quotas need beyond the box store (absent: owner-only, no quotas). */
+export interface BoxServiceTenancy {
+  /** Team shares of boxes. */
+  tenancy: TenancyStore;
+  /** Quota checks inside the transactions that create, start or resume boxes. */
+  quotas: QuotaService;
+}
+
 export class BoxService {
   constructor(
     private readonly store: Store,
     private readonly feed: ChangeFeed,
     private readonly now: () => number,
+    private readonly tenancy: BoxServiceTenancy | null = null,
   ) {}
+
+  /** What the subject may do with the box (core rbac-policy: owner, org admins, team shares, auditors). */
+  async accessOf(subject: Subject, box: BoxRecord, ex: Executor = this.store.db): Promise<BoxAccess> {
+    if (subject.kind === 'system') return 'manage';
+    const shares = this.tenancy ? ((await this.tenancy.tenancy.sharesOf([box.id], ex)).get(box.id) ?? []) : [];
+    return boxAccess({ name: subject.name, orgId: subject.orgId, role: subject.role, teamIds: subject.teamIds }, { owner: box.owner, orgId: box.orgId, shares: shares as SharedBox['shares'] });
+  }
+
+  /**
+   * The box `name` of `owner` (default: the caller) when the caller has at least `need` on it: a box
+   * the caller may not see is not found (404), one it may see but not use so is refused (403).
+   */
+  private async authorized(subject: Subject, name: string, need: BoxAccess, owner: string | undefined, ex: Executor = this.store.db): Promise<BoxRecord> {
+    const box = await this.store.getBoxByName(owner ?? subject.name, name, ex);
+    const access = box ? await this.accessOf(subject, box, ex) : 'none';
+    if (!box || access === 'none') throw new DomainError('not-found', `box "${name}" not found`, { name, ...(owner ? { owner } : {}) });
+    if (!accessAtLeast(access, need)) throw new DomainError('forbidden', `you may ${access} box "${name}", not ${need} it`, { name, access, need });
+    return box;
+  }
 
   async create(subject: Subject, req: CreateBoxRequest, idempotencyKey?: string): Promise<{ box: BoxRecord; replayed: boolean }> {
     const requestHash = createHash('sha256').update(JSON.stringify(req)).digest('hex');
@@ -88,6 +131,7 @@ export class BoxService {
         id: newId('b'),
         name: req.name,
         owner: subject.name,
+        orgId: subject.orgId,
         templateName: template.name,
         templateVersion: template.version,
         image: pinnedImage(template.image, template.imageDigest),
@@ -110,6 +154,7 @@ export class BoxService {
         deletedAt: null,
         version: 1,
       };
+      if (this.tenancy) await this.tenancy.quotas.check(box, tx);
       await this.store.insertBox(box, tx);
       if (idempotencyKey !== undefined) await this.store.putIdempotencyKey({ owner: subject.name, key: idempotencyKey, requestHash, boxId: box.id, now }, tx);
       await this.recordChange(tx, box, 'Created', `created from template ${template.name} v${template.version} by ${subject.name}`);
@@ -155,7 +200,9 @@ export class BoxService {
     );
     for (const pooled of candidates) {
       try {
-        const box = await this.store.updateBox({ ...pooled, owner: subject.name, name, updatedAt: now }, pooled.version, tx);
+        const claimed = { ...pooled, owner: subject.name, orgId: subject.orgId, name, updatedAt: now };
+        if (this.tenancy) await this.tenancy.quotas.check(claimed, tx);
+        const box = await this.store.updateBox(claimed, pooled.version, tx);
         await this.store.appendEvent({ boxId: box.id, boxName: name, owner: subject.name, time: now, type: 'Claimed', phase: box.phase, message: `claimed from the warm pool of ${templateName} v${templateVersion} by ${subject.name} (was ${pooled.name})` }, tx);
         return box;
       } catch (e) {
@@ -165,22 +212,26 @@ export class BoxService {
     return null;
   }
 
-  async get(subject: Subject, name: string): Promise<BoxRecord> {
-    const box = await this.store.getBoxByName(subject.name, name);
-    if (!box) throw new DomainError('not-found', `box "${name}" not found`, { name });
-    return box;
+  get(subject: Subject, name: string, opts: { owner?: string; need?: BoxAccess } = {}): Promise<BoxRecord> {
+    return this.authorized(subject, name, opts.need ?? 'read', opts.owner);
   }
 
-  list(subject: Subject): Promise<BoxRecord[]> {
-    return this.store.listBoxes({ owner: subject.name });
+  /** Every box of the caller's organization the caller may see. */
+  async list(subject: Subject): Promise<BoxRecord[]> {
+    const boxes = (await this.store.listBoxes({})).filter((b) => b.orgId === subject.orgId && b.owner !== WARM_POOL_OWNER);
+    const shares = this.tenancy ? await this.tenancy.tenancy.sharesOf(boxes.map((b) => b.id)) : new Map<string, Array<{ teamId: string; access: string }>>();
+    return boxes.filter(
+      (b) =>
+        subject.kind === 'system' ||
+        boxAccess({ name: subject.name, orgId: subject.orgId, role: subject.role, teamIds: subject.teamIds }, { owner: b.owner, orgId: b.orgId, shares: (shares.get(b.id) ?? []) as SharedBox['shares'] }) !== 'none',
+    );
   }
 
   /** Applies a lifecycle verb. `ifMatch` is the box version the caller saw (ETag), if it sent one. */
-  async applyVerb(subject: Subject, name: string, verb: Verb, ifMatch?: number): Promise<BoxRecord> {
+  async applyVerb(subject: Subject, name: string, verb: Verb, ifMatch?: number, owner?: string): Promise<BoxRecord> {
     const now = this.now();
     const { box, changed } = await this.store.transaction(async (tx) => {
-      const cur = await this.store.getBoxByName(subject.name, name, tx);
-      if (!cur) throw new DomainError('not-found', `box "${name}" not found`, { name });
+      const cur = await this.authorized(subject, name, 'manage', owner, tx);
       if (ifMatch !== undefined && ifMatch !== cur.version) {
         throw new DomainError('precondition-failed', `box "${name}" changed since version ${ifMatch} (now ${cur.version})`, { version: cur.version });
       }
@@ -196,6 +247,7 @@ export class BoxService {
         nextAttemptAt: null,
         updatedAt: now,
       };
+      if ((verb === 'start' || verb === 'resume') && this.tenancy) await this.tenancy.quotas.check(next, tx);
       const saved = await this.store.updateBox(next, cur.version, tx);
       await this.recordChange(tx, saved, verb === 'delete' ? 'DeleteRequested' : `${verb[0]!.toUpperCase()}${verb.slice(1)}Requested`, `${verb} requested by ${subject.name}`);
       return { box: saved, changed: true };
@@ -207,14 +259,14 @@ export class BoxService {
     return box;
   }
 
-  async events(subject: Subject, name: string) {
-    const box = await this.get(subject, name);
+  async events(subject: Subject, name: string, owner?: string) {
+    const box = await this.get(subject, name, { owner });
     return { box, events: await this.store.listEvents({ boxId: box.id }) };
   }
 
   /** Signs a short-lived token the box's node agent accepts for one command session. */
-  async createExecSession(subject: Subject, name: string): Promise<{ url: string; token: string; expiresAt: number }> {
-    const box = await this.get(subject, name);
+  async createExecSession(subject: Subject, name: string, owner?: string): Promise<{ url: string; token: string; expiresAt: number }> {
+    const box = await this.get(subject, name, { owner, need: 'connect' });
     if (box.phase !== 'running' || box.desiredState !== 'running') {
       throw new DomainError('invalid-state', `box "${name}" is ${box.phase}, not running; start or resume it first`, { phase: box.phase });
     }

@@ -9,6 +9,7 @@ import { agentDesired, backoffMs, DEFAULT_RETRY_POLICY, type RetryPolicy } from 
 import { AGENT_PHASES, TARGET_PHASE } from '@devyard/core/box-lifecycle';
 import { DomainError } from '@devyard/core/domain-error';
 import { ZERO } from '@devyard/core/resources';
+import type { BoxSecret } from '@devyard/api/secret-schemas';
 import type { ChangeFeed } from '../change-feed.js';
 import { newId } from '../ids.js';
 import type { BoxRecord } from '../store/box-records.js';
@@ -22,6 +23,8 @@ export class NodeService {
   private readonly templateCache = new Map<string, TemplateRecord>();
   /** Called with the box's creation time when it first reports running (provisioning latency). */
   onRunning?: (createdAt: number) => void;
+  /** Decrypts the secrets of boxes for their desired entries (issue 5); none when unset. */
+  secrets?: { forBoxes(boxes: readonly BoxRecord[]): Promise<Map<string, BoxSecret[]>> };
   /** Last progress message per box, so repeats of the same line add no event. */
   private readonly lastProgress = new Map<string, string>();
 
@@ -94,6 +97,9 @@ export class NodeService {
       const key = `${b.templateName}:${b.templateVersion}`;
       if (!templates.has(key)) templates.set(key, await this.templateVersion(b.templateName, b.templateVersion));
     }
+    // Secrets go only to boxes that should run or be paused: a stopped box has nowhere to keep them.
+    const withCompute = boxes.filter((b) => ['running', 'paused'].includes(agentDesired(b).desiredState));
+    const secrets = (await this.secrets?.forBoxes(withCompute)) ?? new Map<string, BoxSecret[]>();
     return {
       nodeId,
       revision: ++this.revision,
@@ -113,6 +119,7 @@ export class NodeService {
           templateName: b.templateName,
           templateVersion: b.templateVersion,
           pooled: b.owner === WARM_POOL_OWNER,
+          secrets: secrets.get(b.id) ?? [],
         };
       }),
       prebuilds: await this.desiredPrebuilds(node),

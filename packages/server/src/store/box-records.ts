@@ -16,6 +16,8 @@ export interface BoxRecord {
   id: string;
   name: string;
   owner: string;
+  /** Organization the box belongs to. */
+  orgId: string;
   templateName: string;
   templateVersion: number;
   image: string;
@@ -44,6 +46,7 @@ export function boxFromRow(r: Selectable<BoxTable>): BoxRecord {
     id: r.id,
     name: r.name,
     owner: r.owner,
+    orgId: r.org_id,
     templateName: r.template_name,
     templateVersion: r.template_version,
     image: r.image,
@@ -73,6 +76,7 @@ export function boxToRow(b: BoxRecord): Selectable<BoxTable> {
     id: b.id,
     name: b.name,
     owner: b.owner,
+    org_id: b.orgId,
     template_name: b.templateName,
     template_version: b.templateVersion,
     image: b.image,

@@ -18,12 +18,14 @@ export interface TemplateTable {
   spec: string | null;
   /** `sha256:…` the image was pinned to at publish time; null for built-in and unpinned images. */
   image_digest: string | null;
+  org_id: Generated<string>;
 }
 
 export interface BoxTable {
   id: string;
   name: string;
   owner: string;
+  org_id: string;
   template_name: string;
   template_version: number;
   image: string;
@@ -110,6 +112,68 @@ export interface ApiTokenTable {
   kind: string;
   subject: string;
   created_at: number;
+  /** The user the token speaks for (null for node and gateway tokens). */
+  user_id?: string | null;
+  /** The organization the token acts in. */
+  org_id?: string | null;
+  /** JSON array of scopes (`read`, `write`); null = everything the user's role allows. */
+  scopes?: string | null;
+  expires_at?: number | null;
+  revoked_at?: number | null;
+  last_used_at?: number | null;
+}
+
+export interface UserTable {
+  id: string;
+  name: string;
+  email: string | null;
+  /** `user` or `service` (a service account). */
+  kind: string;
+  oidc_issuer: string | null;
+  oidc_subject: string | null;
+  created_at: number;
+  disabled_at: number | null;
+}
+
+export interface OrgTable {
+  id: string;
+  name: string;
+  created_at: number;
+}
+
+export interface OrgMemberTable {
+  org_id: string;
+  user_id: string;
+  role: string;
+  created_at: number;
+}
+
+export interface TeamTable {
+  id: string;
+  org_id: string;
+  name: string;
+  created_at: number;
+}
+
+export interface TeamMemberTable {
+  team_id: string;
+  user_id: string;
+  role: string;
+}
+
+export interface BoxShareTable {
+  box_id: string;
+  team_id: string;
+  access: string;
+}
+
+export interface QuotaTable {
+  org_id: string;
+  scope_type: string;
+  scope_id: string;
+  /** JSON QuotaLimits. */
+  limits: string;
+  updated_at: number;
 }
 
 export interface PrebuildTable {
@@ -168,7 +232,67 @@ export interface ServerKeyTable {
   created_at: number;
 }
 
+// ---- audit log (issue 5, migration 0006) ----
+export interface AuditLogTable {
+  org_id: string;
+  /** 1, 2, 3… per org, no gaps: a gap is a deleted entry. */
+  seq: number;
+  time: number;
+  actor: string;
+  action: string;
+  target: string | null;
+  request_id: string | null;
+  source: string | null;
+  /** ok | denied | error */
+  result: string;
+  /** Canonical JSON, or null. */
+  detail: string | null;
+  prev_hash: string;
+  hash: string;
+}
+
+/** The newest (seq, hash) of each org's chain, written with every append. */
+export interface AuditHeadTable {
+  org_id: string;
+  seq: number;
+  hash: string;
+}
+// ---- end audit log ----
+
+// ---- secrets (issue 5, migration 0007) ----
+export interface SecretTable {
+  id: string;
+  org_id: string;
+  /** org | team | user | template */
+  scope_type: string;
+  /** The org id, team name, user name or template name. */
+  scope_id: string;
+  name: string;
+  /** base64: AES-256-GCM ciphertext of the value + tag. */
+  ciphertext: string;
+  /** base64: the value's 12-byte IV. */
+  iv: string;
+  /** base64: the data key, wrapped by the KEK `kek_id`. */
+  wrapped_dek: string;
+  kek_id: string;
+  version: number;
+  created_by: string;
+  created_at: number;
+  updated_at: number;
+}
+// ---- end secrets ----
+
 export interface Database {
+  secrets: SecretTable;
+  users: UserTable;
+  orgs: OrgTable;
+  org_members: OrgMemberTable;
+  teams: TeamTable;
+  team_members: TeamMemberTable;
+  box_shares: BoxShareTable;
+  quotas: QuotaTable;
+  audit_log: AuditLogTable;
+  audit_heads: AuditHeadTable;
   ssh_keys: SshKeyTable;
   box_host_keys: BoxHostKeyTable;
   box_ports: BoxPortTable;

@@ -212,8 +212,151 @@ const m0004: Migration = {
   },
 };
 
+// ---- audit log (issue 5) ----
+/**
+ * The audit log: one hash chain per organization, keyed (org_id, seq) so that two writers racing
+ * for the same next seq cannot both succeed (the loser retries on the new head). `audit_heads`
+ * keeps the newest (seq, hash) per org, written in the same transaction as the entry, so deleting
+ * the newest entries is detected too (see server/src/audit/audit-log.ts).
+ */
+const m0006: Migration = {
+  async up(db: Kysely<unknown>) {
+    await db.schema
+      .createTable('audit_log')
+      .addColumn('org_id', 'text', (c) => c.notNull())
+      .addColumn('seq', 'integer', (c) => c.notNull())
+      .addColumn('time', 'bigint', (c) => c.notNull())
+      .addColumn('actor', 'text', (c) => c.notNull())
+      .addColumn('action', 'text', (c) => c.notNull())
+      .addColumn('target', 'text')
+      .addColumn('request_id', 'text')
+      .addColumn('source', 'text')
+      .addColumn('result', 'text', (c) => c.notNull())
+      .addColumn('detail', 'text')
+      .addColumn('prev_hash', 'text', (c) => c.notNull())
+      .addColumn('hash', 'text', (c) => c.notNull())
+      .addPrimaryKeyConstraint('audit_log_pk', ['org_id', 'seq'])
+      .execute();
+    await db.schema.createIndex('audit_log_time').on('audit_log').columns(['org_id', 'time']).execute();
+    await db.schema
+      .createTable('audit_heads')
+      .addColumn('org_id', 'text', (c) => c.primaryKey())
+      .addColumn('seq', 'integer', (c) => c.notNull())
+      .addColumn('hash', 'text', (c) => c.notNull())
+      .execute();
+  },
+};
+// ---- end audit log ----
+
+/**
+ * Tenancy (issue 5): users (local or from an OIDC issuer), organizations with member roles, teams,
+ * boxes shared with teams, API tokens with owner, organization, expiry, scopes and revocation, and
+ * quotas. Every box and template belongs to an organization; what existed before lands in the
+ * default one, and the bootstrap admin becomes its owner.
+ */
+const m0005: Migration = {
+  async up(db: Kysely<unknown>) {
+    await db.schema
+      .createTable('users')
+      .addColumn('id', 'text', (c) => c.primaryKey())
+      .addColumn('name', 'text', (c) => c.notNull().unique())
+      .addColumn('email', 'text')
+      .addColumn('kind', 'text', (c) => c.notNull())
+      .addColumn('oidc_issuer', 'text')
+      .addColumn('oidc_subject', 'text')
+      .addColumn('created_at', 'bigint', (c) => c.notNull())
+      .addColumn('disabled_at', 'bigint')
+      .execute();
+    await db.schema.createIndex('users_oidc').on('users').columns(['oidc_issuer', 'oidc_subject']).unique().execute();
+    await db.schema
+      .createTable('orgs')
+      .addColumn('id', 'text', (c) => c.primaryKey())
+      .addColumn('name', 'text', (c) => c.notNull().unique())
+      .addColumn('created_at', 'bigint', (c) => c.notNull())
+      .execute();
+    await db.schema
+      .createTable('org_members')
+      .addColumn('org_id', 'text', (c) => c.notNull())
+      .addColumn('user_id', 'text', (c) => c.notNull())
+      .addColumn('role', 'text', (c) => c.notNull())
+      .addColumn('created_at', 'bigint', (c) => c.notNull())
+      .addPrimaryKeyConstraint('org_members_pk', ['org_id', 'user_id'])
+      .execute();
+    await db.schema
+      .createTable('teams')
+      .addColumn('id', 'text', (c) => c.primaryKey())
+      .addColumn('org_id', 'text', (c) => c.notNull())
+      .addColumn('name', 'text', (c) => c.notNull())
+      .addColumn('created_at', 'bigint', (c) => c.notNull())
+      .addUniqueConstraint('teams_org_name', ['org_id', 'name'])
+      .execute();
+    await db.schema
+      .createTable('team_members')
+      .addColumn('team_id', 'text', (c) => c.notNull())
+      .addColumn('user_id', 'text', (c) => c.notNull())
+      .addColumn('role', 'text', (c) => c.notNull())
+      .addPrimaryKeyConstraint('team_members_pk', ['team_id', 'user_id'])
+      .execute();
+    await db.schema
+      .createTable('box_shares')
+      .addColumn('box_id', 'text', (c) => c.notNull())
+      .addColumn('team_id', 'text', (c) => c.notNull())
+      .addColumn('access', 'text', (c) => c.notNull())
+      .addPrimaryKeyConstraint('box_shares_pk', ['box_id', 'team_id'])
+      .execute();
+    await db.schema
+      .createTable('quotas')
+      .addColumn('org_id', 'text', (c) => c.notNull())
+      .addColumn('scope_type', 'text', (c) => c.notNull())
+      .addColumn('scope_id', 'text', (c) => c.notNull())
+      .addColumn('limits', 'text', (c) => c.notNull())
+      .addColumn('updated_at', 'bigint', (c) => c.notNull())
+      .addPrimaryKeyConstraint('quotas_pk', ['org_id', 'scope_type', 'scope_id'])
+      .execute();
+    for (const col of ['user_id', 'org_id', 'scopes']) await db.schema.alterTable('api_tokens').addColumn(col, 'text').execute();
+    for (const col of ['expires_at', 'revoked_at', 'last_used_at']) await db.schema.alterTable('api_tokens').addColumn(col, 'bigint').execute();
+    await db.schema.alterTable('boxes').addColumn('org_id', 'text', (c) => c.notNull().defaultTo('org_default')).execute();
+    await db.schema.alterTable('templates').addColumn('org_id', 'text', (c) => c.notNull().defaultTo('org_default')).execute();
+    const now = Date.now();
+    await sql`insert into orgs (id, name, created_at) values ('org_default', 'default', ${now})`.execute(db);
+    await sql`insert into users (id, name, email, kind, created_at) values ('u_admin', 'admin', null, 'user', ${now})`.execute(db);
+    await sql`insert into org_members (org_id, user_id, role, created_at) values ('org_default', 'u_admin', 'owner', ${now})`.execute(db);
+    await sql`update api_tokens set user_id = 'u_admin', org_id = 'org_default' where kind = 'user' and subject = 'admin'`.execute(db);
+  },
+};
+
+// ---- secrets (issue 5) ----
+/**
+ * Secrets: values encrypted under a per-secret data key (AES-256-GCM), the data key wrapped by a
+ * key-encryption key that lives outside the database (see server/src/secrets/secret-envelope.ts).
+ * Binary columns are base64 text, like every other column that is not a plain value.
+ */
+const m0007: Migration = {
+  async up(db: Kysely<unknown>) {
+    await db.schema
+      .createTable('secrets')
+      .addColumn('id', 'text', (c) => c.primaryKey())
+      .addColumn('org_id', 'text', (c) => c.notNull())
+      .addColumn('scope_type', 'text', (c) => c.notNull())
+      .addColumn('scope_id', 'text', (c) => c.notNull())
+      .addColumn('name', 'text', (c) => c.notNull())
+      .addColumn('ciphertext', 'text', (c) => c.notNull())
+      .addColumn('iv', 'text', (c) => c.notNull())
+      .addColumn('wrapped_dek', 'text', (c) => c.notNull())
+      .addColumn('kek_id', 'text', (c) => c.notNull())
+      .addColumn('version', 'integer', (c) => c.notNull())
+      .addColumn('created_by', 'text', (c) => c.notNull())
+      .addColumn('created_at', 'bigint', (c) => c.notNull())
+      .addColumn('updated_at', 'bigint', (c) => c.notNull())
+      .addUniqueConstraint('secrets_scope_name', ['org_id', 'scope_type', 'scope_id', 'name'])
+      .execute();
+    await db.schema.createIndex('secrets_kek').on('secrets').column('kek_id').execute();
+  },
+};
+// ---- end secrets ----
+
 export const migrationProvider: MigrationProvider = {
   async getMigrations() {
-    return { '0001_initial': m0001, '0002_template_spec': m0002, '0003_prebuilds': m0003, '0004_access': m0004 };
+    return { '0001_initial': m0001, '0002_template_spec': m0002, '0003_prebuilds': m0003, '0004_access': m0004, '0005_tenancy': m0005, '0006_audit_log': m0006, '0007_secrets': m0007 };
   },
 };

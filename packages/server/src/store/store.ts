@@ -6,7 +6,7 @@
 import type { TemplateSpec } from '@devyard/api/template-schemas';
 import { DomainError } from '@devyard/core/domain-error';
 import type { Resources } from '@devyard/core/resources';
-import type { Kysely, Selectable, Transaction } from 'kysely';
+import type { Insertable, Kysely, Selectable, Transaction } from 'kysely';
 import { boxFromRow, boxToRow, type BoxRecord } from './box-records.js';
 import type { ApiTokenTable, Database, PrebuildTable, NodeTable, OperationTable, TemplateTable } from './database-schema.js';
 
@@ -363,7 +363,7 @@ export class Store {
 
   // ---- API tokens ----
 
-  async insertToken(t: Selectable<ApiTokenTable>, ex: Executor = this.db): Promise<void> {
+  async insertToken(t: Insertable<ApiTokenTable>, ex: Executor = this.db): Promise<void> {
     await ex.insertInto('api_tokens').values(t).execute();
   }
 

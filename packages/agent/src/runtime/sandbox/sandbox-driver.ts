@@ -24,12 +24,14 @@ import { runHostCommand, runHostCommandRaw } from '../../network/host-command-ru
 import { allocateAddress } from '../../network/ipv4-subnet.js';
 import type {
   BoxRuntimeSpec,
+  BoxSecret,
   ExecOptions,
   ExecProcess,
   RuntimeBoxStatus,
   RuntimeDriver,
 } from '../runtime-driver.js';
 import { BOX_TOOLS_BIN, BOX_TOOLS_DIR, ensureBoxToolsBundle, type BoxTool } from '../box-tools-bundle.js';
+import { BOX_SECRETS_MOUNT, BoxSecretsDir } from '../box-secrets-dir.js';
 import { spawnPipeExec, spawnPtyExec } from './box-exec-process.js';
 import { CgroupLayout, type CgroupMode } from './cgroup-layout.js';
 import { CrunCli } from './crun-cli.js';
@@ -59,6 +61,8 @@ export interface SandboxDriverOptions {
   boxTools?: BoxTool[];
   /** A box's network dialer exits after this long without a dial (default 60 s). */
   dialerIdleMs?: number;
+  /** Host directory (a tmpfs) of the boxes' secrets directories (default /run/devyard/secrets). */
+  secretsRoot?: string;
   /** Structured log sink. */
   log?: (msg: string, fields?: object) => void;
 }
@@ -152,6 +156,8 @@ export class SandboxDriver implements RuntimeDriver {
   private readonly boxTools: BoxTool[] | undefined;
   private readonly dialerIdleMs: number | undefined;
   private readonly dialers = new Map<string, NetnsDialer>();
+  /** Boxes' secrets on tmpfs, bound read-only at /run/devyard/secrets (exposed for tests). */
+  readonly secrets: BoxSecretsDir;
 
   constructor(opts: SandboxDriverOptions) {
     if (/[,:\s]/.test(opts.dataDir)) throw new Error('dataDir must not contain commas, colons or spaces (overlay options)');
@@ -167,6 +173,7 @@ export class SandboxDriver implements RuntimeDriver {
     this.toolsDir = join(opts.dataDir, 'tools');
     this.boxTools = opts.boxTools;
     this.dialerIdleMs = opts.dialerIdleMs;
+    this.secrets = new BoxSecretsDir({ root: opts.secretsRoot, owner: { uid: this.idRange.hostId, gid: this.idRange.hostId }, log: this.log });
   }
 
   /** Prepares the bridge, NAT, cgroup parent and data directory. */
@@ -186,6 +193,7 @@ export class SandboxDriver implements RuntimeDriver {
     } finally {
       await this.unexposeBoxesDir();
       await this.unexposeTools();
+      await this.secrets.teardown().catch(() => undefined);
     }
   }
 
@@ -255,6 +263,8 @@ export class SandboxDriver implements RuntimeDriver {
       if (existing) await this.releaseRuntime(spec.boxId, 0);
       const dir = this.boxDir(spec.boxId);
       try {
+        // The agent wrote the box's secrets before starting it; an empty directory otherwise.
+        const secretsSource = spec.secrets ? await this.secrets.ensure(spec.boxId) : undefined;
         const netnsPath = await this.network.createNamespace(spec.boxId);
         // The box joins its namespace right away; the veth and address are set up meanwhile
         // (start returns only when both are done, so the first exec sees a configured network).
@@ -268,7 +278,7 @@ export class SandboxDriver implements RuntimeDriver {
             `127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n${rec.ip}\t${rec.name}\n`,
           ),
           writeFile(join(dir, 'etc/resolv.conf'), this.resolvConf),
-          writeFile(join(dir, 'config.json'), JSON.stringify(this.ociSpec(rec, netnsPath))),
+          writeFile(join(dir, 'config.json'), JSON.stringify(this.ociSpec(rec, netnsPath, secretsSource))),
         ]);
         await Promise.all([
           configured,
@@ -299,6 +309,7 @@ export class SandboxDriver implements RuntimeDriver {
         ]);
       } catch (err) {
         await this.releaseRuntime(spec.boxId, 0).catch(() => {});
+        await this.secrets.remove(spec.boxId).catch(() => {});
         throw err;
       }
       this.log('sandbox: started', { boxId: spec.boxId, ms: Math.round(performance.now() - t0) });
@@ -308,7 +319,16 @@ export class SandboxDriver implements RuntimeDriver {
   /** Ends every process (SIGTERM, grace, SIGKILL) and releases cgroups and network; keeps disk state. */
   async stop(boxId: string, opts: { graceMs?: number } = {}): Promise<void> {
     checkBoxId(boxId);
-    await this.withLock(boxId, () => this.releaseRuntime(boxId, opts.graceMs ?? 10_000));
+    await this.withLock(boxId, async () => {
+      await this.releaseRuntime(boxId, opts.graceMs ?? 10_000);
+      await this.secrets.remove(boxId);
+    });
+  }
+
+  /** Replaces the box's secrets: files on tmpfs, bound read-only into the box, and exec environment. */
+  async writeSecrets(boxId: string, secrets: readonly BoxSecret[]): Promise<void> {
+    checkBoxId(boxId);
+    await this.withLock(boxId, () => this.secrets.write(boxId, secrets));
   }
 
   /** Freezes every process of the box through the cgroup freezer. */
@@ -359,6 +379,7 @@ export class SandboxDriver implements RuntimeDriver {
     checkBoxId(boxId);
     await this.withLock(boxId, async () => {
       await this.releaseRuntime(boxId, 0);
+      await this.secrets.remove(boxId);
       const dir = this.boxDir(boxId);
       // Mounts on the host under the box (none normally: they live in crun's private namespace).
       for (const m of await hostMountsUnder(dir)) await runHostCommandRaw(['umount', '-l', m]);
@@ -454,6 +475,8 @@ export class SandboxDriver implements RuntimeDriver {
       HOME: '/root',
       HOSTNAME: rec?.name ?? boxId,
       ...(rec?.env ?? {}),
+      // Secrets over the box's env, under the session's own (read from tmpfs: never in box.json).
+      ...(await this.secrets.read(boxId)),
       ...(opts.env ?? {}),
     };
     env.PATH = withBoxTools(env.PATH);
@@ -520,7 +543,7 @@ export class SandboxDriver implements RuntimeDriver {
     return this.crun.state(boxId);
   }
 
-  private ociSpec(rec: BoxRecord, netnsPath: string): Record<string, unknown> {
+  private ociSpec(rec: BoxRecord, netnsPath: string, secretsSource?: string): Record<string, unknown> {
     const dir = this.boxDir(rec.boxId);
     return buildOciSpec({
       rootfs: join(dir, 'merged'),
@@ -544,6 +567,7 @@ export class SandboxDriver implements RuntimeDriver {
         { source: join(dir, 'etc/hosts'), destination: '/etc/hosts', readonly: false },
         { source: join(dir, 'etc/hostname'), destination: '/etc/hostname', readonly: false },
         { source: join(dir, 'etc/resolv.conf'), destination: '/etc/resolv.conf', readonly: false },
+        ...(secretsSource ? [{ source: secretsSource, destination: BOX_SECRETS_MOUNT, readonly: true }] : []),
       ],
     });
   }

@@ -1,0 +1,106 @@
+/** Handlers of the identity and tenancy routes: the caller, tokens, members, teams, box shares, quotas. */
+import type { QuotaLimits } from '@devyard/api/tenancy-schemas';
+import { DomainError } from '@devyard/core/domain-error';
+import type { OrgRole, ShareAccess, TeamRole } from '@devyard/core/rbac-policy';
+import { requirePermission, tokenView } from '../services/tenancy-service.js';
+import type { HandlerDeps } from './api-handlers.js';
+import type { HandlerContext } from './create-app.js';
+
+export function createTenancyHandlers(d: HandlerDeps) {
+  const owner = (ctx: HandlerContext) => ctx.query.owner as string | undefined;
+  /** Shares are changed by whoever manages the box; the team must exist in the box's organization. */
+  const shareTarget = async (ctx: HandlerContext) => {
+    const box = await d.boxes.get(ctx.subject, ctx.params.name!, { owner: owner(ctx), need: 'manage' });
+    const team = await d.tenancy.requireTeam(ctx.subject, ctx.params.team!);
+    return { box, team };
+  };
+  const teamNames = async (orgId: string) => new Map((await d.tenancyStore.listTeams(orgId)).map((t) => [t.id, t.name]));
+
+  return {
+    getMe: async (ctx: HandlerContext) => {
+      const user = ctx.subject.userId ? await d.tenancyStore.getUser(ctx.subject.userId) : await d.tenancyStore.getUserByName(ctx.subject.name);
+      const org = await d.tenancyStore.getOrg(ctx.subject.orgId);
+      const teams = user ? await d.tenancyStore.teamsOf(ctx.subject.orgId, user.id) : [];
+      const token = ctx.subject.tokenId ? await d.tenancyStore.getToken(ctx.subject.tokenId) : undefined;
+      return {
+        user: ctx.subject.name,
+        kind: (user?.kind ?? 'user') as 'user' | 'service',
+        org: org?.name ?? ctx.subject.orgId,
+        role: ctx.subject.role,
+        teams: teams.map((t) => ({ name: t.name, role: t.role as TeamRole })),
+        token: token ? { id: token.id, scopes: tokenView(token).scopes, expiresAt: tokenView(token).expiresAt } : null,
+      };
+    },
+    listTokens: async (ctx: HandlerContext) => ({ items: await d.tenancy.listTokens(ctx.subject) }),
+    createToken: async (ctx: HandlerContext) => {
+      const r = await d.tenancy.createToken(ctx.subject, ctx.body as { name: string; ttlSeconds?: number; scopes?: string[]; org?: string });
+      return { token: r.token, info: r.view };
+    },
+    revokeToken: async (ctx: HandlerContext) => {
+      await d.tenancy.revokeToken(ctx.subject, ctx.params.id!);
+      return undefined;
+    },
+    listOrgs: async (ctx: HandlerContext) => ({ items: await d.tenancy.orgs(ctx.subject) }),
+    createOrg: async (ctx: HandlerContext) => d.tenancy.createOrg(ctx.subject, (ctx.body as { name: string }).name),
+    listMembers: async (ctx: HandlerContext) => ({ items: await d.tenancy.members(ctx.subject) }),
+    setMember: async (ctx: HandlerContext) => {
+      await d.tenancy.setMember(ctx.subject, ctx.params.user!, (ctx.body as { role: OrgRole }).role);
+      return undefined;
+    },
+    removeMember: async (ctx: HandlerContext) => {
+      await d.tenancy.removeMember(ctx.subject, ctx.params.user!);
+      return undefined;
+    },
+    createServiceAccount: async (ctx: HandlerContext) => {
+      const r = await d.tenancy.createServiceAccount(ctx.subject, ctx.body as { name: string; role: OrgRole; ttlSeconds?: number });
+      return { token: r.token, info: r.view };
+    },
+    listTeams: async (ctx: HandlerContext) => ({ items: await d.tenancy.teams(ctx.subject) }),
+    createTeam: async (ctx: HandlerContext) => {
+      await d.tenancy.createTeam(ctx.subject, (ctx.body as { name: string }).name);
+      return undefined;
+    },
+    deleteTeam: async (ctx: HandlerContext) => {
+      await d.tenancy.deleteTeam(ctx.subject, ctx.params.team!);
+      return undefined;
+    },
+    setTeamMember: async (ctx: HandlerContext) => {
+      await d.tenancy.setTeamMember(ctx.subject, ctx.params.team!, ctx.params.user!, (ctx.body as { role: TeamRole }).role);
+      return undefined;
+    },
+    removeTeamMember: async (ctx: HandlerContext) => {
+      await d.tenancy.setTeamMember(ctx.subject, ctx.params.team!, ctx.params.user!, null);
+      return undefined;
+    },
+    listBoxShares: async (ctx: HandlerContext) => {
+      const box = await d.boxes.get(ctx.subject, ctx.params.name!, { owner: owner(ctx) });
+      const names = await teamNames(box.orgId);
+      const shares = (await d.tenancyStore.sharesOf([box.id])).get(box.id) ?? [];
+      return { items: shares.map((s) => ({ team: names.get(s.teamId) ?? s.teamId, access: s.access as ShareAccess })) };
+    },
+    setBoxShare: async (ctx: HandlerContext) => {
+      const { box, team } = await shareTarget(ctx);
+      const access = (ctx.body as { access: ShareAccess }).access;
+      await d.tenancyStore.setShare(box.id, team.id, access);
+      d.feed.emit('box', box);
+      return { team: team.name, access };
+    },
+    removeBoxShare: async (ctx: HandlerContext) => {
+      const { box, team } = await shareTarget(ctx);
+      await d.tenancyStore.removeShare(box.id, team.id);
+      d.feed.emit('box', box);
+      return undefined;
+    },
+    listQuotas: async (ctx: HandlerContext) => ({ items: await d.quotas.forUser(ctx.subject.orgId, ctx.subject.name) }),
+    setQuota: async (ctx: HandlerContext) => {
+      requirePermission(ctx.subject, 'org:admin');
+      return d.quotas.set(ctx.subject.orgId, ctx.params.scope!, ctx.body as QuotaLimits, d.now());
+    },
+    deleteQuota: async (ctx: HandlerContext) => {
+      requirePermission(ctx.subject, 'org:admin');
+      if (!ctx.params.scope) throw new DomainError('invalid-input', 'scope required', {});
+      await d.quotas.remove(ctx.subject.orgId, ctx.params.scope);
+      return undefined;
+    },
+  };
+}
