@@ -96,3 +96,17 @@ export type Team = z.infer<typeof TeamSchema>;
 export type BoxShare = z.infer<typeof BoxShareSchema>;
 export type QuotaLimits = z.infer<typeof QuotaLimitsSchema>;
 export type Quota = z.infer<typeof QuotaSchema>;
+
+export const InvitationSchema = z
+  .object({ id: z.string(), role: OrgRoleSchema, createdBy: z.string(), createdAt: TimestampSchema, expiresAt: TimestampSchema, state: z.enum(['open', 'accepted', 'revoked']) })
+  .meta({ id: 'Invitation' });
+export const InvitationListSchema = z.object({ items: z.array(InvitationSchema) }).meta({ id: 'InvitationList' });
+export const CreateInvitationRequestSchema = z
+  .object({ role: OrgRoleSchema, ttlSeconds: z.number().int().min(60).max(30 * 86400).optional().meta({ description: 'default 7 days' }) })
+  .strict();
+export const CreatedInvitationSchema = z.object({ token: z.string().meta({ description: 'shown once; give it to the person you invite' }), invitation: InvitationSchema }).meta({ id: 'CreatedInvitation' });
+export const AcceptInvitationRequestSchema = z.object({ token: z.string().min(1).max(200) }).strict();
+export const AcceptedInvitationSchema = z.object({ org: z.string(), role: OrgRoleSchema }).meta({ id: 'AcceptedInvitation' });
+
+export type Invitation = z.infer<typeof InvitationSchema>;
+export type CreatedInvitation = z.infer<typeof CreatedInvitationSchema>;

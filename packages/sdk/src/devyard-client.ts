@@ -9,7 +9,7 @@ import type { AccessToken, BoxConnection, BoxPort, PortVisibility, SshKey } from
 import type { GatewaySyncRequest, RouteTable } from '@devyard/api/gateway-schemas';
 import type { SecretMetadata } from '@devyard/api/secret-schemas';
 import type { AuditEntry, AuditVerification } from '@devyard/api/audit-schemas';
-import type { BoxShare, CreatedToken, Me, Member, Quota, QuotaLimits, Team, Token } from '@devyard/api/tenancy-schemas';
+import type { BoxShare, CreatedInvitation, CreatedToken, Invitation, Me, Member, Quota, QuotaLimits, Team, Token } from '@devyard/api/tenancy-schemas';
 import type { OrgRole } from '@devyard/core/rbac-policy';
 import { ApiError } from './api-error.js';
 import { readSse } from './sse-client.js';
@@ -284,6 +284,22 @@ export class DevyardClient {
 
   async createOrg(name: string): Promise<{ name: string; role: OrgRole; createdAt: string }> {
     return (await this.request<{ name: string; role: OrgRole; createdAt: string }>('POST', '/v1/orgs', { body: { name } })).body;
+  }
+
+  async listInvitations(): Promise<Invitation[]> {
+    return (await this.get<{ items: Invitation[] }>('/v1/org/invitations')).items;
+  }
+
+  async createInvitation(role: OrgRole, ttlSeconds?: number): Promise<CreatedInvitation> {
+    return (await this.request<CreatedInvitation>('POST', '/v1/org/invitations', { body: { role, ...(ttlSeconds ? { ttlSeconds } : {}) } })).body;
+  }
+
+  async revokeInvitation(id: string): Promise<void> {
+    await this.request('DELETE', `/v1/org/invitations/${encodeURIComponent(id)}`);
+  }
+
+  async acceptInvitation(token: string): Promise<{ org: string; role: OrgRole }> {
+    return (await this.request<{ org: string; role: OrgRole }>('POST', '/v1/invitations/accept', { body: { token } })).body;
   }
 
   async listMembers(): Promise<Member[]> {

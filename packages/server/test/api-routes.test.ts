@@ -3,15 +3,14 @@
  * scripted test double speaking the real agent protocol through the SDK; the real agent and
  * runtime are covered by the end-to-end tests.
  */
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ROUTES } from '@devyard/api/routes';
 import { verifySessionToken } from '@devyard/api/session-tokens';
 import { ApiError } from '@devyard/sdk/api-error';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
-import { startControlPlane, type ControlPlane } from '@devyard/server/control-plane';
+import type { ControlPlane } from '@devyard/server/control-plane';
+import { startTestControlPlane, type TestControlPlane } from './test-control-plane.js';
 import type { DesiredSet } from '@devyard/api/node-schemas';
 import { verifyAccessToken } from '@devyard/api/access-tokens';
 import ssh2 from 'ssh2';
@@ -67,29 +66,16 @@ async function until<T>(fn: () => Promise<T>, ok: (v: T) => boolean, ms = 5000):
   }
 }
 
+let fixture: TestControlPlane;
+
 beforeAll(async () => {
-  dir = mkdtempSync(join(tmpdir(), 'devyard-api-'));
-  cp = await startControlPlane({ dataDir: dir, retry: { maxAttempts: 2, baseBackoffMs: 10, maxBackoffMs: 10 } });
-  user = new DevyardClient({ url: cp.url, token: cp.tokens.adminToken });
-  node = new DevyardClient({ url: cp.url, token: cp.tokens.nodeToken });
-  const reg = await node.registerNode({
-    name: 'node-a',
-    arch: 'x86_64',
-    region: null,
-    labels: {},
-    runtimes: ['sandbox'],
-    capacity: { cpuMillis: 2000, memoryBytes: 4 * 1024 ** 3, diskBytes: 100 * 1024 ** 3 },
-    images: ['tiny'],
-    agentUrl: 'http://127.0.0.1:1',
-  });
-  nodeId = reg.nodeId;
-  sessionKey = reg.sessionKey;
+  fixture = await startTestControlPlane('api', { cpuMillis: 2000, memoryBytes: 4 * 1024 ** 3 });
+  ({ dir, cp, user, node, nodeId, sessionKey } = fixture);
   cover('registerNode');
 });
 
 afterAll(async () => {
-  await cp.close();
-  rmSync(dir, { recursive: true, force: true });
+  await fixture?.close();
 });
 
 describe('system routes', () => {
@@ -756,6 +742,27 @@ describe('identity and tenancy routes', () => {
     await ada.removeMember('tina');
     expect((await user.listMembers()).map((m) => m.user)).not.toContain('tina');
     cover('listMembers', 'setMember', 'removeMember', 'createServiceAccount');
+  });
+
+  it('invites into an organization: single use, expiring, revocable, only roles the inviter may grant', async () => {
+    const inAcme = new DevyardClient({ url: cp.url, token: (await user.createToken({ name: 'acme-admin', org: 'acme' })).token });
+    const outsider = new DevyardClient({ url: cp.url, token: (await inAcme.createServiceAccount('outsider', 'member')).token });
+    const inv = await user.createInvitation('template-admin');
+    expect(inv.token).toMatch(/^dy_i_/);
+    expect((await user.listInvitations()).find((i) => i.id === inv.invitation.id)?.state).toBe('open');
+    expect(await outsider.acceptInvitation(inv.token)).toEqual({ org: 'default', role: 'template-admin' });
+    expect((await problemOf(outsider.acceptInvitation(inv.token))).status).toBe(404);
+    expect((await user.listMembers()).find((m) => m.user === 'outsider')?.role).toBe('template-admin');
+    const again = await user.createInvitation('member');
+    expect((await problemOf(outsider.acceptInvitation(again.token))).status).toBe(409);
+    await user.revokeInvitation(again.invitation.id);
+    const expired = await user.createInvitation('member', 60);
+    await cp.store.db.updateTable('invitations').set({ expires_at: Date.now() - 1 }).where('id', '=', expired.invitation.id).execute();
+    const late = new DevyardClient({ url: cp.url, token: (await inAcme.createServiceAccount('late', 'member')).token });
+    expect((await problemOf(late.acceptInvitation(expired.token))).status).toBe(404);
+    const ada = new DevyardClient({ url: cp.url, token: (await user.createServiceAccount('ida', 'admin')).token });
+    expect((await problemOf(ada.createInvitation('owner'))).status).toBe(403);
+    cover('createInvitation', 'listInvitations', 'revokeInvitation', 'acceptInvitation');
   });
 
   it('shares a box with a team: connect lets members in, manage also lets them operate it', async () => {

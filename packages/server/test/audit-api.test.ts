@@ -4,8 +4,7 @@
  * (in process) on top. The node agent is a scripted double speaking the real protocol.
  */
 import { createHash } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import SqliteDb from 'better-sqlite3';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
@@ -13,7 +12,8 @@ import type { AuditEntry } from '@devyard/api/audit-schemas';
 import { ROUTES, routeById } from '@devyard/api/routes';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { canonicalJson, GENESIS_HASH } from '@devyard/server/audit/audit-log';
-import { startControlPlane, type ControlPlane } from '@devyard/server/control-plane';
+import type { ControlPlane } from '@devyard/server/control-plane';
+import { startTestControlPlane, type TestControlPlane } from './test-control-plane.js';
 import { auditResult, auditTarget, UNAUDITED_OPERATIONS } from '@devyard/server/http/audit-hook';
 import { main } from '@devyard/cli/main';
 
@@ -80,27 +80,15 @@ async function cli(...args: string[]): Promise<{ code: number; stdout: string; s
   return { code, stdout, stderr };
 }
 
+let fixture: TestControlPlane;
+
 beforeAll(async () => {
-  dir = mkdtempSync(join(tmpdir(), 'devyard-audit-api-'));
-  cp = await startControlPlane({ dataDir: dir, retry: { maxAttempts: 2, baseBackoffMs: 10, maxBackoffMs: 10 } });
-  user = new DevyardClient({ url: cp.url, token: cp.tokens.adminToken });
-  node = new DevyardClient({ url: cp.url, token: cp.tokens.nodeToken });
-  const reg = await node.registerNode({
-    name: 'node-a',
-    arch: 'x86_64',
-    region: null,
-    labels: {},
-    runtimes: ['sandbox'],
-    capacity: { cpuMillis: 4000, memoryBytes: 8 * 1024 ** 3, diskBytes: 100 * 1024 ** 3 },
-    images: ['tiny'],
-    agentUrl: 'http://127.0.0.1:1',
-  });
-  nodeId = reg.nodeId;
+  fixture = await startTestControlPlane('audit-api', { cpuMillis: 4000, memoryBytes: 8 * 1024 ** 3 });
+  ({ dir, cp, user, node, nodeId } = fixture);
 });
 
 afterAll(async () => {
-  await cp?.close();
-  rmSync(dir, { recursive: true, force: true });
+  await fixture?.close();
 });
 
 afterEach(() => {

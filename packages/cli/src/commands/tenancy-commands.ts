@@ -112,6 +112,37 @@ export function registerTenancyCommands(program: Command): void {
       out(`removed ${user}`);
     });
 
+  members
+    .command('invite')
+    .description('invite someone with a role: prints a single-use token for `devyard join`')
+    .requiredOption('--role <role>', ORG_ROLES.join('|'))
+    .option('--expires-in <duration>', 'default 7d, at most 30d')
+    .action(async (o) => {
+      const r = await clientFromEnv().createInvitation(role(o.role), ttl(o.expiresIn));
+      out(r.token);
+      process.stderr.write(`invitation ${r.invitation.id} (${r.invitation.role}), expires ${r.invitation.expiresAt}; they run: devyard join <token>\n`);
+    });
+  members
+    .command('invitations')
+    .option('--json', 'print JSON')
+    .action(async (o) => {
+      const list = await clientFromEnv().listInvitations();
+      if (o.json) return printJson(list);
+      out(table(['ID', 'ROLE', 'BY', 'CREATED', 'EXPIRES', 'STATE'], list.map((i) => [i.id, i.role, i.createdBy, age(i.createdAt), i.expiresAt, i.state])));
+    });
+  members
+    .command('revoke-invitation')
+    .argument('<id>')
+    .action(async (id: string) => (await clientFromEnv().revokeInvitation(id), out(`revoked ${id}`)));
+  program
+    .command('join')
+    .description('join an organization with an invitation token')
+    .argument('<token>')
+    .action(async (token: string) => {
+      const r = await clientFromEnv().acceptInvitation(token);
+      out(`joined ${r.org} as ${r.role}; act in it with a token from \`devyard tokens create NAME --org ${r.org}\``);
+    });
+
   program
     .command('service-account')
     .description('create a service account with a role; prints its first token (shown once)')

@@ -42,6 +42,16 @@ export function createTenancyHandlers(d: HandlerDeps) {
     },
     listOrgs: async (ctx: HandlerContext) => ({ items: await d.tenancy.orgs(ctx.subject) }),
     createOrg: async (ctx: HandlerContext) => d.tenancy.createOrg(ctx.subject, (ctx.body as { name: string }).name),
+    listInvitations: async (ctx: HandlerContext) => ({ items: await d.tenancy.invitations(ctx.subject) }),
+    createInvitation: async (ctx: HandlerContext) => {
+      const b = ctx.body as { role: OrgRole; ttlSeconds?: number };
+      return d.tenancy.invite(ctx.subject, b.role, b.ttlSeconds);
+    },
+    revokeInvitation: async (ctx: HandlerContext) => {
+      await d.tenancy.revokeInvitation(ctx.subject, ctx.params.id!);
+      return undefined;
+    },
+    acceptInvitation: async (ctx: HandlerContext) => d.tenancy.acceptInvitation(ctx.subject, (ctx.body as { token: string }).token),
     listMembers: async (ctx: HandlerContext) => ({ items: await d.tenancy.members(ctx.subject) }),
     setMember: async (ctx: HandlerContext) => {
       await d.tenancy.setMember(ctx.subject, ctx.params.user!, (ctx.body as { role: OrgRole }).role);

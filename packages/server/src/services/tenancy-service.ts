@@ -48,6 +48,17 @@ export function requirePermission(subject: Subject, permission: OrgPermission): 
   }
 }
 
+function invitationView(i: { id: string; role: string; created_by: string; created_at: number; expires_at: number; accepted_by: string | null; revoked_at: number | null }) {
+  return {
+    id: i.id,
+    role: i.role as OrgRole,
+    createdBy: i.created_by,
+    createdAt: new Date(Number(i.created_at)).toISOString(),
+    expiresAt: new Date(Number(i.expires_at)).toISOString(),
+    state: (i.revoked_at !== null ? 'revoked' : i.accepted_by !== null ? 'accepted' : 'open') as 'open' | 'accepted' | 'revoked',
+  };
+}
+
 const NAME = /^[a-z][a-z0-9-]{0,38}[a-z0-9]$|^[a-z]$/;
 
 export class TenancyService {
@@ -248,6 +259,47 @@ export class TenancyService {
       await this.tenancy.setMember(subject.orgId, user.id, req.role, now, tx);
     });
     return this.insertToken(user, subject.orgId, `${req.name} (service account)`, req.ttlSeconds ?? 365 * 86400, null);
+  }
+
+  // ---- invitations ----
+
+  /** An invitation to join the caller's organization with a role the caller may grant; its token is shown once. */
+  async invite(subject: Subject, role: OrgRole, ttlSeconds = 7 * 86400) {
+    requirePermission(subject, 'org:admin');
+    if (!mayGrantRole(subject.role, role)) throw new DomainError('forbidden', `a ${subject.role} cannot grant the ${role} role`, { role });
+    const token = `dy_i_${randomBytes(24).toString('base64url')}`;
+    const now = this.now();
+    const row = { id: newId('inv'), org_id: subject.orgId, token_hash: hashToken(token), role, created_by: subject.name, created_at: now, expires_at: now + ttlSeconds * 1000, accepted_by: null, accepted_at: null, revoked_at: null };
+    await this.tenancy.insertInvitation(row);
+    return { token, invitation: invitationView(row) };
+  }
+
+  async invitations(subject: Subject) {
+    requirePermission(subject, 'org:admin');
+    return (await this.tenancy.listInvitations(subject.orgId)).map(invitationView);
+  }
+
+  async revokeInvitation(subject: Subject, id: string): Promise<void> {
+    requirePermission(subject, 'org:admin');
+    if (!(await this.tenancy.revokeInvitation(subject.orgId, id, this.now()))) throw new DomainError('not-found', `no open invitation "${id}"`, { id });
+  }
+
+  /** Joins the organization of an invitation: single use, before it expires, not for members. */
+  async acceptInvitation(subject: Subject, token: string): Promise<{ org: string; role: OrgRole }> {
+    const user = await this.requireUser(subject);
+    const inv = await this.tenancy.getInvitationByHash(hashToken(token));
+    const now = this.now();
+    // Unknown, used, revoked and expired all look alike: the token is simply no good.
+    if (!inv || inv.accepted_at !== null || inv.revoked_at !== null || Number(inv.expires_at) <= now) {
+      throw new DomainError('not-found', 'this invitation is unknown, used, revoked or expired', {});
+    }
+    const org = await this.tenancy.getOrg(inv.org_id);
+    await this.store.transaction(async (tx) => {
+      if (await this.tenancy.membership(inv.org_id, user.id, tx)) throw new DomainError('conflict', `you are already a member of ${org?.name ?? inv.org_id}`, {});
+      if (!(await this.tenancy.acceptInvitation(inv.id, user.id, now, tx))) throw new DomainError('not-found', 'this invitation is unknown, used, revoked or expired', {});
+      await this.tenancy.setMember(inv.org_id, user.id, inv.role, now, tx);
+    });
+    return { org: org?.name ?? inv.org_id, role: inv.role as OrgRole };
   }
 
   // ---- teams ----

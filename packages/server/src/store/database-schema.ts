@@ -282,7 +282,21 @@ export interface SecretTable {
 }
 // ---- end secrets ----
 
+export interface InvitationTable {
+  id: string;
+  org_id: string;
+  token_hash: string;
+  role: string;
+  created_by: string;
+  created_at: number;
+  expires_at: number;
+  accepted_by: string | null;
+  accepted_at: number | null;
+  revoked_at: number | null;
+}
+
 export interface Database {
+  invitations: InvitationTable;
   secrets: SecretTable;
   users: UserTable;
   orgs: OrgTable;

@@ -355,8 +355,27 @@ const m0007: Migration = {
 };
 // ---- end secrets ----
 
+/** Invitations to join an organization with a role: single use, expiring, stored hashed. */
+const m0008: Migration = {
+  async up(db: Kysely<unknown>) {
+    await db.schema
+      .createTable('invitations')
+      .addColumn('id', 'text', (c) => c.primaryKey())
+      .addColumn('org_id', 'text', (c) => c.notNull())
+      .addColumn('token_hash', 'text', (c) => c.notNull().unique())
+      .addColumn('role', 'text', (c) => c.notNull())
+      .addColumn('created_by', 'text', (c) => c.notNull())
+      .addColumn('created_at', 'bigint', (c) => c.notNull())
+      .addColumn('expires_at', 'bigint', (c) => c.notNull())
+      .addColumn('accepted_by', 'text')
+      .addColumn('accepted_at', 'bigint')
+      .addColumn('revoked_at', 'bigint')
+      .execute();
+  },
+};
+
 export const migrationProvider: MigrationProvider = {
   async getMigrations() {
-    return { '0001_initial': m0001, '0002_template_spec': m0002, '0003_prebuilds': m0003, '0004_access': m0004, '0005_tenancy': m0005, '0006_audit_log': m0006, '0007_secrets': m0007 };
+    return { '0001_initial': m0001, '0002_template_spec': m0002, '0003_prebuilds': m0003, '0004_access': m0004, '0005_tenancy': m0005, '0006_audit_log': m0006, '0007_secrets': m0007, '0008_invitations': m0008 };
   },
 };

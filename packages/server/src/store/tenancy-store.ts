@@ -4,7 +4,7 @@
  */
 import type { Insertable, Kysely, Selectable } from 'kysely';
 import { DomainError } from '@devyard/core/domain-error';
-import type { ApiTokenTable, Database, OrgTable, TeamTable, UserTable } from './database-schema.js';
+import type { ApiTokenTable, Database, InvitationTable, OrgTable, TeamTable, UserTable } from './database-schema.js';
 import { isUniqueViolation, type Executor } from './store.js';
 
 export type UserRow = Selectable<UserTable>;
@@ -171,6 +171,31 @@ export class TenancyStore {
       .where('teams.org_id', '=', orgId)
       .where('team_members.user_id', '=', userId)
       .execute();
+  }
+
+  // ---- invitations ----
+
+  async insertInvitation(i: Selectable<InvitationTable>, ex: Executor = this.db): Promise<void> {
+    await ex.insertInto('invitations').values(i).execute();
+  }
+
+  async listInvitations(orgId: string, ex: Executor = this.db): Promise<Array<Selectable<InvitationTable>>> {
+    return ex.selectFrom('invitations').selectAll().where('org_id', '=', orgId).orderBy('created_at', 'desc').execute();
+  }
+
+  async getInvitationByHash(hash: string, ex: Executor = this.db): Promise<Selectable<InvitationTable> | undefined> {
+    return ex.selectFrom('invitations').selectAll().where('token_hash', '=', hash).executeTakeFirst();
+  }
+
+  /** Marks an open invitation used; false when someone used or revoked it first (single use). */
+  async acceptInvitation(id: string, userId: string, now: number, ex: Executor = this.db): Promise<boolean> {
+    const r = await ex.updateTable('invitations').set({ accepted_by: userId, accepted_at: now }).where('id', '=', id).where('accepted_at', 'is', null).where('revoked_at', 'is', null).executeTakeFirst();
+    return Number(r.numUpdatedRows) === 1;
+  }
+
+  async revokeInvitation(orgId: string, id: string, now: number, ex: Executor = this.db): Promise<boolean> {
+    const r = await ex.updateTable('invitations').set({ revoked_at: now }).where('id', '=', id).where('org_id', '=', orgId).where('accepted_at', 'is', null).where('revoked_at', 'is', null).executeTakeFirst();
+    return Number(r.numUpdatedRows) === 1;
   }
 
   // ---- box shares ----

@@ -1,0 +1,50 @@
+/**
+ * A control plane on a temp SQLite store for in-process API tests, with one registered node whose
+ * agent is played by the test through the SDK (the real agent runs in the end-to-end tests).
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { DevyardClient } from '@devyard/sdk/devyard-client';
+import { startControlPlane, type ControlPlane } from '@devyard/server/control-plane';
+
+export interface TestControlPlane {
+  dir: string;
+  cp: ControlPlane;
+  /** The bootstrap admin (owner of the default organization). */
+  user: DevyardClient;
+  /** The node agent's client. */
+  node: DevyardClient;
+  nodeId: string;
+  sessionKey: string;
+  close(): Promise<void>;
+}
+
+export async function startTestControlPlane(tag: string, capacity: { cpuMillis: number; memoryBytes: number }): Promise<TestControlPlane> {
+  const dir = mkdtempSync(join(tmpdir(), `devyard-${tag}-`));
+  const cp = await startControlPlane({ dataDir: dir, retry: { maxAttempts: 2, baseBackoffMs: 10, maxBackoffMs: 10 } });
+  const user = new DevyardClient({ url: cp.url, token: cp.tokens.adminToken });
+  const node = new DevyardClient({ url: cp.url, token: cp.tokens.nodeToken });
+  const reg = await node.registerNode({
+    name: 'node-a',
+    arch: 'x86_64',
+    region: null,
+    labels: {},
+    runtimes: ['sandbox'],
+    capacity: { ...capacity, diskBytes: 100 * 1024 ** 3 },
+    images: ['tiny'],
+    agentUrl: 'http://127.0.0.1:1',
+  });
+  return {
+    dir,
+    cp,
+    user,
+    node,
+    nodeId: reg.nodeId,
+    sessionKey: reg.sessionKey,
+    async close() {
+      await cp.close();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
