@@ -721,6 +721,14 @@ describe('identity and tenancy routes', () => {
     expect((await problemOf(inAcme.getBox('home-box'))).status).toBe(404);
     const member = new DevyardClient({ url: cp.url, token: (await user.createServiceAccount('tina', 'member')).token });
     expect((await problemOf(member.createToken({ name: 'x', org: 'acme' }))).status).toBe(404);
+    // Templates belong to the organization that published them; built-ins are shared.
+    await user.createTemplate({ name: 'home-tpl', image: 'tiny' });
+    expect((await inAcme.listTemplates()).map((t) => t.name)).toEqual(expect.arrayContaining(['tiny', 'base']));
+    expect((await inAcme.listTemplates()).map((t) => t.name)).not.toContain('home-tpl');
+    expect((await problemOf(inAcme.getTemplate('home-tpl'))).status).toBe(404);
+    expect((await problemOf(inAcme.createTemplate({ name: 'home-tpl', image: 'tiny' }))).status).toBe(409);
+    expect((await problemOf(inAcme.createBox({ name: 'x', template: 'home-tpl' }))).status).toBe(400);
+    expect((await user.getTemplate('home-tpl')).version).toBe(1);
     await user.boxVerb('home-box', 'stop');
     cover('createOrg', 'listOrgs');
   });

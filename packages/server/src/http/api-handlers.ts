@@ -176,11 +176,11 @@ export function createHandlers(d: HandlerDeps): Handlers {
     syncGateway: async (ctx) => d.access.sync(ctx.body as GatewaySyncRequest),
     wakeBox: async (ctx) => view(await d.access.wake(ctx.params.id!, (ctx.body as { subject: string }).subject)),
 
-    createTemplate: async (ctx) => toApiTemplate(await d.templates.create(ctx.body as CreateTemplateRequest)),
-    listTemplates: async () => ({ items: (await d.templates.list()).map(toApiTemplate) }),
-    getTemplate: async (ctx) => toApiTemplate(await d.templates.get(ctx.params.name!, ctx.query.version as number | undefined)),
+    createTemplate: async (ctx) => toApiTemplate(await d.templates.create(ctx.body as CreateTemplateRequest, ctx.subject.orgId)),
+    listTemplates: async (ctx) => ({ items: (await d.templates.list(ctx.subject.orgId)).map(toApiTemplate) }),
+    getTemplate: async (ctx) => toApiTemplate(await d.templates.get(ctx.params.name!, ctx.query.version as number | undefined, ctx.subject.orgId)),
     listTemplatePrebuilds: async (ctx) => {
-      await d.templates.versions(ctx.params.name!); // 404 for an unknown template
+      await d.templates.versions(ctx.params.name!, ctx.subject.orgId); // 404 for an unknown (or another organization's) template
       const names = await nodeNames();
       return {
         items: (await d.store.listPrebuilds(ctx.params.name!)).map((p) => ({
@@ -196,7 +196,7 @@ export function createHandlers(d: HandlerDeps): Handlers {
         })),
       };
     },
-    listTemplateVersions: async (ctx) => ({ items: (await d.templates.versions(ctx.params.name!)).map(toApiTemplate) }),
+    listTemplateVersions: async (ctx) => ({ items: (await d.templates.versions(ctx.params.name!, ctx.subject.orgId)).map(toApiTemplate) }),
 
     listNodes: async (ctx) => {
       operatorsOnly(ctx.subject);

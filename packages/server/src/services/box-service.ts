@@ -11,6 +11,7 @@ import { DomainError } from '@devyard/core/domain-error';
 import { accessAtLeast, boxAccess, type BoxAccess, type OrgRole, type SharedBox, type TeamRole } from '@devyard/core/rbac-policy';
 import type { TenancyStore } from '../store/tenancy-store.js';
 import type { QuotaService } from './quota-service.js';
+import { visibleTo } from './template-service.js';
 import { parseBytes, parseCpu, shortfall, type Resources } from '@devyard/core/resources';
 import type { ChangeFeed } from '../change-feed.js';
 import { newId } from '../ids.js';
@@ -114,7 +115,9 @@ export class BoxService {
           return { box, replayed: true };
         }
       }
-      const template = await this.store.getTemplate(req.template, req.templateVersion, tx);
+      const found = await this.store.getTemplate(req.template, req.templateVersion, tx);
+      // Another organization's template does not exist for the caller (system loops see all).
+      const template = found && (subject.kind === 'system' || visibleTo(found, subject.orgId)) ? found : undefined;
       if (!template) {
         const what = req.templateVersion ? `template "${req.template}" version ${req.templateVersion}` : `template "${req.template}"`;
         throw new DomainError('invalid-input', `${what} does not exist (see \`devyard templates\`)`, { field: 'template' });

@@ -1,6 +1,7 @@
 /** Templates: immutable versions; publishing a template under an existing name adds a version. */
 import { DIGEST_PATTERN, isBuiltinImage, parseOciReference, type CreateTemplateRequest } from '@devyard/api/template-schemas';
 import { DomainError } from '@devyard/core/domain-error';
+import { DEFAULT_ORG_ID } from './box-service.js';
 import { parseBytes, parseCpu, type Resources } from '@devyard/core/resources';
 import { isUniqueViolation, type Store, type TemplateRecord } from '../store/store.js';
 
@@ -8,6 +9,11 @@ const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
 
 /** The built-in templates every installation starts with (their images are built on first use). */
+/** Built-in templates are shared with every organization; others only with the one that owns them. */
+export function visibleTo(t: Pick<TemplateRecord, 'name' | 'orgId'>, orgId: string): boolean {
+  return t.orgId === orgId || BUILTIN_TEMPLATES.some((b) => b.name === t.name && t.orgId === DEFAULT_ORG_ID);
+}
+
 export const BUILTIN_TEMPLATES: CreateTemplateRequest[] = [
   {
     name: 'base',
@@ -60,7 +66,12 @@ export class TemplateService {
     private readonly options: TemplateServiceOptions = {},
   ) {}
 
-  async create(req: CreateTemplateRequest): Promise<TemplateRecord> {
+  /**
+   * Publishes a new version. Template names are unique per installation and belong to the
+   * organization that published the first version: another organization cannot publish under it
+   * (it answers like a taken name), and cannot see it.
+   */
+  async create(req: CreateTemplateRequest, orgId: string = DEFAULT_ORG_ID): Promise<TemplateRecord> {
     const defaults = resources(req.defaultResources, { cpuMillis: 1000, memoryBytes: 512 * MiB, diskBytes: 5 * GiB }, 'defaultResources');
     const max = resources(req.maxResources, defaults, 'maxResources');
     for (const k of ['cpuMillis', 'memoryBytes', 'diskBytes'] as const) {
@@ -76,6 +87,7 @@ export class TemplateService {
     // Two concurrent publishes of the same name race for the same version: retry on the unique key.
     for (let i = 0; i < 5; i++) {
       const latest = await this.store.getTemplate(req.name);
+      if (latest && latest.orgId !== orgId) throw new DomainError('conflict', `the template name "${req.name}" is taken`, { field: 'name' });
       const t: TemplateRecord = {
         name: req.name,
         version: (latest?.version ?? 0) + 1,
@@ -88,6 +100,7 @@ export class TemplateService {
         createdAt: this.now(),
         spec: { ...req, runtime: req.runtime ?? 'sandbox' },
         imageDigest,
+        orgId,
       };
       try {
         await this.store.insertTemplate(t);
@@ -132,19 +145,20 @@ export class TemplateService {
     return digest;
   }
 
-  async get(name: string, version?: number): Promise<TemplateRecord> {
+  async get(name: string, version?: number, orgId?: string): Promise<TemplateRecord> {
     const t = await this.store.getTemplate(name, version);
-    if (!t) throw new DomainError('not-found', version ? `template "${name}" version ${version} not found` : `template "${name}" not found`, { name });
+    if (!t || (orgId !== undefined && !visibleTo(t, orgId))) throw new DomainError('not-found', version ? `template "${name}" version ${version} not found` : `template "${name}" not found`, { name });
     return t;
   }
 
-  list(): Promise<TemplateRecord[]> {
-    return this.store.listTemplates();
+  /** The latest version of every template the organization may use (its own and the built-ins). */
+  async list(orgId?: string): Promise<TemplateRecord[]> {
+    return (await this.store.listTemplates()).filter((t) => orgId === undefined || visibleTo(t, orgId));
   }
 
-  async versions(name: string): Promise<TemplateRecord[]> {
+  async versions(name: string, orgId?: string): Promise<TemplateRecord[]> {
     const all = await this.store.listTemplateVersions(name);
-    if (all.length === 0) throw new DomainError('not-found', `template "${name}" not found`, { name });
+    if (all.length === 0 || (orgId !== undefined && !visibleTo(all[0]!, orgId))) throw new DomainError('not-found', `template "${name}" not found`, { name });
     return all;
   }
 

@@ -44,6 +44,8 @@ export interface TemplateRecord {
   spec: TemplateSpec;
   /** `sha256:…` the OCI image (or build base) was pinned to at publish time; null when not pinned. */
   imageDigest: string | null;
+  /** Organization that owns the template (built-ins: the default one, shared with every organization). */
+  orgId: string;
 }
 
 export interface BoxEventRecord {
@@ -90,6 +92,7 @@ function templateFromRow(r: Selectable<TemplateTable>): TemplateRecord {
     createdAt: Number(r.created_at),
     spec: r.spec ? (JSON.parse(r.spec) as TemplateSpec) : legacySpec(r),
     imageDigest: r.image_digest ?? null,
+    orgId: r.org_id,
   };
 }
 
@@ -226,6 +229,7 @@ export class Store {
         created_at: t.createdAt,
         spec: JSON.stringify(t.spec),
         image_digest: t.imageDigest,
+        org_id: t.orgId,
       })
       .execute();
   }
