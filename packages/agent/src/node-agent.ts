@@ -374,6 +374,9 @@ export class NodeAgent {
         this.state.failedOperations[boxId] = box.operationId;
         saveAgentState(this.stateFile, this.state);
         const now = await this.opts.driver.inspect(boxId).catch(() => observed);
+        // A start that failed before the box existed (image, checkout, hook) leaves nothing behind:
+        // the secrets written for it are removed now, since no later step would see the box.
+        if (now.state === 'absent') await this.opts.driver.destroy(boxId).catch(() => undefined);
         const phase: Phase = now.state === 'absent' ? (box.desiredState === 'deleted' ? 'deleting' : 'provisioning') : now.state;
         this.report(box, phase, now.ip ?? null, `${step.kind} failed: ${message}`, this.takePendingProgress(boxId));
         return;

@@ -21,6 +21,9 @@ import { join } from 'node:path';
 import { runHostCommandRaw } from '../network/host-command-runner.js';
 
 /** Where a box sees its secrets. */
+/** Device name of the secrets tmpfs in /proc/mounts, so teardown knows it is ours. */
+const TMPFS_SOURCE = 'devyard-secrets';
+
 export const BOX_SECRETS_MOUNT = '/run/devyard/secrets';
 /** Host directory holding every box's secrets directory (a tmpfs). */
 export const DEFAULT_SECRETS_ROOT = '/run/devyard/secrets';
@@ -78,8 +81,8 @@ export class BoxSecretsDir {
       await mkdir(this.root, { recursive: true, mode: 0o711 });
       if (statfsSync(this.root).type !== TMPFS_MAGIC) {
         const base = ['mode=0711', 'nosuid', 'nodev', 'noexec', 'size=256m'];
-        let r = await runHostCommandRaw(['mount', '-t', 'tmpfs', '-o', [...base, 'noswap'].join(','), 'devyard-secrets', this.root]);
-        if (r.code !== 0) r = await runHostCommandRaw(['mount', '-t', 'tmpfs', '-o', base.join(','), 'devyard-secrets', this.root]);
+        let r = await runHostCommandRaw(['mount', '-t', 'tmpfs', '-o', [...base, 'noswap'].join(','), TMPFS_SOURCE, this.root]);
+        if (r.code !== 0) r = await runHostCommandRaw(['mount', '-t', 'tmpfs', '-o', base.join(','), TMPFS_SOURCE, this.root]);
         if (r.code !== 0) throw new Error(`cannot mount a tmpfs for box secrets at ${this.root}: ${r.stderr.trim()}`);
         this.mounted = true;
         this.log('box secrets: tmpfs mounted', { root: this.root });
@@ -162,13 +165,18 @@ export class BoxSecretsDir {
     await rm(this.path(boxId), { recursive: true, force: true });
   }
 
-  /** Unmounts the tmpfs this instance mounted, if no box has secrets in it any more (uninstall and tests). */
+  /**
+   * Unmounts the secrets tmpfs once no box has secrets in it (uninstall and tests) — also when an
+   * earlier agent process mounted it; a tmpfs someone else mounted there is left alone.
+   */
   async teardown(): Promise<void> {
-    if (!this.mounted || !existsSync(this.root)) return;
+    if (!existsSync(this.root)) return;
     if ((await readdir(this.root)).length > 0) return;
-    if (readFileSync('/proc/self/mounts', 'utf8').split('\n').some((l) => l.split(' ')[1] === this.root)) {
-      await runHostCommandRaw(['umount', this.root]);
-    }
+    const ours = readFileSync('/proc/self/mounts', 'utf8')
+      .split('\n')
+      .some((l) => l.split(' ')[0] === TMPFS_SOURCE && l.split(' ')[1] === this.root);
+    if (!this.mounted && !ours) return;
+    if (ours) await runHostCommandRaw(['umount', this.root]);
     await rmdir(this.root).catch(() => undefined);
     this.mounted = false;
     this.ready = null;
