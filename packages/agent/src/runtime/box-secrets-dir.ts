@@ -109,6 +109,11 @@ export class BoxSecretsDir {
   /** Replaces the box's whole set of secrets in one atomic step (a secret not in `secrets` disappears). */
   async write(boxId: string, secrets: readonly BoxSecretValue[]): Promise<void> {
     for (const s of secrets) if (!NAME.test(s.name)) throw new Error(`invalid secret name "${s.name}"`);
+    // The common case, a box without secrets: an empty directory is the whole answer (no swap).
+    if (secrets.length === 0 && (await readdir(this.path(boxId)).catch(() => [])).length === 0) {
+      await this.ensure(boxId);
+      return;
+    }
     const dir = await this.ensure(boxId);
     const { uid, gid } = this.owner;
     const version = `..${Date.now().toString(36)}_${randomBytes(4).toString('hex')}`;
