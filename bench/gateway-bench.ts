@@ -50,7 +50,8 @@ export async function gatewayBench(): Promise<string> {
   const stack = await startAccessStack('gwbench', 219);
   let sshd: ReturnType<typeof spawn> | undefined;
   try {
-    const box = await stack.runningBox('bench');
+    // The box gets the whole machine: a CPU quota on the box's sftp-server would measure the box, not the gateway.
+    const box = await stack.runningBox('bench', { cpu: 2, memory: '1GiB' });
     await stack.gateway.cache.refresh();
     const dir = stack.dir;
     const knownHosts = join(dir, 'known_hosts');
@@ -106,7 +107,7 @@ export async function gatewayBench(): Promise<string> {
     return [
       `## SSH through the gateway (warm box, ${N} samples; scp of ${SIZE_MB} MB, 3 samples each way)`,
       '',
-      'OpenSSH client against `devyard gateway` (ssh2 server → agent WebSocket → `crun exec` in the box) and,',
+      'OpenSSH client against `devyard gateway` (ssh2 server → agent WebSocket → `crun exec` in the box; box with 2 CPUs, 1 GiB) and,',
       "in the same run, against OpenSSH's sshd listening on the box's address in the box's network namespace.",
       '"First prompt" = spawn `ssh -tt` → first byte of output (TCP, key exchange, auth, PTY, shell start).',
       '',

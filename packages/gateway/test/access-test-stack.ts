@@ -21,8 +21,8 @@ export interface AccessStack {
   client: DevyardClient;
   /** Private key file of the registered user key. */
   keyFile: string;
-  /** Creates a box and waits until it runs. */
-  runningBox(name: string): Promise<Box>;
+  /** Creates a box (half a CPU, 256 MiB unless given) and waits until it runs. */
+  runningBox(name: string, resources?: { cpu: number; memory: string }): Promise<Box>;
   /** Starts another gateway process on the same server (as after a gateway crash). */
   startGateway(): Promise<Gateway>;
   close(): Promise<void>;
@@ -64,8 +64,8 @@ export async function startAccessStack(tag: string, octet: number): Promise<Acce
     client,
     keyFile,
     startGateway: newGateway,
-    async runningBox(name) {
-      await client.createBox({ name, template: 'tiny', resources: { cpu: 0.5, memory: '256MiB' } });
+    async runningBox(name, resources = { cpu: 0.5, memory: '256MiB' }) {
+      await client.createBox({ name, template: 'tiny', resources });
       return waitFor(() => client.getBox(name), (b) => b.phase === 'running');
     },
     async close() {
