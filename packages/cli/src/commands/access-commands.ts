@@ -8,7 +8,6 @@ import { chmodSync, existsSync, mkdirSync, readFileSync, realpathSync, renameSyn
 import { createServer, type Server, type Socket } from 'node:net';
 import { homedir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import type { Command } from 'commander';
 import type { AccessToken, GatewayEndpoint } from '@devyard/api/access-schemas';
 import type { Box } from '@devyard/api/box-schemas';
@@ -17,6 +16,7 @@ import type { DevyardClient } from '@devyard/sdk/devyard-client';
 import { openTunnel, TunnelError } from '@devyard/sdk/tunnel-client';
 import { CliUsageError, clientFromEnv, configPath } from '../cli-config.js';
 import { browserLink, tunnelUrl } from '../gateway-links.js';
+import { cliScript } from '../cli-script.js';
 import { age, printJson, table } from '../output-format.js';
 import { configArg, mergeBlock, mergeKnownHosts, parsePortSpec, proxyCommand, renderBlock, type KnownHost } from '../ssh-config-block.js';
 import { waitForBox } from '../wait-for-box.js';
@@ -101,14 +101,6 @@ function cachedAccess(server: string): CachedAccess | undefined {
 }
 
 const unreachable = (e: unknown) => e instanceof ApiError && e.status === 0;
-
-/** The script ssh should run as ProxyCommand: this very `devyard`, by absolute path. */
-function cliScript(): string {
-  const argv1 = process.argv[1];
-  if (argv1 && existsSync(argv1)) return realpathSync(argv1);
-  // Loaded some other way (tests): the repository's bin/devyard, from dist/commands/.
-  return resolve(dirname(fileURLToPath(import.meta.url)), '../../../../bin/devyard');
-}
 
 function proxyCommandFor(box: string, withConfigEnv: boolean): string {
   const cfg = configPath();

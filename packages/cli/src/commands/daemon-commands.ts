@@ -8,6 +8,7 @@ import type { NodeAgent } from '@devyard/agent/node-agent';
 import type { ImageResolver } from '@devyard/agent/images/image-resolver';
 import { createSandboxNode } from '@devyard/agent/sandbox-node';
 import { startGateway, type Gateway, type GatewayOptions } from '@devyard/gateway/gateway-process';
+import { startGatewayChild, type GatewayChild } from '../gateway-child.js';
 import { startControlPlane } from '@devyard/server/control-plane';
 import { CliUsageError, configPath, writeConfig } from '../cli-config.js';
 import { addOidcFlags, oidcFromFlags } from './oidc-flags.js';
@@ -113,20 +114,26 @@ export function registerDaemonCommands(program: Command): void {
       await agent.start();
       for (let i = 0; i < 200 && !agent.nodeId; i++) await new Promise((r) => setTimeout(r, 25));
       if (!agent.nodeId) process.stderr.write(`warning: the node agent has not registered yet; see ${join(dataDir, 'devyard.log')}\n`);
-      let gateway: Gateway;
+      let gateway: GatewayChild;
       try {
-        const glog = log.child({ role: 'gateway' });
-        gateway = await startGatewayOn(
-          { serverUrl: cp.url, token: cp.tokens.gatewayToken, host: o.host, sshPort: o.sshPort, httpPort: o.gatewayPort, log: (msg, fields) => glog.info(fields ?? {}, msg) },
-          { ssh: '--ssh-port', http: '--gateway-port' },
-        );
+        // A process of its own, like a separate deployment (see gateway-child.ts); its logs go to ours.
+        gateway = await startGatewayChild({
+          serverUrl: cp.url,
+          tokenFile: join(dataDir, 'server', 'gateway.token'),
+          host: o.host,
+          sshPort: o.sshPort,
+          httpPort: o.gatewayPort,
+          logLine: (line) => line.trim() && log.info({ role: 'gateway', line }, 'gateway log'),
+          onRestart: (why) => log.warn({ role: 'gateway' }, why),
+        });
       } catch (e) {
         await agent.stop();
         await cp.close();
         log.flush();
-        throw e;
+        const m = (e as Error).message;
+        throw new Error(/in use/.test(m) ? `${m.replace(/--http-port/, '--gateway-port')}` : `the gateway did not start: ${m}`);
       }
-      const gw = gateway.endpoint;
+      const gw = { ...gateway.endpoint };
       const sshPortFlag = gw.sshPort === 22 ? '' : `-p ${gw.sshPort} `;
       const cfgFile = writeConfig({ url: cp.url, token: cp.tokens.adminToken });
       if (o.prebuild) {
@@ -165,7 +172,7 @@ export function registerDaemonCommands(program: Command): void {
         ].join('\n'),
       );
       onShutdown(async () => {
-        await gateway.close();
+        await gateway.stop();
         await agent.stop();
         await cp.close();
         log.flush();
@@ -246,6 +253,8 @@ export function registerDaemonCommands(program: Command): void {
         },
         { ssh: '--ssh-port', http: '--http-port' },
       );
+      // Run by `devyard up` (an IPC channel to it): end with it, even when it is killed.
+      if (process.connected) process.once('disconnect', () => process.exit(0));
       onShutdown(() => gateway.close(), 'open sessions through this gateway end; boxes keep running');
     });
 
