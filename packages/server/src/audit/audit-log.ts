@@ -11,9 +11,8 @@
  */
 import { createHash } from 'node:crypto';
 import { DomainError } from '@devyard/core/domain-error';
-import { roleAllows } from '@devyard/core/rbac-policy';
 import type { Selectable } from 'kysely';
-import { DEFAULT_ORG_ID, type Subject } from '../services/box-service.js';
+import { DEFAULT_ORG_ID } from '../services/box-service.js';
 import type { AuditLogTable } from '../store/database-schema.js';
 import { isUniqueViolation, type Executor, type Store } from '../store/store.js';
 
@@ -88,15 +87,6 @@ export interface AuditListFilter {
 }
 
 export type AuditVerification = { ok: true; entries: number } | { ok: false; entries: number; seq: number; reason: string };
-
-/**
- * Who may read an org's audit log (list, export, verify): auditors, admins and owners of the
- * organization they act in (the routes also declare `audit:read`; this keeps the rule next to the
- * data for any other reader).
- */
-export function mayReadAudit(subject: Subject): boolean {
-  return subject.kind === 'user' && roleAllows(subject.role, 'audit:read');
-}
 
 /** The org a box's entries belong to. */
 export function orgOfBox(box: { orgId?: string | null }): string {

@@ -16,7 +16,7 @@ import { ROUTES, type RouteDef } from '@devyard/api/routes';
 import type { AuditLog, AuditResult } from '../audit/audit-log.js';
 import { DEFAULT_ORG_ID, type Subject } from '../services/box-service.js';
 import type { Store } from '../store/store.js';
-import { hashToken } from './create-app.js';
+import { hashToken } from '../token-hash.js';
 
 /** High-frequency machine routes that are never recorded per call (see above). */
 export const UNAUDITED_OPERATIONS: ReadonlySet<string> = new Set(['reportStatus', 'heartbeatNode', 'syncGateway']);

@@ -35,8 +35,6 @@ export interface AppOptions {
   logger?: boolean | object;
 }
 
-export { hashToken };
-
 const ANONYMOUS: Subject = { name: 'anonymous', kind: 'user', orgId: DEFAULT_ORG_ID, role: 'member', teamIds: [] };
 
 /**
@@ -44,17 +42,18 @@ const ANONYMOUS: Subject = { name: 'anonymous', kind: 'user', orgId: DEFAULT_ORG
  * permission (resource rules, e.g. a box's owner and shares, are applied by the services).
  */
 async function authenticate(opts: AppOptions, req: FastifyRequest, route: RouteDef): Promise<Subject> {
-  if (route.auth === 'none') return ANONYMOUS;
+  // The audit hook's actor and org (http/audit-hook.ts): known before the scope and permission
+  // checks, so a refusal is audited with the full subject.
+  const known = (s: Subject) => (Object.assign(req, { devyardSubject: s }), s);
+  if (route.auth === 'none') return known(ANONYMOUS);
   const header = req.headers.authorization;
   const m = header ? /^Bearer\s+(\S+)$/i.exec(header) : null;
   if (!m) throw new DomainError('unauthenticated', 'missing bearer token (set DEVYARD_TOKEN or run `devyard up`)');
   const row = await opts.store.findTokenByHash(hashToken(m[1]!));
   if (!row) throw new DomainError('unauthenticated', 'invalid or revoked token');
   if (row.kind !== route.auth) throw new DomainError('forbidden', `a ${row.kind} token cannot call ${route.operationId}`);
-  if (row.kind !== 'user') return { name: row.subject, kind: row.kind as Subject['kind'], orgId: DEFAULT_ORG_ID, role: 'member', teamIds: [] };
-  const subject = await opts.principal(row);
-  // Known before the scope and permission checks, so a refusal is audited with the full subject.
-  Object.assign(req, { devyardSubject: subject });
+  if (row.kind !== 'user') return known({ name: row.subject, kind: row.kind as Subject['kind'], orgId: DEFAULT_ORG_ID, role: 'member', teamIds: [] });
+  const subject = known(await opts.principal(row));
   if (subject.scopes && !subject.scopes.includes('write') && route.method !== 'GET') {
     throw new DomainError('forbidden', `this token is read-only (scopes: ${subject.scopes.join(', ')})`, { scopes: subject.scopes });
   }
@@ -104,7 +103,6 @@ export function createApp(opts: AppOptions): FastifyInstance {
       url: route.path.replace(/\{(\w+)\}/g, ':$1'),
       handler: async (req, reply) => {
         const subject = await authenticate(opts, req, route);
-        Object.assign(req, { devyardSubject: subject }); // the audit hook's actor and org (http/audit-hook.ts)
         const parse = (schema: RouteDef['params'] | RouteDef['body'], value: unknown, where: string) => {
           if (!schema) return value;
           const r = schema.safeParse(value ?? {});

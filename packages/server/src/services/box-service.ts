@@ -8,7 +8,7 @@ import type { CreateBoxRequest } from '@devyard/api/box-schemas';
 import { signSessionToken } from '@devyard/api/session-tokens';
 import { planVerb, type Verb } from '@devyard/core/box-lifecycle';
 import { DomainError } from '@devyard/core/domain-error';
-import { accessAtLeast, boxAccess, type BoxAccess, type OrgRole, type SharedBox, type TeamRole } from '@devyard/core/rbac-policy';
+import { accessAtLeast, boxAccess, type BoxAccess, type BoxViewer, type OrgRole, type SharedBox, type TeamRole } from '@devyard/core/rbac-policy';
 import type { TenancyStore } from '../store/tenancy-store.js';
 import type { QuotaService } from './quota-service.js';
 import { visibleTo } from './template-service.js';
@@ -65,6 +65,9 @@ export function resolveResources(
   return r;
 }
 
+const viewerOf = (s: Subject): BoxViewer => ({ name: s.name, orgId: s.orgId, role: s.role, teamIds: s.teamIds });
+const sharedBox = (b: BoxRecord, shares: ReadonlyArray<{ teamId: string; access: string }>): SharedBox => ({ owner: b.owner, orgId: b.orgId, shares: shares as SharedBox['shares'] });
+
 /** What box authorization and quotas need beyond the box store (absent: owner-only, no quotas). */
 export interface BoxServiceTenancy {
   /** Team shares of boxes. */
@@ -85,11 +88,9 @@ export class BoxService {
   async accessOf(subject: Subject, box: BoxRecord, ex: Executor = this.store.db): Promise<BoxAccess> {
     if (subject.kind === 'system') return 'manage';
     // Shares cannot add to what an owner or an org admin has: skip the lookup (watches call this per event).
-    if (box.orgId === subject.orgId && (box.owner === subject.name || subject.role === 'owner' || subject.role === 'admin')) {
-      return boxAccess({ name: subject.name, orgId: subject.orgId, role: subject.role, teamIds: subject.teamIds }, { owner: box.owner, orgId: box.orgId, shares: [] });
-    }
-    const shares = this.tenancy ? ((await this.tenancy.tenancy.sharesOf([box.id], ex)).get(box.id) ?? []) : [];
-    return boxAccess({ name: subject.name, orgId: subject.orgId, role: subject.role, teamIds: subject.teamIds }, { owner: box.owner, orgId: box.orgId, shares: shares as SharedBox['shares'] });
+    const skipShares = box.orgId === subject.orgId && (box.owner === subject.name || subject.role === 'owner' || subject.role === 'admin');
+    const shares = skipShares || !this.tenancy ? [] : ((await this.tenancy.tenancy.sharesOf([box.id], ex)).get(box.id) ?? []);
+    return boxAccess(viewerOf(subject), sharedBox(box, shares));
   }
 
   /**
@@ -229,8 +230,7 @@ export class BoxService {
     const shares = this.tenancy ? await this.tenancy.tenancy.sharesOf(boxes.map((b) => b.id)) : new Map<string, Array<{ teamId: string; access: string }>>();
     return boxes.filter(
       (b) =>
-        subject.kind === 'system' ||
-        boxAccess({ name: subject.name, orgId: subject.orgId, role: subject.role, teamIds: subject.teamIds }, { owner: b.owner, orgId: b.orgId, shares: (shares.get(b.id) ?? []) as SharedBox['shares'] }) !== 'none',
+        subject.kind === 'system' || boxAccess(viewerOf(subject), sharedBox(b, shares.get(b.id) ?? [])) !== 'none',
     );
   }
 

@@ -32,6 +32,14 @@ export function usageOf(boxes: ReadonlyArray<Pick<BoxRecord, 'desiredState' | 'r
   return u;
 }
 
+/** The boxes of `owners` (null: every box given) and what they use. */
+const usageIn = (boxes: readonly BoxRecord[], owners: Set<string> | null): Usage => usageOf(owners === null ? boxes : boxes.filter((b) => owners.has(b.owner)));
+
+/** `org`, `team:<t>` or `user:<u>` (validated at the edge) as its type and id. */
+function parseScope(scope: string): [type: string, id: string] {
+  return scope === 'org' ? ['org', 'org'] : (scope.split(':') as [string, string]);
+}
+
 interface Scope {
   type: 'org' | 'team' | 'user';
   id: string;
@@ -41,11 +49,18 @@ interface Scope {
   owners: Set<string> | null;
 }
 
+const scopeName = (s: Pick<Scope, 'type' | 'id'>) => (s.type === 'org' ? 'org' : `${s.type}:${s.id}`);
+
 export class QuotaService {
   constructor(
     private readonly store: Store,
     private readonly tenancy: TenancyStore,
   ) {}
+
+  /** Owners whose boxes count against a team's quota: its members. */
+  private async teamOwners(teamId: string, ex: Executor): Promise<Set<string>> {
+    return new Set((await this.tenancy.teamMembers(teamId, ex)).map((m) => m.name));
+  }
 
   /** The quotas that apply to boxes of `owner` (a user name) in `orgId`. */
   private async scopes(orgId: string, owner: string, ex: Executor): Promise<Scope[]> {
@@ -61,8 +76,7 @@ export class QuotaService {
       else if (q.scopeType === 'team') {
         const team = teams.find((t) => t.name === q.scopeId);
         if (!team) continue;
-        const members = await this.tenancy.teamMembers(team.id, ex);
-        out.push({ type: 'team', id: team.name, label: `team "${team.name}"`, limits, owners: new Set(members.map((m) => m.name)) });
+        out.push({ type: 'team', id: team.name, label: `team "${team.name}"`, limits, owners: await this.teamOwners(team.id, ex) });
       }
     }
     return out;
@@ -78,14 +92,13 @@ export class QuotaService {
     if (scopes.length === 0) return;
     const others = (await this.store.listBoxes({}, ex)).filter((b) => b.orgId === next.orgId && b.id !== next.id);
     for (const s of scopes) {
-      const counted = others.filter((b) => s.owners === null || s.owners.has(b.owner));
-      const before = usageOf(counted);
-      const after = usageOf([...counted, next]);
+      const before = usageIn(others, s.owners);
+      const after = usageIn([...others, next], s.owners);
       for (const r of QUOTA_RESOURCES) {
         const limit = s.limits[r];
         if (limit === undefined || after[r] <= before[r] || after[r] <= limit) continue;
         throw new DomainError('quota-exceeded', `quota of ${s.label} exceeded: ${r} limit ${limit}, in use ${before[r]}, this box needs ${after[r] - before[r]}`, {
-          scope: s.type === 'org' ? 'org' : `${s.type}:${s.id}`,
+          scope: scopeName(s),
           resource: r,
           limit,
           used: before[r],
@@ -99,27 +112,30 @@ export class QuotaService {
   async forUser(orgId: string, userName: string): Promise<Array<{ scope: string; limits: QuotaLimits; usage: Usage }>> {
     const scopes = await this.scopes(orgId, userName, this.store.db);
     const boxes = (await this.store.listBoxes({})).filter((b) => b.orgId === orgId);
-    return scopes.map((s) => ({ scope: s.type === 'org' ? 'org' : `${s.type}:${s.id}`, limits: s.limits, usage: usageOf(boxes.filter((b) => s.owners === null || s.owners.has(b.owner))) }));
+    return scopes.map((s) => ({ scope: scopeName(s), limits: s.limits, usage: usageIn(boxes, s.owners) }));
   }
 
   /** Sets a quota; the scope's team or user must exist in the organization. */
   async set(orgId: string, scope: string, limits: QuotaLimits, now: number): Promise<{ scope: string; limits: QuotaLimits; usage: Usage }> {
-    const [type, id] = scope === 'org' ? ['org', 'org'] : (scope.split(':') as [string, string]);
-    if (type === 'team' && !(await this.tenancy.getTeamByName(orgId, id))) throw new DomainError('not-found', `no team "${id}"`, { team: id });
+    const [type, id] = parseScope(scope);
+    let owners: Set<string> | null = null;
+    if (type === 'team') {
+      const team = await this.tenancy.getTeamByName(orgId, id);
+      if (!team) throw new DomainError('not-found', `no team "${id}"`, { team: id });
+      owners = await this.teamOwners(team.id, this.store.db);
+    }
     if (type === 'user') {
       const u = await this.tenancy.getUserByName(id);
       if (!u || !(await this.tenancy.membership(orgId, u.id))) throw new DomainError('not-found', `no member "${id}"`, { user: id });
+      owners = new Set([id]);
     }
     await this.tenancy.setQuota(orgId, type, id, JSON.stringify(limits), now);
     const boxes = (await this.store.listBoxes({})).filter((b) => b.orgId === orgId);
-    let owners: Set<string> | null = null;
-    if (type === 'user') owners = new Set([id]);
-    if (type === 'team') owners = new Set((await this.tenancy.teamMembers((await this.tenancy.getTeamByName(orgId, id))!.id)).map((m) => m.name));
-    return { scope, limits, usage: usageOf(boxes.filter((b) => owners === null || owners.has(b.owner))) };
+    return { scope, limits, usage: usageIn(boxes, owners) };
   }
 
   async remove(orgId: string, scope: string): Promise<void> {
-    const [type, id] = scope === 'org' ? ['org', 'org'] : (scope.split(':') as [string, string]);
+    const [type, id] = parseScope(scope);
     await this.tenancy.deleteQuota(orgId, type, id);
   }
 }

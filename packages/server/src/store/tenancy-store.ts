@@ -41,14 +41,15 @@ export class TenancyStore {
     const users = await ex.selectFrom('users').select(['id', 'name']).where('disabled_at', 'is', null).execute();
     const members = await ex.selectFrom('org_members').selectAll().execute();
     const teams = await ex.selectFrom('team_members').innerJoin('teams', 'teams.id', 'team_members.team_id').select(['team_members.user_id as userId', 'teams.org_id as orgId', 'teams.id as teamId']).execute();
-    const out = new Map<string, Array<{ orgId: string; role: string; teamIds: string[] }>>();
-    for (const u of users) {
-      out.set(
-        u.name,
-        members.filter((m) => m.user_id === u.id).map((m) => ({ orgId: m.org_id, role: m.role, teamIds: teams.filter((t) => t.userId === u.id && t.orgId === m.org_id).map((t) => t.teamId) })),
-      );
+    // Grouped once: gateways sync this every few seconds, so no per-user scans of every row.
+    const teamIds = new Map<string, string[]>();
+    for (const t of teams) {
+      const k = `${t.userId}\0${t.orgId}`;
+      teamIds.set(k, [...(teamIds.get(k) ?? []), t.teamId]);
     }
-    return out;
+    const byUser = new Map<string, Array<{ orgId: string; role: string; teamIds: string[] }>>();
+    for (const m of members) byUser.set(m.user_id, [...(byUser.get(m.user_id) ?? []), { orgId: m.org_id, role: m.role, teamIds: teamIds.get(`${m.user_id}\0${m.org_id}`) ?? [] }]);
+    return new Map(users.map((u) => [u.name, byUser.get(u.id) ?? []]));
   }
 
   // ---- organizations ----
