@@ -83,6 +83,17 @@ export class RouteCache {
     if (this.now() - this.lastSyncAt >= minAgeMs) await this.refresh();
   }
 
+  /**
+   * `find()` against the cached table, and once more after a fresh sync when it finds nothing (see
+   * refreshAfterMiss; `missKey` names what was looked for).
+   */
+  async lookup<T>(missKey: string, find: () => T | undefined): Promise<T | undefined> {
+    const found = find();
+    if (found !== undefined) return found;
+    await this.refreshAfterMiss(missKey);
+    return find();
+  }
+
   private readonly missAt = new Map<string, number>();
   private forcedSyncs: number[] = [];
 
@@ -91,7 +102,7 @@ export class RouteCache {
    * thing missed within the last 5 s (a wrong key retried) or ten misses forced a sync within the
    * last second (then at most one sync a second), so misses cannot hammer the server.
    */
-  async refreshAfterMiss(what: string): Promise<void> {
+  private async refreshAfterMiss(what: string): Promise<void> {
     const now = this.now();
     if (now - (this.missAt.get(what) ?? 0) < 5000) return;
     this.missAt.set(what, now);

@@ -102,14 +102,8 @@ export class HttpFrontDoor {
     return token ? (this.opts.cache.verifyAccessToken(token)?.sub ?? null) : null;
   }
 
-  private async connectable(subject: string, name: string): Promise<RouteBox | undefined> {
-    const { cache } = this.opts;
-    let box = cache.connectableBox(subject, name);
-    if (!box) {
-      await cache.refreshAfterMiss(`box:${subject}:${name}`);
-      box = cache.connectableBox(subject, name);
-    }
-    return box;
+  private connectable(subject: string, name: string): Promise<RouteBox | undefined> {
+    return this.opts.cache.lookup(`box:${subject}:${name}`, () => this.opts.cache.connectableBox(subject, name));
   }
 
   private preview(req: IncomingMessage): { box: string; port: number; path: string } | null {
@@ -169,11 +163,7 @@ export class HttpFrontDoor {
   /** The box a preview goes to, running, or an HTTP status and message. */
   private async previewTarget(subject: string, t: { box: string; port: number }): Promise<RouteBox | { status: number; message: string }> {
     const { cache, sessions } = this.opts;
-    let box = cache.previewBox(subject, t.box, t.port);
-    if (!box) {
-      await cache.refreshAfterMiss(`preview:${subject}:${t.box}:${t.port}`);
-      box = cache.previewBox(subject, t.box, t.port);
-    }
+    const box = await cache.lookup(`preview:${subject}:${t.box}:${t.port}`, () => cache.previewBox(subject, t.box, t.port));
     if (!box) return { status: 404, message: `no box "${t.box}" with port ${t.port} you may open` };
     if (box.phase === 'running' && box.agentToken) return box;
     // Only those who may start the box wake it for a preview; the server decides (wake answers 403 otherwise).

@@ -81,28 +81,15 @@ export class SshFrontDoor {
       }
       wantBox = ctx.username;
       if (ctx.method !== 'publickey') return ctx.reject(['publickey']);
-      const user = cache.userByKey(ctx.key.algo, ctx.key.data);
-      if (!user) {
-        // The key may have been added a moment ago: look again once (rate-limited).
-        void cache.refreshAfterMiss(`key:${ctx.key.algo}:${ctx.key.data.toString('base64')}`).then(() => {
-          const again = cache.userByKey(ctx.key.algo, ctx.key.data);
-          if (!again) return ctx.reject(['publickey']);
-          this.finishKeyAuth(ctx, again, peer);
-        });
-        return;
-      }
-      this.finishKeyAuth(ctx, user, peer);
+      // A key added a moment ago is found after a fresh sync.
+      const key = ctx.key;
+      void cache.lookup(`key:${key.algo}:${key.data.toString('base64')}`, () => cache.userByKey(key.algo, key.data)).then((user) => (user ? this.finishKeyAuth(ctx, user, peer) : ctx.reject(['publickey'])));
     });
     client.on('ready', () => {
       const resolveBox = async (): Promise<RouteBox | undefined> => {
         if (peer.box) return cache.boxById(peer.box.id) ?? peer.box;
         const name = wantBox ?? '';
-        let box = cache.connectableBox(peer.subject!, name);
-        if (!box) {
-          await cache.refreshAfterMiss(`box:${peer.subject}:${name}`);
-          box = cache.connectableBox(peer.subject!, name);
-        }
-        return box;
+        return cache.lookup(`box:${peer.subject}:${name}`, () => cache.connectableBox(peer.subject!, name));
       };
       log('ssh connected', { remote: peer.remote, subject: peer.subject, box: peer.box?.name ?? wantBox });
       client.on('session', (acceptSession) => this.onSession(acceptSession(), peer, resolveBox, wantBox ?? peer.box?.name ?? ''));
