@@ -52,10 +52,29 @@ export const BoxSchema = z
     createdAt: TimestampSchema,
     updatedAt: TimestampSchema,
     version: z.number().int().meta({ description: 'changes on every update; the ETag' }),
+    forkOf: z
+      .string()
+      .optional()
+      .meta({ description: "name of the box this one was forked from (its owner may differ: a fork belongs to whoever forked it); absent for boxes that are not forks" }),
   })
   .meta({ id: 'Box' });
 
 export const BoxListSchema = z.object({ items: z.array(BoxSchema) }).meta({ id: 'BoxList' });
+
+/** Most boxes one fork request may create: every clone holds the source's memory on the same node. */
+export const MAX_FORK_COUNT = 16;
+
+export const ForkBoxRequestSchema = z
+  .object({
+    name: NameSchema.meta({ description: 'name of the new box; with count > 1 the boxes are NAME-1 … NAME-N' }),
+    count: z.number().int().min(1).max(MAX_FORK_COUNT).default(1).meta({ description: `how many clones (1–${MAX_FORK_COUNT}); all are created or none` }),
+  })
+  .strict()
+  .meta({ id: 'ForkBoxRequest' });
+
+export const ForkBoxResponseSchema = z
+  .object({ boxes: z.array(BoxSchema).meta({ description: 'the new boxes, in name order' }) })
+  .meta({ id: 'ForkBoxResponse' });
 
 export const BoxEventSchema = z
   .object({
@@ -85,6 +104,9 @@ export const ExecSessionSchema = z
   .meta({ id: 'ExecSession' });
 
 export type CreateBoxRequest = z.infer<typeof CreateBoxRequestSchema>;
+/** What a client sends (count optional); the server sees it with the default applied. */
+export type ForkBoxRequest = z.input<typeof ForkBoxRequestSchema>;
+export type ForkBoxResponse = z.infer<typeof ForkBoxResponseSchema>;
 export type Box = z.infer<typeof BoxSchema>;
 export type BoxEvent = z.infer<typeof BoxEventSchema>;
 export type ExecSession = z.infer<typeof ExecSessionSchema>;

@@ -99,6 +99,12 @@ export const DesiredBoxSchema = z
      * and on tmpfs, never in its state file.
      */
     secrets: z.array(BoxSecretSchema).default([]),
+    /**
+     * Id of the box this one is a fork of (same node, runtime microvm), or null. The agent creates
+     * the box by cloning that box's RAM and disk instead of booting from the image; once the box
+     * exists on the node the field changes nothing (it stays set for the box's whole life).
+     */
+    forkOf: z.string().nullable().default(null),
   })
   .meta({ id: 'DesiredBox' });
 

@@ -12,6 +12,8 @@ import {
   BoxSchema,
   CreateBoxRequestSchema,
   ExecSessionRequestSchema,
+  ForkBoxRequestSchema,
+  ForkBoxResponseSchema,
   ExecSessionSchema,
 } from './box-schemas.js';
 import { CreateTemplateRequestSchema, PrebuildListSchema, TemplateListSchema, TemplateSchema } from './template-schemas.js';
@@ -145,6 +147,19 @@ export const ROUTES = [
   verb('stop', 'Stop a box: end all processes, release CPU and memory, keep the disk'),
   verb('pause', 'Pause a running box: freeze its processes in place'),
   verb('resume', 'Resume a paused box'),
+  {
+    operationId: 'forkBox',
+    method: 'POST',
+    path: '/v1/boxes/{name}/fork',
+    summary: 'Fork a running or paused microvm box: clones of its RAM and disk, on its node, as new boxes of yours (all or none)',
+    tag: 'boxes',
+    auth: 'user', permission: 'org:use',
+    params: boxName,
+    query: ownerQuery,
+    body: ForkBoxRequestSchema,
+    status: 201,
+    response: ForkBoxResponseSchema,
+  },
   { operationId: 'deleteBox', method: 'DELETE', path: '/v1/boxes/{name}', summary: 'Delete a box and everything of it on its node', tag: 'boxes', auth: 'user', permission: 'org:use', params: boxName, query: ownerQuery, headers: [ifMatch], status: 202, response: BoxSchema },
   {
     operationId: 'listBoxEvents',

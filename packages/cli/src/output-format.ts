@@ -34,6 +34,7 @@ export function boxDetails(b: Box): string {
     ['Name', b.name],
     ['Template', `${b.template} v${b.templateVersion} (image ${b.image})`],
     ['Runtime', b.runtime],
+    ...(b.forkOf ? [['Fork of', b.forkOf]] : []),
     ['State', `${b.phase} (desired: ${b.desiredState})`],
     ['Node', b.node ?? '-'],
     ['IP', b.ip ?? '-'],

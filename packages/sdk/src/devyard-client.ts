@@ -2,7 +2,7 @@
  * The typed client of the Devyard API, used by the CLI, the agent, the web UI and the tests. Types
  * come from the same zod schemas the server validates with.
  */
-import type { Box, BoxEvent, CreateBoxRequest, ExecSession } from '@devyard/api/box-schemas';
+import type { Box, BoxEvent, CreateBoxRequest, ExecSession, ForkBoxRequest, ForkBoxResponse } from '@devyard/api/box-schemas';
 import type { BoxStatusReport, DesiredSet, PrebuildReport, Node, RegisterNodeRequest, RegisterNodeResponse } from '@devyard/api/node-schemas';
 import type { CreateTemplateRequest, Prebuild, Template } from '@devyard/api/template-schemas';
 import type { AccessToken, BoxConnection, BoxPort, PortVisibility, SshKey } from '@devyard/api/access-schemas';
@@ -88,6 +88,14 @@ export class DevyardClient {
   async boxVerb(name: string, verb: BoxVerb, ifMatchVersion?: number, owner?: string): Promise<Box> {
     const headers = ifMatchVersion !== undefined ? { 'if-match': `"v${ifMatchVersion}"` } : undefined;
     return (await this.request<Box>('POST', `/v1/boxes/${encodeURIComponent(name)}/${verb}${this.ownerQuery(owner)}`, { headers })).body;
+  }
+
+  /**
+   * Forks a running or paused microvm box into new boxes of yours (`body.name`, or NAME-1 … NAME-N
+   * with `count`); `owner` addresses another user's box you may manage.
+   */
+  async forkBox(name: string, body: ForkBoxRequest, owner?: string): Promise<Box[]> {
+    return (await this.request<ForkBoxResponse>('POST', `/v1/boxes/${encodeURIComponent(name)}/fork${this.ownerQuery(owner)}`, { body })).body.boxes;
   }
 
   async deleteBox(name: string, ifMatchVersion?: number, owner?: string): Promise<Box> {

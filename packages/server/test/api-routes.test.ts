@@ -293,6 +293,16 @@ describe('boxes', () => {
     cover('createExecSession');
   });
 
+  it('forks only microvm boxes: a sandbox box is refused with 409 and nothing is created (forks: box-fork.test.ts)', async () => {
+    const r = await raw('POST', '/v1/boxes/one/fork', { body: JSON.stringify({ name: 'one-copy', count: 2 }) });
+    expect(r.status).toBe(409);
+    expect(r.body).toMatchObject({ code: 'invalid-state', detail: 'fork needs a microvm box; one runs on sandbox' });
+    expect((await raw('POST', '/v1/boxes/one/fork', { body: JSON.stringify({ name: 'one-copy', count: 17 }) })).status).toBe(400);
+    expect((await raw('POST', '/v1/boxes/nope/fork', { body: JSON.stringify({ name: 'one-copy' }) })).status).toBe(404);
+    expect((await user.listBoxes()).map((b) => b.name).filter((n) => n.startsWith('one-copy'))).toEqual([]);
+    cover('forkBox');
+  });
+
   it('keeps a box without a fitting node pending, with the reasons per node', async () => {
     const box = await until(() => user.getBox('unplaced'), (b) => b.conditions.some((c) => c.reason === 'Unschedulable'));
     expect(box.phase).toBe('pending');

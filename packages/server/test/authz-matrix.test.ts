@@ -63,6 +63,8 @@ const SETUP: Record<string, (p: Persona) => Promise<Call>> = {
   pauseBox: async () => ({ path: `/v1/boxes/${await memberBox()}/pause?owner=member` }),
   resumeBox: async () => ({ path: `/v1/boxes/${await memberBox()}/resume?owner=member` }),
   deleteBox: async () => ({ path: `/v1/boxes/${await memberBox()}?owner=member` }),
+  // The member's box runs on sandbox: callers allowed to fork it get 409 (not a microvm box), the rest 403/404.
+  forkBox: async () => ({ path: `/v1/boxes/${await memberBox()}/fork?owner=member`, body: { name: uniq('fork') } }),
   listBoxEvents: async () => ({ path: `/v1/boxes/${await memberBox()}/events?owner=member` }),
   createExecSession: async () => ({ path: `/v1/boxes/${await memberBox()}/exec-sessions?owner=member`, body: {} }),
   getBoxConnection: async () => ({ path: `/v1/boxes/${await memberBox()}/connection?owner=member` }),
@@ -169,6 +171,7 @@ const EXPECTED: Record<string, Row> = {
   pauseBox: BOX_USE,
   resumeBox: BOX_USE,
   deleteBox: BOX_USE,
+  forkBox: BOX_USE,
   listBoxEvents: BOX_READ,
   createExecSession: BOX_USE,
   getBoxConnection: BOX_USE,

@@ -1,4 +1,4 @@
-/** Box commands: create, list, get, lifecycle verbs, exec and events. */
+/** Box commands: create, list, get, lifecycle verbs, fork, exec and events. */
 import { randomUUID } from 'node:crypto';
 import type { Command } from 'commander';
 import { execInBox } from '@devyard/sdk/exec-client';
@@ -88,6 +88,27 @@ export function registerBoxCommands(program: Command): void {
         else if (!o.wait) process.stdout.write(`${verb} requested for ${name} (now ${box.phase})\n`);
       });
   }
+
+  program
+    .command('fork')
+    .description('clone a running or paused microvm box (memory and disk) into new boxes of yours')
+    .argument('<name>', 'the box to fork')
+    .argument('<new>', 'name of the new box (with --count N: NEW-1 … NEW-N)')
+    .option('-n, --count <n>', 'how many clones (1–16)', (v) => Number(v))
+    .option('--owner <user>', "another user's box (shared with you to manage, or you administer the organization)")
+    .option('-w, --wait', 'wait until the new boxes are running')
+    .option('--json', 'print the new boxes as JSON')
+    .action(async (name: string, newName: string, o) => {
+      const client = clientFromEnv();
+      let boxes = await client.forkBox(name, { name: newName, ...(o.count !== undefined ? { count: o.count as number } : {}) }, o.owner as string | undefined);
+      if (o.wait) {
+        const done: typeof boxes = [];
+        for (const b of boxes) done.push(await waitForBox(client, b));
+        boxes = done;
+      }
+      if (o.json) printJson(boxes);
+      else if (!o.wait) for (const b of boxes) process.stdout.write(`box ${b.name} created (${b.phase}); follow it with \`devyard get ${b.name}\` or use --wait\n`);
+    });
 
   program
     .command('delete')

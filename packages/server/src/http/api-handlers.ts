@@ -57,7 +57,17 @@ const isWatch = (q: Record<string, unknown>) => q.watch === '1' || q.watch === '
 
 export function createHandlers(d: HandlerDeps): Handlers {
   const nodeNames = async () => new Map((await d.store.listNodes()).map((n) => [n.id, n.name]));
-  const view = async (b: BoxRecord) => toApiBox(b, b.nodeId ? ((await d.store.getNode(b.nodeId))?.name ?? null) : null);
+  /** Names of fork sources by id (a source row outlives its deletion, so the name stays known). */
+  const forkSourceNames = async (boxes: readonly BoxRecord[]) => {
+    const names = new Map<string, string>();
+    for (const id of new Set(boxes.map((b) => b.forkOf).filter((id): id is string => id !== null))) {
+      const src = boxes.find((b) => b.id === id) ?? (await d.store.getBox(id));
+      if (src) names.set(id, src.name);
+    }
+    return names;
+  };
+  const view = async (b: BoxRecord) =>
+    toApiBox(b, b.nodeId ? ((await d.store.getNode(b.nodeId))?.name ?? null) : null, b.forkOf ? (await forkSourceNames([b])).get(b.forkOf) : undefined);
 
   /** Answers a box with its ETag (the version), as every box-returning route does. */
   const withEtag = async (ctx: HandlerContext, b: BoxRecord) => {
@@ -126,7 +136,9 @@ export function createHandlers(d: HandlerDeps): Handlers {
     listBoxes: async (ctx) => {
       if (!isWatch(ctx.query)) {
         const names = await nodeNames();
-        return { items: (await d.boxes.list(ctx.subject)).map((b) => toApiBox(b, b.nodeId ? (names.get(b.nodeId) ?? null) : null)) };
+        const boxes = await d.boxes.list(ctx.subject);
+        const sources = await forkSourceNames(boxes);
+        return { items: boxes.map((b) => toApiBox(b, b.nodeId ? (names.get(b.nodeId) ?? null) : null, b.forkOf ? sources.get(b.forkOf) : undefined)) };
       }
       const sse = openSse(ctx.req, ctx.reply);
       const onBox = async (b: BoxRecord) => {
@@ -144,6 +156,11 @@ export function createHandlers(d: HandlerDeps): Handlers {
     pauseBox: verb('pause'),
     resumeBox: verb('resume'),
     deleteBox: verb('delete'),
+    forkBox: async (ctx) => {
+      const boxes = await d.boxes.fork(ctx.subject, ctx.params.name!, ctx.body as { name: string; count: number }, owner(ctx));
+      void ctx.reply.header('location', `/v1/boxes/${boxes[0]!.name}`);
+      return { boxes: await Promise.all(boxes.map(view)) };
+    },
     listBoxEvents: async (ctx) => {
       const { box, events } = await d.boxes.events(ctx.subject, ctx.params.name!, owner(ctx));
       if (!isWatch(ctx.query)) return { items: events.map(toApiEvent) };

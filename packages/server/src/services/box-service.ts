@@ -4,6 +4,7 @@
  * idempotency key); the reconciler does the rest.
  */
 import { createHash } from 'node:crypto';
+import { NameSchema } from '@devyard/api/common-schemas';
 import type { CreateBoxRequest } from '@devyard/api/box-schemas';
 import { signSessionToken } from '@devyard/api/session-tokens';
 import { planVerb, type Verb } from '@devyard/core/box-lifecycle';
@@ -12,10 +13,11 @@ import { accessAtLeast, boxAccess, type BoxAccess, type BoxViewer, type OrgRole,
 import type { TenancyStore } from '../store/tenancy-store.js';
 import type { QuotaService } from './quota-service.js';
 import { visibleTo } from './template-service.js';
-import { parseBytes, parseCpu, shortfall, type Resources } from '@devyard/core/resources';
+import { add, parseBytes, parseCpu, shortfall, ZERO, type Resources } from '@devyard/core/resources';
+import { filterNode } from '@devyard/core/scheduler';
 import type { ChangeFeed } from '../change-feed.js';
 import { newId } from '../ids.js';
-import type { BoxRecord } from '../store/box-records.js';
+import { setCondition, type BoxRecord } from '../store/box-records.js';
 import type { Executor, Store } from '../store/store.js';
 
 /** Owner of the boxes kept ready in warm pools (see loops/warm-pool-filler.ts). */
@@ -161,6 +163,7 @@ export class BoxService {
         updatedAt: now,
         deletedAt: null,
         version: 1,
+        forkOf: null,
       };
       if (this.tenancy) await this.tenancy.quotas.check(box, tx);
       await this.store.insertBox(box, tx);
@@ -218,6 +221,103 @@ export class BoxService {
       }
     }
     return null;
+  }
+
+  /**
+   * Forks a running or paused microvm box into `count` new boxes of the caller (`name`, or
+   * `name-1` … `name-N` when count > 1): same template version, image, runtime, resources and env,
+   * bound at once to the source's node, the only one that holds its RAM, with `forkOf` naming the
+   * source so that node's agent clones it. One transaction: the names, the caller's quotas and the
+   * node's capacity (reserved as the reconciler's scheduling does, optimistic on the node's version)
+   * are checked for all of them, and either every box is created or none.
+   */
+  async fork(subject: Subject, sourceName: string, req: { name: string; count: number }, owner?: string): Promise<BoxRecord[]> {
+    const names = req.count === 1 ? [req.name] : Array.from({ length: req.count }, (_, i) => `${req.name}-${i + 1}`);
+    for (const n of names) {
+      if (!NameSchema.safeParse(n).success) throw new DomainError('invalid-input', `box name "${n}" is not a valid name (at most 40 characters with the -N suffix)`, { field: 'name', name: n });
+    }
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const { boxes, nodeId } = await this.store.transaction((tx) => this.forkIn(tx, subject, sourceName, names, owner));
+        for (const b of boxes) this.feed.emit('box', b);
+        this.feed.emit('node', nodeId);
+        return boxes;
+      } catch (e) {
+        // A heartbeat or a scheduling pass changed the node row meanwhile: read it again.
+        const nodeRace = e instanceof DomainError && e.code === 'conflict' && e.details.reason === 'version-mismatch' && 'nodeId' in e.details;
+        if (!nodeRace || attempt >= 3) throw e;
+      }
+    }
+  }
+
+  private async forkIn(tx: Executor, subject: Subject, sourceName: string, names: string[], owner: string | undefined): Promise<{ boxes: BoxRecord[]; nodeId: string }> {
+    const now = this.now();
+    const src = await this.authorized(subject, sourceName, 'manage', owner, tx);
+    if (src.runtime !== 'microvm') {
+      throw new DomainError('invalid-state', `fork needs a microvm box; ${src.name} runs on ${src.runtime}`, { runtime: src.runtime });
+    }
+    const live = (s: string) => s === 'running' || s === 'paused';
+    if (!live(src.desiredState) || !live(src.phase) || src.nodeId === null) {
+      throw new DomainError('invalid-state', `fork needs a running or paused box; ${src.name} is ${src.phase}${src.phase === src.desiredState ? '' : ` (desired: ${src.desiredState})`}`, {
+        phase: src.phase,
+        desiredState: src.desiredState,
+      });
+    }
+    const node = await this.store.getNode(src.nodeId, tx);
+    if (!node) throw new DomainError('unavailable', `the node of box "${src.name}" is gone`, { name: src.name });
+    const boxes: BoxRecord[] = [];
+    for (const name of names) {
+      if (await this.store.getBoxByName(subject.name, name, tx)) throw new DomainError('conflict', `a box named "${name}" already exists`, { field: 'name', name });
+      const box: BoxRecord = {
+        id: newId('b'),
+        name,
+        owner: subject.name,
+        orgId: subject.orgId,
+        templateName: src.templateName,
+        templateVersion: src.templateVersion,
+        image: src.image,
+        runtime: src.runtime,
+        desiredState: 'running',
+        phase: 'provisioning',
+        generation: 1,
+        observedGeneration: 0,
+        nodeId: node.id,
+        computeReserved: true,
+        resources: src.resources,
+        env: { ...src.env },
+        attempt: 1,
+        lastError: null,
+        nextAttemptAt: null,
+        conditions: setCondition([], { type: 'Scheduled', status: 'True', reason: 'Forked', message: `placed on ${node.name} with its fork source ${src.name}` }, now),
+        ip: null,
+        createdAt: now,
+        updatedAt: now,
+        deletedAt: null,
+        version: 1,
+        forkOf: src.id,
+      };
+      // Each check sees the clones inserted before it: N boxes are counted as N.
+      if (this.tenancy) await this.tenancy.quotas.check(box, tx);
+      await this.store.insertBox(box, tx);
+      await this.recordChange(tx, box, 'Created', `forked from box ${src.name} (owner ${src.owner}) by ${subject.name}`);
+      await this.store.appendEvent({ boxId: box.id, boxName: name, owner: box.owner, time: now, type: 'Scheduled', phase: box.phase, message: `placed on node ${node.name}, where its fork source runs` }, tx);
+      boxes.push(box);
+    }
+    // The scheduler's own filter, over the one node that may take the clones, for all of them at once.
+    const total = names.reduce((sum) => add(sum, src.resources), { ...ZERO });
+    const why = filterNode(
+      { id: node.id, name: node.name, ready: node.leaseExpiresAt > now, cordoned: node.cordoned, runtimes: node.runtimes, arch: node.arch, region: node.region, capacity: node.capacity, allocated: node.allocated, images: node.images },
+      { runtime: src.runtime, resources: total },
+    );
+    if (why.length > 0) {
+      throw new DomainError('no-capacity', `cannot fork ${names.length === 1 ? 'a box' : `${names.length} boxes`} of ${src.name} onto its node ${node.name}: ${why.join(', ')}`, {
+        node: node.name,
+        reasons: why,
+      });
+    }
+    await this.store.updateNode({ ...node, allocated: add(node.allocated, total) }, node.version, tx);
+    await this.store.appendEvent({ boxId: src.id, boxName: src.name, owner: src.owner, time: now, type: 'Forked', phase: src.phase, message: `forked into ${names.join(', ')} by ${subject.name}` }, tx);
+    return { boxes, nodeId: node.id };
   }
 
   get(subject: Subject, name: string, opts: { owner?: string; need?: BoxAccess } = {}): Promise<BoxRecord> {

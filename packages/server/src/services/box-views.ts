@@ -14,7 +14,11 @@ const PAUSE_SEMANTICS: Record<string, { keepsMemory: boolean; description: strin
 
 const iso = (ms: number) => new Date(ms).toISOString();
 
-export function toApiBox(b: BoxRecord, nodeName: string | null): Box {
+/**
+ * The API view of a box. `forkOfName` is the name of the box it was forked from, when it is a fork
+ * (the view falls back to the source's id if the caller could not look the name up).
+ */
+export function toApiBox(b: BoxRecord, nodeName: string | null, forkOfName?: string): Box {
   return {
     id: b.id,
     name: b.name,
@@ -36,6 +40,7 @@ export function toApiBox(b: BoxRecord, nodeName: string | null): Box {
     createdAt: iso(b.createdAt),
     updatedAt: iso(b.updatedAt),
     version: b.version,
+    ...(b.forkOf !== null ? { forkOf: forkOfName ?? b.forkOf } : {}),
   };
 }
 

@@ -120,6 +120,7 @@ export class NodeService {
           templateVersion: b.templateVersion,
           pooled: b.owner === WARM_POOL_OWNER,
           secrets: secrets.get(b.id) ?? [],
+          forkOf: b.forkOf,
         };
       }),
       prebuilds: await this.desiredPrebuilds(node),

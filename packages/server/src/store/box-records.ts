@@ -39,6 +39,8 @@ export interface BoxRecord {
   updatedAt: number;
   deletedAt: number | null;
   version: number;
+  /** Id of the box this one was forked from (its node agent clones that box's RAM and disk); null for created boxes. */
+  forkOf: string | null;
 }
 
 export function boxFromRow(r: Selectable<BoxTable>): BoxRecord {
@@ -68,6 +70,7 @@ export function boxFromRow(r: Selectable<BoxTable>): BoxRecord {
     updatedAt: Number(r.updated_at),
     deletedAt: r.deleted_at === null ? null : Number(r.deleted_at),
     version: Number(r.version),
+    forkOf: r.fork_of ?? null,
   };
 }
 
@@ -98,6 +101,7 @@ export function boxToRow(b: BoxRecord): Selectable<BoxTable> {
     updated_at: b.updatedAt,
     deleted_at: b.deletedAt,
     version: b.version,
+    fork_of: b.forkOf,
   };
 }
 

@@ -47,6 +47,8 @@ export interface BoxTable {
   updated_at: number;
   deleted_at: number | null;
   version: number;
+  /** Source box id of a fork (migration 0009); null for created boxes. */
+  fork_of: string | null;
 }
 
 export interface BoxEventTable {

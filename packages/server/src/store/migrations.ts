@@ -374,8 +374,18 @@ const m0008: Migration = {
   },
 };
 
+/**
+ * Forks (microvm): the id of the box a box was cloned from, which its node agent clones it from.
+ * Nullable, no backfill: every box before this one was created, not forked.
+ */
+const m0009: Migration = {
+  async up(db: Kysely<unknown>) {
+    await db.schema.alterTable('boxes').addColumn('fork_of', 'text').execute();
+  },
+};
+
 export const migrationProvider: MigrationProvider = {
   async getMigrations() {
-    return { '0001_initial': m0001, '0002_template_spec': m0002, '0003_prebuilds': m0003, '0004_access': m0004, '0005_tenancy': m0005, '0006_audit_log': m0006, '0007_secrets': m0007, '0008_invitations': m0008 };
+    return { '0001_initial': m0001, '0002_template_spec': m0002, '0003_prebuilds': m0003, '0004_access': m0004, '0005_tenancy': m0005, '0006_audit_log': m0006, '0007_secrets': m0007, '0008_invitations': m0008, '0009_box_fork_of': m0009 };
   },
 };
