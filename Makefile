@@ -4,8 +4,11 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 # Host tools the sandbox runtime and the built-in images need; the box tools bundle (SFTP, rsync) is
-# built from openssh-sftp-server and rsync; `devyard ssh` runs the OpenSSH client.
-APT_PACKAGES := crun bubblewrap debootstrap busybox-static iproute2 nftables util-linux procps ca-certificates git openssh-sftp-server rsync openssh-client
+# built from openssh-sftp-server and rsync; `devyard ssh` runs the OpenSSH client. The microVM
+# runtime needs QEMU and qemu-img, e2fsprogs for its disks, gcc to build its guest agent and zstd
+# for portable snapshots.
+APT_PACKAGES := crun bubblewrap debootstrap busybox-static iproute2 nftables util-linux procps ca-certificates git openssh-sftp-server rsync openssh-client \
+  qemu-system-x86 qemu-utils e2fsprogs gcc libc6-dev zstd
 # Extra packages for the test suite only (headless Chromium drives the browser tests).
 APT_TEST_PACKAGES := curl docker-registry skopeo apache2-utils chromium
 # The gateway benchmark compares against OpenSSH's sshd.

@@ -17,18 +17,20 @@ import { execTrue as execTrueIn, pct, PhaseWaiter, row } from './bench-support.j
 import { rawCleanup, rawCreateExec, rawFreezer } from './raw-primitives.js';
 import { templateCreateBench } from './template-create-bench.js';
 import { gatewayBench } from './gateway-bench.js';
+import { microvmBench } from './microvm-bench.js';
 
 const N = Number(process.env.BENCH_BOXES ?? 30);
 const network = { bridge: 'dybenchp0', subnet: '10.217.0.0/16', nftTable: 'devyard_bench' };
 
 
 async function main(): Promise<void> {
-  // BENCH_ONLY=lifecycle|templates|gateway runs one part (the document then has only that part).
+  // BENCH_ONLY=lifecycle|templates|gateway|microvm runs one part (the document then has only that part).
   const only = process.env.BENCH_ONLY;
   const sections = [];
   if (!only || only === 'lifecycle') sections.push(await lifecycleBench());
   if (!only || only === 'templates') sections.push(await templateCreateBench());
   if (!only || only === 'gateway') sections.push(await gatewayBench());
+  if (!only || only === 'microvm') sections.push(await microvmBench());
   const md = [
     '# Benchmarks',
     '',

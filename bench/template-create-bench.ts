@@ -39,7 +39,7 @@ export async function templateCreateBench(): Promise<string> {
     await node?.agent.stop();
     // BENCH_LOG=1 prints the node's log (to see where a slow sample spent its time).
     const log = process.env.BENCH_LOG ? (msg: string, f?: object) => console.error(`${performance.now().toFixed(0)} ${msg} ${JSON.stringify(f ?? {})}`) : undefined;
-    node = createSandboxNode({ serverUrl: cp!.url, token: cp!.tokens.nodeToken, dataDir: join(dir, 'node'), bridge: 'dybencht0', subnet: '10.218.0.0/16', noPrebuilds, log });
+    node = createSandboxNode({ serverUrl: cp!.url, token: cp!.tokens.nodeToken, dataDir: join(dir, 'node'), bridge: 'dybencht0', subnet: '10.218.0.0/16', noPrebuilds, runtimes: ['sandbox'], log });
     await node.agent.start();
   };
   try {

@@ -36,7 +36,7 @@ async function startAgent(): Promise<void> {
   agent = (
     await startDaemon(
       h,
-      ['agent', '--server', `http://127.0.0.1:${port}`, '--token', token, '--data-dir', join(h.dataDir, 'node'), '--bridge', h.bridge, '--subnet', h.subnet, '--resync-ms', '300'],
+      ['agent', '--server', `http://127.0.0.1:${port}`, '--token', token, '--data-dir', join(h.dataDir, 'node'), '--bridge', h.bridge, '--subnet', h.subnet, '--resync-ms', '300', '--runtimes', 'sandbox'],
       /"msg":"(registered|sandbox: host ready)"/,
     )
   ).proc;

@@ -8,6 +8,7 @@ import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync } fr
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
+import { MicrovmDriver } from '@devyard/agent/runtime/microvm/microvm-driver';
 
 export const REPO = resolve(import.meta.dirname, '../..');
 export const BIN = join(REPO, 'bin/devyard');
@@ -95,10 +96,14 @@ export function daemonOutput(h: Harness): string {
   return h.logs.map((f) => (existsSync(f) ? readFileSync(f, 'utf8') : '')).join('\n');
 }
 
-export async function startUp(h: Harness): Promise<void> {
+/**
+ * Starts `devyard up` on the harness's network. Sandbox only unless `extraArgs` asks for microVMs
+ * (then on a bridge and subnet of the harness's own: `microvmArgs(h)`).
+ */
+export async function startUp(h: Harness, extraArgs: string[] = ['--runtimes', 'sandbox']): Promise<void> {
   const { proc, match } = await startDaemon(
     h,
-    ['up', '--data-dir', h.dataDir, '--port', '0', '--ssh-port', '0', '--gateway-port', '0', '--no-prebuild', '--bridge', h.bridge, '--subnet', h.subnet, '--prebuild-check-ms', '2000'],
+    ['up', '--data-dir', h.dataDir, '--port', '0', '--ssh-port', '0', '--gateway-port', '0', '--no-prebuild', '--bridge', h.bridge, '--subnet', h.subnet, '--prebuild-check-ms', '2000', ...extraArgs],
     // The whole banner is one write: API, gateway and SSH lines arrive together.
     /API\s+(http:\/\/\S+)[\s\S]*Gateway\s+(http:\/\/\S+)[\s\S]*SSH\s+ssh -p (\d+) /,
   );
@@ -155,9 +160,22 @@ export function cliOk(h: Harness, args: string[]): string {
   return r.stdout;
 }
 
+/** `devyard up` flags that add the microVM runtime on a bridge and subnet of the harness's own. */
+export function microvmArgs(h: Harness): string[] {
+  return ['--runtimes', 'sandbox,microvm', '--vm-bridge', vmBridge(h), '--vm-subnet', h.subnet.replace(/\.0\.0\/24$/, '.1.0/24')];
+}
+
+function vmBridge(h: Harness): string {
+  return `${h.bridge.slice(0, 13)}v`;
+}
+
 /** Removes every box the harness's node still has and the host objects of its network. */
 export async function cleanup(h: Harness): Promise<void> {
   await kill9(h.proc);
+  // microVMs (if the node ran any): QEMU processes, TAP devices, the VM bridge and its NAT table.
+  const vms = new MicrovmDriver({ dataDir: join(h.dataDir, 'node', 'microvm'), uidShift: 100_000, busybox: '/usr/bin/busybox', network: { bridge: vmBridge(h), nftTable: `devyard_${vmBridge(h)}` } });
+  for (const b of await vms.list().catch(() => [])) await vms.destroy(b.boxId);
+  await vms.network.teardown().catch(() => undefined);
   const driver = new SandboxDriver({ dataDir: join(h.dataDir, 'node', 'sandbox'), network: { bridge: h.bridge, subnet: h.subnet, nftTable: `devyard_${h.bridge}` } });
   for (const b of await driver.list().catch(() => [])) await driver.destroy(b.boxId);
   await driver.teardownHost().catch(() => undefined);

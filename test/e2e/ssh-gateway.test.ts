@@ -338,7 +338,7 @@ describe('with the roles as separate daemons', { timeout: T }, () => {
     const agent = (
       await startDaemon(
         h,
-        ['agent', '--server', h.url, '--token', token, '--data-dir', join(h.dataDir, 'node'), '--bridge', h.bridge, '--subnet', h.subnet, '--resync-ms', '1000'],
+        ['agent', '--server', h.url, '--token', token, '--data-dir', join(h.dataDir, 'node'), '--bridge', h.bridge, '--subnet', h.subnet, '--resync-ms', '1000', '--runtimes', 'sandbox'],
         /"msg":"registered"/,
       )
     ).proc;

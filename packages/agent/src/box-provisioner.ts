@@ -38,6 +38,8 @@ export interface ProvisioningDriver extends RuntimeDriver {
   boxHostPaths?(boxId: string): { workspace: string; owner: { uid: number; gid: number } };
   /** Renames the box's host name without restarting it. */
   setHostname?(boxId: string, name: string): Promise<void>;
+  /** Clones a running or paused box (memory and disks) into a new running box with its own identity. */
+  fork?(sourceBoxId: string, spec: BoxRuntimeSpec): Promise<void>;
 }
 
 export interface ProvisionerDeps {
@@ -88,9 +90,10 @@ export class BoxProvisioner {
     return {
       boxId: box.boxId,
       name: box.name,
+      runtime: box.runtime,
       imageRootfs: setup.image.rootfs,
       imageDigest: setup.image.digest,
-      resources: { cpuMillis: box.resources.cpuMillis, memoryBytes: box.resources.memoryBytes, pids: this.deps.pids },
+      resources: { cpuMillis: box.resources.cpuMillis, memoryBytes: box.resources.memoryBytes, pids: this.deps.pids, diskBytes: box.resources.diskBytes },
       env: box.env,
       ...(setup.layers ? { layers: setup.layers } : {}),
       ...(setup.workspaceBase ? { workspaceBase: setup.workspaceBase } : {}),
@@ -168,6 +171,18 @@ export class BoxProvisioner {
     if (!name) return undefined;
     if (!this.deps.secrets) throw new Error(`secret "${name}" cannot be resolved: this node has no secret files configured`);
     return this.deps.secrets.gitCredentials(name);
+  }
+
+  /**
+   * Creates a box as a clone of another box of this node (`devyard fork`): its setup is the
+   * source's (the clone carries the source's checkout and hook results), under its own name.
+   */
+  async fork(box: DesiredBox, source: BoxSetupRecord): Promise<BoxSetupRecord> {
+    const d = this.deps.driver;
+    if (!d.fork) throw new ProvisioningError(`runtime ${d.name} cannot fork boxes`, 'fork');
+    const setup: BoxSetupRecord = { ...source, postCreateDone: true, hostname: box.name };
+    await this.stage('fork', () => d.fork!(box.forkOf!, this.spec(box, setup)));
+    return setup;
   }
 
   /** A cold start of a box that was set up before: only postStart runs. */

@@ -5,7 +5,8 @@
  * sessions keep working while the control plane is down.
  */
 import { createServer, type IncomingMessage, type Server } from 'node:http';
-import type { AddressInfo, Socket } from 'node:net';
+import type { AddressInfo } from 'node:net';
+import type { Duplex } from 'node:stream';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { CHANNEL, ExecClientMessageSchema, frame, type ExecServerMessage } from '@devyard/api/exec-protocol';
 import { verifySessionToken } from '@devyard/api/session-tokens';
@@ -101,7 +102,7 @@ export class ExecServer {
   private async tunnel(ws: WebSocket, boxId: string, port: number, sub: string): Promise<void> {
     const t0 = Date.now();
     // Set once the dial succeeds; the WebSocket handlers below may run before that.
-    let sock: Socket | undefined = undefined;
+    let sock: Duplex | undefined = undefined;
     let closed = false;
     const early: Buffer[] = [];
     let earlyEof = false;
@@ -141,7 +142,7 @@ export class ExecServer {
       else earlyEof = true;
     });
 
-    let s: Socket;
+    let s: Duplex;
     try {
       s = await this.opts.driver.dial(boxId, port);
     } catch (e) {

@@ -201,8 +201,8 @@ export class NodeAgent {
       name: this.opts.name ?? hostname(),
       arch: arch() === 'x64' ? 'x86_64' : arch(),
       region: null,
-      labels: {},
-      runtimes: [this.opts.driver.name],
+      labels: this.opts.driver.nodeLabels?.() ?? {},
+      runtimes: (this.opts.driver as { runtimes?: string[] }).runtimes ?? [this.opts.driver.name],
       capacity: {
         cpuMillis: Math.round(cpus().length * 1000 * (this.opts.cpuOvercommit ?? 4)),
         memoryBytes: totalmem(),
@@ -295,6 +295,9 @@ export class NodeAgent {
       const box = this.state.desired?.boxes.find((b) => b.boxId === boxId);
       if (!box) return;
       const observed = await this.opts.driver.inspect(boxId);
+      // A box that ended without being asked to (a VM's QEMU killed or crashed) is reported with
+      // the reason before the step that brings it back, so the user sees why it restarted.
+      if (observed.failure && observed.state === 'stopped') this.report(box, 'stopped', observed.ip ?? null, observed.failure);
       const step = decideNodeStep(box.desiredState, observed.state);
       if (step.kind === 'none') {
         if (observed.state === 'running' || observed.state === 'paused') {
@@ -335,7 +338,14 @@ export class NodeAgent {
             // Before the box starts: its hooks and first sessions see them.
             if (step.kind === 'start') await this.syncSecrets(box, true);
             const known = this.state.setup[boxId];
-            if (observed.state === 'absent' || !known) {
+            if (observed.state === 'absent' && box.forkOf) {
+              // A fork is a clone of a box of this node, not a fresh setup.
+              const source = this.state.setup[box.forkOf];
+              if (!source) throw new Error(`the box to fork (${box.forkOf}) is not on this node`);
+              progress(`cloning ${box.forkOf}`);
+              this.state.setup[boxId] = await this.provisioner.fork(box, source);
+              saveAgentState(this.stateFile, this.state);
+            } else if (observed.state === 'absent' || !known) {
               // A box found on disk without a setup record predates setup tracking: start it as is.
               const setup =
                 observed.state !== 'absent' && !known

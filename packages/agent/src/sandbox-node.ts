@@ -3,6 +3,7 @@
  * OCI and recipe images, prebuilds, the bridge network. Used by `devyard agent`, `devyard up` and
  * the benchmarks, so all three run the same node.
  */
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { isLoopbackRegistry } from '@devyard/oci/oci-reference';
 import { registryCredentialFiles } from '@devyard/oci/registry-credential-files';
@@ -14,6 +15,8 @@ import { RecipeImageBuilder } from './images/recipe-image-builder.js';
 import { NodeAgent, type NodeAgentOptions } from './node-agent.js';
 import { PrebuildBuilder } from './prebuilds/prebuild-builder.js';
 import { DEFAULT_ID_RANGE, SandboxDriver } from './runtime/sandbox/sandbox-driver.js';
+import { MicrovmDriver } from './runtime/microvm/microvm-driver.js';
+import { RuntimeRouter } from './runtime/runtime-router.js';
 
 export interface SandboxNodeOptions extends Pick<NodeAgentOptions, 'serverUrl' | 'token' | 'name' | 'listenHost' | 'listenPort' | 'advertiseHost' | 'resyncMs' | 'prebuildCheckMs'> {
   /** Everything of the node lives below: images, boxes, prebuilds, agent state. */
@@ -28,6 +31,16 @@ export interface SandboxNodeOptions extends Pick<NodeAgentOptions, 'serverUrl' |
   imageDiskBudgetBytes?: number;
   /** Boxes are set up from scratch (checkout and hooks in each box) instead of from prebuilds. */
   noPrebuilds?: boolean;
+  /**
+   * Runtimes the node offers (default: sandbox, plus microvm when QEMU is installed). microVMs
+   * get their own bridge and subnet (default devyardvm0, 10.214.0.0/16).
+   */
+  runtimes?: Array<'sandbox' | 'microvm'>;
+  /** microVM network: bridge and subnet. */
+  vmBridge?: string;
+  vmSubnet?: string;
+  /** microVM boot assets cache (default /var/cache/devyard/microvm). */
+  vmAssetsDir?: string;
   log?: (msg: string, fields?: object) => void;
 }
 
@@ -35,6 +48,8 @@ export interface SandboxNode {
   agent: NodeAgent;
   images: ImageResolver;
   driver: SandboxDriver;
+  /** The microVM driver, when the node offers microvm. */
+  microvm: MicrovmDriver | null;
 }
 
 export function createSandboxNode(o: SandboxNodeOptions): SandboxNode {
@@ -45,6 +60,17 @@ export function createSandboxNode(o: SandboxNodeOptions): SandboxNode {
   });
   const network = { bridge: o.bridge, subnet: o.subnet, nftTable: o.bridge ? `devyard_${o.bridge}` : undefined };
   const driver = new SandboxDriver({ dataDir: join(o.dataDir, 'sandbox'), network, log });
+  const runtimes = o.runtimes ?? (existsSync('/usr/bin/qemu-system-x86_64') ? ['sandbox', 'microvm'] : ['sandbox']);
+  const microvm = runtimes.includes('microvm')
+    ? new MicrovmDriver({
+        dataDir: join(o.dataDir, 'microvm'),
+        uidShift: DEFAULT_ID_RANGE.hostId,
+        busybox: driver.busyboxPath,
+        ...(o.vmAssetsDir ? { assetsDir: o.vmAssetsDir } : {}),
+        network: { ...(o.vmBridge ? { bridge: o.vmBridge, nftTable: `devyard_${o.vmBridge}` } : {}), ...(o.vmSubnet ? { subnet: o.vmSubnet } : {}) },
+        log,
+      })
+    : null;
   const plain = {
     builtin: new BuiltinImageStore({ dataDir: join(o.dataDir, 'images'), log }),
     oci: new OciImageStore({
@@ -64,7 +90,7 @@ export function createSandboxNode(o: SandboxNodeOptions): SandboxNode {
     serverUrl: o.serverUrl,
     token: o.token,
     dataDir: join(o.dataDir, 'agent'),
-    driver,
+    driver: microvm ? new RuntimeRouter([driver, microvm], log) : driver,
     images,
     // Prebuilds live next to the boxes (same filesystem): capturing one is a rename, not a copy.
     prebuilds: o.noPrebuilds ? null : new PrebuildBuilder({ driver, dataDir: join(o.dataDir, 'sandbox'), log }),
@@ -78,5 +104,5 @@ export function createSandboxNode(o: SandboxNodeOptions): SandboxNode {
     prebuildCheckMs: o.prebuildCheckMs,
     log,
   });
-  return { agent, images, driver };
+  return { agent, images, driver, microvm };
 }

@@ -101,6 +101,7 @@ beforeAll(async () => {
     noPrebuilds: true,
     name: `${TAG}-node`,
     resyncMs: 1000,
+    runtimes: ['sandbox'],
     log: (msg, fields) => agentLog.push(JSON.stringify({ msg, ...fields })),
   });
   await node.agent.start();

@@ -43,7 +43,7 @@ export async function startAccessStack(tag: string, octet: number): Promise<Acce
   await chmod(dir, 0o711);
   const bridge = `dyt${tag}0`.slice(0, 15);
   const cp = await startControlPlane({ dataDir: join(dir, 'server') });
-  const node = createSandboxNode({ serverUrl: cp.url, token: cp.tokens.nodeToken, dataDir: join(dir, 'node'), bridge, subnet: `10.${octet}.0.0/16`, noPrebuilds: true, name: `${tag}-node` });
+  const node = createSandboxNode({ serverUrl: cp.url, token: cp.tokens.nodeToken, dataDir: join(dir, 'node'), bridge, subnet: `10.${octet}.0.0/16`, noPrebuilds: true, name: `${tag}-node`, runtimes: ['sandbox'] });
   await node.agent.start();
   const gateways: Gateway[] = [];
   const newGateway = async () => {

@@ -162,6 +162,23 @@ export class BridgeNetwork {
     return { netnsPath, ip };
   }
 
+  /**
+   * Creates the box's TAP device (a microVM's NIC) on the bridge, isolated and named like a
+   * sandbox's veth, so the same NAT, drop rule and {@link detach} apply; replaces a stale one.
+   */
+  async attachTap(boxId: string): Promise<string> {
+    const tap = this.vethName(boxId);
+    if (existsSync(`/sys/class/net/${tap}`)) await runHostCommandRaw(['ip', 'link', 'del', tap]);
+    await runHostCommand(['ip', '-batch', '-'], {
+      input:
+        `tuntap add dev ${tap} mode tap\n` +
+        `link set ${tap} master ${this.bridge}\n` +
+        `link set dev ${tap} type bridge_slave isolated on learning on\n` +
+        `link set ${tap} up\n`,
+    });
+    return tap;
+  }
+
   /** Whether the box has a network namespace or a veth on this host. */
   isAttached(boxId: string): boolean {
     return existsSync(this.netnsPath(boxId)) || existsSync(`/sys/class/net/${this.vethName(boxId)}`);

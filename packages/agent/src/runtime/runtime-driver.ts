@@ -5,7 +5,7 @@
  * box is already in the target state.
  */
 import type { Socket } from 'node:net';
-import type { Readable, Writable } from 'node:stream';
+import type { Duplex, Readable, Writable } from 'node:stream';
 
 /** Resource limits enforced on a box (cgroups for the sandbox, VM size for a microVM). */
 export interface RuntimeResources {
@@ -15,6 +15,8 @@ export interface RuntimeResources {
   memoryBytes: number;
   /** Maximum number of processes/threads in the box (fork-bomb guard). */
   pids: number;
+  /** Size of the workspace volume where the runtime gives it a fixed size (a microVM's disk). */
+  diskBytes?: number;
 }
 
 /** Everything a driver needs to run one box; built by the agent from the desired set. */
@@ -23,6 +25,8 @@ export interface BoxRuntimeSpec {
   boxId: string;
   /** Box name, used as the hostname inside the box. */
   name: string;
+  /** Runtime the box runs on (`sandbox`, `microvm`); a node with several drivers routes by it. */
+  runtime?: string;
   /** Read-only root filesystem of the box's image (shared between boxes, never written). */
   imageRootfs: string;
   /** Content digest of the image, recorded so a restarted agent can tell which image a box uses. */
@@ -78,6 +82,11 @@ export interface RuntimeBoxStatus {
   ip?: string;
   /** Host pid of the box's init process, while running or paused. */
   pid?: number;
+  /**
+   * Why the box stopped without being asked to (a VM process killed or crashed), until it is
+   * started again: the agent reports it, so the user sees why the box restarted.
+   */
+  failure?: string;
 }
 
 /** Options for a process started inside a box. */
@@ -118,6 +127,8 @@ export interface RuntimeDriver {
   readonly name: string;
   /** Whether pause keeps process memory intact, shown to users by `devyard get`. */
   readonly pauseKeepsMemory: boolean;
+  /** Labels the node registers with for this runtime (e.g. the microVM accelerator in use). */
+  nodeLabels?(): Record<string, string>;
   /** Prepares the host (network bridge, NAT, cgroup parents); safe to call on every agent start. */
   init(): Promise<void>;
   /** Creates the box's disk state (overlay upper, workspace and home volume) without starting it. */
@@ -150,5 +161,5 @@ export interface RuntimeDriver {
    * error whose `code` is `PORT_REFUSED` when nothing listens there, `BOX_NOT_RUNNING` or
    * `BOX_PAUSED` when the box does not run, `DIAL_FAILED` otherwise.
    */
-  dial(boxId: string, port: number): Promise<Socket>;
+  dial(boxId: string, port: number): Promise<Socket | Duplex>;
 }

@@ -29,6 +29,10 @@ function parseListen(v: string | undefined, fallbackPort: number): { host: strin
 interface NetworkFlags {
   bridge?: string;
   subnet?: string;
+  /** Runtimes offered, comma-separated (`sandbox,microvm`). */
+  runtimes?: string;
+  vmBridge?: string;
+  vmSubnet?: string;
   /** Registry hosts reached over plain HTTP (loopback ones always are). */
   insecureRegistries?: string[];
 }
@@ -48,9 +52,27 @@ function startAgent(o: { serverUrl: string; token: string; dataDir: string; name
     prebuildCheckMs: o.prebuildCheckMs,
     bridge: o.bridge,
     subnet: o.subnet,
+    ...(o.runtimes ? { runtimes: parseRuntimes(o.runtimes) } : {}),
+    vmBridge: o.vmBridge,
+    vmSubnet: o.vmSubnet,
     insecureRegistries: o.insecureRegistries,
     log: (msg: string, fields?: object) => o.log.info(fields ?? {}, msg),
   });
+}
+
+function parseRuntimes(v: string): Array<'sandbox' | 'microvm'> {
+  const list = v.split(',').map((s) => s.trim()).filter(Boolean);
+  for (const r of list) if (r !== 'sandbox' && r !== 'microvm') throw new CliUsageError(`unknown runtime "${r}" (known: sandbox, microvm)`);
+  if (list[0] !== 'sandbox') throw new CliUsageError('--runtimes must start with sandbox (image builds and prebuilds run in it)');
+  return list as Array<'sandbox' | 'microvm'>;
+}
+
+/** The runtime flags of `up` and `agent`. */
+function runtimeOptions(c: Command): Command {
+  return c
+    .option('--runtimes <list>', 'runtimes this node offers (default: sandbox, plus microvm when QEMU is installed)')
+    .option('--vm-bridge <name>', 'bridge interface for microVMs (default devyardvm0)')
+    .option('--vm-subnet <cidr>', 'microVM subnet (default 10.214.0.0/16)');
 }
 
 const portOption = (v: string): number => {
@@ -89,8 +111,8 @@ function onShutdown(fn: () => Promise<void>, note = 'boxes keep running; start a
 }
 
 export function registerDaemonCommands(program: Command): void {
-  program
-    .command('up')
+  runtimeOptions(program
+    .command('up'))
     .description('run the whole platform on this machine (server + agent) on an embedded SQLite store')
     .option('-d, --data-dir <dir>', 'where state, images and boxes live', './.devyard')
     .option('-p, --port <port>', 'API port', (v) => Number(v), 7480)
@@ -110,7 +132,7 @@ export function registerDaemonCommands(program: Command): void {
         if (e.code === 'EADDRINUSE') throw new Error(`port ${o.port} is in use: is another \`devyard up\` running? (choose another with --port)`);
         throw e;
       });
-      const { agent, images } = startAgent({ serverUrl: cp.url, token: cp.tokens.nodeToken, dataDir: join(dataDir, 'node'), name: hostname(), bridge: o.bridge, subnet: o.subnet, prebuildCheckMs: o.prebuildCheckMs, log: log.child({ role: 'agent' }) });
+      const { agent, images } = startAgent({ serverUrl: cp.url, token: cp.tokens.nodeToken, dataDir: join(dataDir, 'node'), name: hostname(), bridge: o.bridge, subnet: o.subnet, runtimes: o.runtimes, vmBridge: o.vmBridge, vmSubnet: o.vmSubnet, prebuildCheckMs: o.prebuildCheckMs, log: log.child({ role: 'agent' }) });
       await agent.start();
       for (let i = 0; i < 200 && !agent.nodeId; i++) await new Promise((r) => setTimeout(r, 25));
       if (!agent.nodeId) process.stderr.write(`warning: the node agent has not registered yet; see ${join(dataDir, 'devyard.log')}\n`);
@@ -193,8 +215,8 @@ export function registerDaemonCommands(program: Command): void {
       onShutdown(() => cp.close());
     });
 
-  program
-    .command('agent')
+  runtimeOptions(program
+    .command('agent'))
     .description('run the node agent: register this node and run its boxes')
     .requiredOption('--server <url>', 'control plane URL')
     .requiredOption('--token <token>', 'node join token (server data dir: node.token)')
@@ -210,7 +232,7 @@ export function registerDaemonCommands(program: Command): void {
     .action(async (o) => {
       requireRoot('devyard agent');
       const log = pino({ level: 'info' });
-      const { agent } = startAgent({ serverUrl: o.server, token: o.token, dataDir: resolve(o.dataDir), name: o.name, listen: o.listen, advertise: o.advertise, bridge: o.bridge, subnet: o.subnet, resyncMs: o.resyncMs, prebuildCheckMs: o.prebuildCheckMs, insecureRegistries: o.insecureRegistry, log });
+      const { agent } = startAgent({ serverUrl: o.server, token: o.token, dataDir: resolve(o.dataDir), name: o.name, listen: o.listen, advertise: o.advertise, bridge: o.bridge, subnet: o.subnet, runtimes: o.runtimes, vmBridge: o.vmBridge, vmSubnet: o.vmSubnet, resyncMs: o.resyncMs, prebuildCheckMs: o.prebuildCheckMs, insecureRegistries: o.insecureRegistry, log });
       await agent.start();
       onShutdown(() => agent.stop());
     });

@@ -143,7 +143,8 @@ export class SandboxDriver implements RuntimeDriver {
   private readonly hostBoxesDir: string;
   private preparing: Promise<void> = Promise.resolve();
   private readonly idRange: IdRange;
-  private readonly busybox: string;
+  /** The static busybox every box gets at /.devyard/busybox (the microVM runtime reuses it). */
+  readonly busyboxPath: string;
   private readonly log: (msg: string, fields?: object) => void;
   private readonly records = new Map<string, BoxRecord>();
   private readonly locks = new Map<string, Promise<unknown>>();
@@ -168,7 +169,7 @@ export class SandboxDriver implements RuntimeDriver {
     this.cgroups = new CgroupLayout({ parent: opts.cgroupParent ?? 'devyard', mode: opts.cgroupMode });
     this.crun = new CrunCli(this.cgroups.mode, { stateRoot: opts.crunStateRoot });
     this.idRange = opts.idRange ?? DEFAULT_ID_RANGE;
-    this.busybox = opts.busyboxPath ?? findBusybox();
+    this.busyboxPath = opts.busyboxPath ?? findBusybox();
     this.log = opts.log ?? (() => {});
     this.toolsDir = join(opts.dataDir, 'tools');
     this.boxTools = opts.boxTools;
@@ -556,7 +557,7 @@ export class SandboxDriver implements RuntimeDriver {
       idRange: this.idRange,
       sysfsSource: join(dir, 'sys'),
       binds: [
-        { source: this.busybox, destination: BUSYBOX_IN_BOX, readonly: true },
+        { source: this.busyboxPath, destination: BUSYBOX_IN_BOX, readonly: true },
         ...(this.toolsSource ? [{ source: this.toolsSource, destination: BOX_TOOLS_DIR, readonly: true }] : []),
         {
           source: join(dir, rec.workspaceBase ? WORKSPACE_MERGED : 'volume/workspace'),

@@ -1,0 +1,888 @@
+/**
+ * The microVM runtime: one QEMU `microvm` machine per box, with its own guest kernel (KVM when the
+ * probe boot works, TCG otherwise). Inside the VM the image root is run the way the sandbox runs it
+ * (Kata-style): the initramfs mounts the image's root disk, the workspace volume and the tools, and
+ * the guest agent (PID 1) starts every process chrooted into the image root, so exec, the gateway's
+ * SSH/SFTP/port forwarding and secrets behave the same on both runtimes.
+ *
+ * Layout of `<dataDir>`:
+ *   base/<digest>.qcow2   image base disks, shared read-only (vm-disk-store.ts)
+ *   boxes/<id>/           box.json, root.qcow2 (overlay), volume.ext4 (workspace volume),
+ *                         mem (guest RAM file), snapshot/ (state + meta while paused),
+ *                         qmp.sock, agent.sock, qemu.pid, console.log
+ *
+ * Pause writes a snapshot and ends QEMU, so the VM's CPU and memory are released; resume restores
+ * it in a new QEMU. The fast path leaves guest RAM in the RAM file on the node and writes only the
+ * device state (`x-ignore-shared`); the portable path streams RAM into a zstd-compressed state
+ * file that any node with the same QEMU can restore (the RAM file is dropped). Disks stay as they
+ * are while paused: nothing writes them until the restored VM runs.
+ */
+import { createHash } from 'node:crypto';
+import { existsSync, readFileSync } from 'node:fs';
+import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { connect, type Socket } from 'node:net';
+import { join } from 'node:path';
+import type { Duplex } from 'node:stream';
+import { spawn } from 'node:child_process';
+import { ensureBoxToolsBundle, BOX_TOOLS_BIN } from '../box-tools-bundle.js';
+import type { BoxRuntimeSpec, BoxSecret, ExecOptions, ExecProcess, RuntimeBoxStatus, RuntimeDriver } from '../runtime-driver.js';
+import { BridgeNetwork, type BridgeNetworkOptions } from '../../network/bridge-network.js';
+import { allocateAddress } from '../../network/ipv4-subnet.js';
+import { ensureGuestBootAssets, type GuestBootAssets } from './guest-boot-assets.js';
+import { GuestChannel } from './guest-channel.js';
+import { QmpClient } from './qmp-client.js';
+import { hostTscKhz, probeKvm, qemuArgs, qemuVersion, type Accel, type QemuVmConfig } from './qemu-command.js';
+import { VmDiskStore } from './vm-disk-store.js';
+
+/** Where secrets appear in the guest (the same path as in a sandbox). */
+const SECRETS_DIR = '/run/devyard/secrets';
+const DEFAULT_PATH = `/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${BOX_TOOLS_BIN}`;
+const MiB = 1024 ** 2;
+
+/** How pause stores a VM. */
+export type SnapshotMode = 'fast' | 'portable';
+
+/** A box operation the microVM runtime cannot do; `code` as in the sandbox driver's errors. */
+export class MicrovmError extends Error {
+  constructor(
+    /** Stable error code. */
+    readonly code: 'BOX_NOT_RUNNING' | 'BOX_NOT_FOUND' | 'BOX_PAUSED' | 'INVALID_BOX_ID' | 'INVALID_SPEC' | 'BOOT_FAILED' | 'SNAPSHOT_INVALID' | 'RESTORE_FAILED',
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/** Options of {@link MicrovmDriver}. */
+export interface MicrovmDriverOptions {
+  /** Everything of the runtime lives below (see the layout above). */
+  dataDir: string;
+  /**
+   * Kernel, initramfs, tools disk and the KVM probe's answer (guest-boot-assets.ts): the same for
+   * every data dir of a host, so shared (default /var/cache/devyard/microvm).
+   */
+  assetsDir?: string;
+  /** The VMs' network (its own bridge and subnet: default devyardvm0, 10.214.0.0/16). */
+  network?: BridgeNetworkOptions;
+  /** Host uid that is root in image trees (the sandbox's id shift). */
+  uidShift: number;
+  /** Static busybox of the host (initramfs and /.devyard/busybox). */
+  busybox: string;
+  /** Force an accelerator instead of probing (`DEVYARD_MICROVM_ACCEL`). */
+  accel?: Accel;
+  /** How pause stores VMs (default fast). */
+  snapshotMode?: SnapshotMode;
+  /** How long a cold boot may take until the guest agent answers (default 90 s). */
+  bootTimeoutMs?: number;
+  /** Workspace volume size when the box's resources give none (default 10 GiB, sparse). */
+  defaultVolumeBytes?: number;
+  log?: (msg: string, fields?: object) => void;
+}
+
+interface BoxRecord {
+  boxId: string;
+  name: string;
+  imageRootfs: string;
+  imageDigest: string;
+  vcpus: number;
+  memoryMiB: number;
+  env: Record<string, string>;
+  ip: string;
+  mac: string;
+  createdAt: string;
+  /** Why the VM ended without a stop, until the next start. */
+  failure?: string;
+  /** Whether a QEMU started by this driver should be running (cleared by stop/pause). */
+  expectRunning?: boolean;
+}
+
+/** What a snapshot directory holds, next to the state file. */
+interface SnapshotMeta {
+  mode: SnapshotMode;
+  qemuVersion: string;
+  kernelRelease: string;
+  memoryMiB: number;
+  vcpus: number;
+  stateFile: string;
+  stateBytes: number;
+  stateSha256: string;
+  createdAt: string;
+}
+
+/** A live connection to a running VM. */
+interface LiveVm {
+  qmp: QmpClient;
+  channel: GuestChannel;
+}
+
+export class MicrovmDriver implements RuntimeDriver {
+  readonly name = 'microvm';
+  readonly pauseKeepsMemory = true;
+  readonly network: BridgeNetwork;
+  private readonly boxesDir: string;
+  private readonly disks: VmDiskStore;
+  private readonly log: (msg: string, fields?: object) => void;
+  private assets: GuestBootAssets | null = null;
+  private accelInfo: { accel: Accel; reason: string } | null = null;
+  private qemuVer = '';
+  private readonly tscKhz = hostTscKhz();
+  private readonly locks = new Map<string, Promise<unknown>>();
+  private readonly live = new Map<string, LiveVm>();
+  private readonly connecting = new Map<string, Promise<LiveVm>>();
+  private readonly secrets = new Map<string, readonly BoxSecret[]>();
+  private allocLock: Promise<unknown> = Promise.resolve();
+
+  constructor(private readonly opts: MicrovmDriverOptions) {
+    this.boxesDir = join(opts.dataDir, 'boxes');
+    this.network = new BridgeNetwork({ bridge: 'devyardvm0', subnet: '10.214.0.0/16', nftTable: 'devyard_vm', ...opts.network });
+    this.disks = new VmDiskStore({ dir: join(opts.dataDir, 'base'), uidShift: opts.uidShift, log: opts.log });
+    this.log = opts.log ?? (() => {});
+  }
+
+  /** The accelerator VMs run under, and why (after init). */
+  get accel(): { accel: Accel; reason: string } {
+    if (!this.accelInfo) throw new Error('microvm driver not initialised');
+    return this.accelInfo;
+  }
+
+  /** Kernel, initramfs and tools disk the VMs boot from (after init); the benchmark's raw baseline uses them too. */
+  get bootAssets(): GuestBootAssets {
+    if (!this.assets) throw new Error('microvm driver not initialised');
+    return this.assets;
+  }
+
+  /** The VM disk store (base disks per image). */
+  get diskStore(): VmDiskStore {
+    return this.disks;
+  }
+
+  /** The guest kernel release (after init). */
+  get kernelRelease(): string {
+    return this.assets?.kernel.release ?? '';
+  }
+
+  nodeLabels(): Record<string, string> {
+    return this.accelInfo ? { 'microvm.accel': this.accelInfo.accel, 'microvm.kernel': this.kernelRelease } : {};
+  }
+
+  async init(): Promise<void> {
+    await mkdir(this.boxesDir, { recursive: true });
+    await this.network.init();
+    const assetsDir = this.opts.assetsDir ?? '/var/cache/devyard/microvm';
+    const bundle = await ensureBoxToolsBundle({ dir: join(assetsDir, 'tools'), log: this.log });
+    this.assets = await ensureGuestBootAssets({ dir: assetsDir, busybox: this.opts.busybox, toolsBundle: bundle.dir, log: this.log });
+    this.qemuVer = await qemuVersion();
+    const forced = this.opts.accel ?? (process.env.DEVYARD_MICROVM_ACCEL as Accel | undefined);
+    if (forced === 'kvm' || forced === 'tcg') this.accelInfo = { accel: forced, reason: 'configured' };
+    else {
+      const probe = await cachedKvmProbe(assetsDir, this.assets, this.qemuVer);
+      this.accelInfo = probe.usable ? { accel: 'kvm', reason: probe.reason } : { accel: 'tcg', reason: `${probe.reason}; using TCG` };
+    }
+    this.log('microvm runtime ready', { accel: this.accelInfo.accel, why: this.accelInfo.reason, kernel: this.assets.kernel.release, qemu: this.qemuVer });
+  }
+
+  private boxDir(boxId: string): string {
+    return join(this.boxesDir, boxId);
+  }
+
+  private withLock<T>(boxId: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.locks.get(boxId) ?? Promise.resolve();
+    const next = prev.catch(() => undefined).then(fn);
+    const tail = next.catch(() => undefined);
+    this.locks.set(boxId, tail);
+    void tail.then(() => {
+      if (this.locks.get(boxId) === tail) this.locks.delete(boxId);
+    });
+    return next;
+  }
+
+  private async readRecord(boxId: string): Promise<BoxRecord | undefined> {
+    try {
+      return JSON.parse(await readFile(join(this.boxDir(boxId), 'box.json'), 'utf8')) as BoxRecord;
+    } catch {
+      return undefined;
+    }
+  }
+
+  private async writeRecord(rec: BoxRecord): Promise<void> {
+    const tmp = join(this.boxDir(rec.boxId), `.box.json.${process.pid}`);
+    await writeFile(tmp, JSON.stringify(rec, null, 2));
+    await rename(tmp, join(this.boxDir(rec.boxId), 'box.json'));
+  }
+
+  /** Pid of the box's QEMU while it runs. */
+  private qemuPid(boxId: string): number | undefined {
+    try {
+      const pid = Number(readFileSync(join(this.boxDir(boxId), 'qemu.pid'), 'utf8').trim());
+      if (!Number.isInteger(pid) || pid <= 0) return undefined;
+      // A recycled pid is some other process: QEMU's command line names the box's own files.
+      const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+      return cmdline.includes(join(this.boxDir(boxId), 'qmp.sock')) ? pid : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
+  async create(spec: BoxRuntimeSpec): Promise<void> {
+    checkBoxId(spec.boxId);
+    await this.withLock(spec.boxId, () => this.ensureDisks(spec));
+  }
+
+  /** Box record, root overlay and workspace volume; existing ones are kept (the volume above all). */
+  private async ensureDisks(spec: BoxRuntimeSpec): Promise<BoxRecord> {
+    if (spec.layers?.length || spec.workspaceBase) throw new MicrovmError('INVALID_SPEC', 'the microvm runtime does not run prebuilds yet');
+    const dir = this.boxDir(spec.boxId);
+    await mkdir(join(dir, 'snapshot'), { recursive: true });
+    const existing = await this.readRecord(spec.boxId);
+    const root = join(dir, 'root.qcow2');
+    if (!existsSync(root)) {
+      const base = await this.disks.ensureBase(spec.imageRootfs, spec.imageDigest);
+      await this.disks.createOverlay(base, root);
+    }
+    const volume = join(dir, 'volume.ext4');
+    if (!existsSync(volume)) await this.disks.createVolume(volume, spec.resources.diskBytes || this.opts.defaultVolumeBytes || 10 * 1024 ** 3);
+    const rec: BoxRecord = {
+      boxId: spec.boxId,
+      name: spec.name,
+      imageRootfs: spec.imageRootfs,
+      imageDigest: spec.imageDigest,
+      vcpus: Math.max(1, Math.ceil(spec.resources.cpuMillis / 1000)),
+      memoryMiB: Math.max(128, Math.floor(spec.resources.memoryBytes / MiB)),
+      env: spec.env,
+      ip: existing?.ip ?? (await this.allocateIp(spec.boxId)),
+      mac: existing?.mac ?? macFor(spec.boxId),
+      createdAt: existing?.createdAt ?? new Date().toISOString(),
+      ...(existing?.failure ? { failure: existing.failure } : {}),
+    };
+    await this.writeRecord(rec);
+    return rec;
+  }
+
+  private allocateIp(boxId: string): Promise<string> {
+    const next = this.allocLock.then(async () => {
+      const used: string[] = [];
+      for (const id of await readdir(this.boxesDir).catch(() => [] as string[])) {
+        if (id === boxId) continue;
+        const rec = await this.readRecord(id);
+        if (rec) used.push(rec.ip);
+      }
+      return allocateAddress(this.network.subnet, used);
+    });
+    this.allocLock = next.catch(() => {});
+    return next;
+  }
+
+  private vmConfig(rec: BoxRecord, incoming: boolean): QemuVmConfig {
+    const dir = this.boxDir(rec.boxId);
+    const a = this.assets!;
+    return {
+      accel: this.accel.accel,
+      vcpus: rec.vcpus,
+      memoryMiB: rec.memoryMiB,
+      kernel: a.kernel.vmlinuz,
+      initramfs: a.initramfs,
+      guestParams: {
+        'devyard.ip': `${rec.ip}/${this.network.subnet.prefix}`,
+        'devyard.gw': this.network.gateway,
+        'devyard.hostname': rec.name,
+        ...(this.dns ? { 'devyard.dns': this.dns } : {}),
+      },
+      tscKhz: this.tscKhz,
+      rootDisk: join(dir, 'root.qcow2'),
+      volumeDisk: join(dir, 'volume.ext4'),
+      toolsDisk: a.toolsDisk,
+      tap: this.network.vethName(rec.boxId),
+      mac: rec.mac,
+      agentSocket: join(dir, 'agent.sock'),
+      qmpSocket: join(dir, 'qmp.sock'),
+      memFile: join(dir, 'mem'),
+      pidFile: join(dir, 'qemu.pid'),
+      consoleLog: join(dir, 'console.log'),
+      incoming,
+    };
+  }
+  private dns = '';
+
+  /** Starts QEMU (daemonized: VMs outlive an agent restart) and connects QMP. */
+  private async launch(rec: BoxRecord, incoming: boolean): Promise<QmpClient> {
+    const dir = this.boxDir(rec.boxId);
+    for (const f of ['qmp.sock', 'agent.sock', 'qemu.pid']) await rm(join(dir, f), { force: true });
+    if (!this.dns) this.dns = (await this.network.resolvConf()).split('\n').filter((l) => l.startsWith('nameserver ')).map((l) => l.slice(11)).join(',');
+    await this.network.attachTap(rec.boxId);
+    const args = qemuArgs(this.vmConfig(rec, incoming));
+    const { code, stderr } = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
+      const c = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+      let err = '';
+      c.stderr.on('data', (b: Buffer) => (err += b.toString()));
+      c.on('error', (e) => resolve({ code: -1, stderr: e.message }));
+      c.on('close', (c2) => resolve({ code: c2, stderr: err }));
+    });
+    if (code !== 0) throw new MicrovmError('BOOT_FAILED', `qemu exited ${code}: ${stderr.trim().split('\n').slice(-3).join(' | ')}`);
+    return QmpClient.connect(join(dir, 'qmp.sock'));
+  }
+
+  async start(spec: BoxRuntimeSpec): Promise<void> {
+    checkBoxId(spec.boxId);
+    await this.withLock(spec.boxId, async () => {
+      if (this.qemuPid(spec.boxId)) return;
+      const dir = this.boxDir(spec.boxId);
+      // A start is a cold boot: a snapshot left by a pause is not resumed by it (resume does that).
+      if (existsSync(join(dir, 'snapshot', 'meta.json'))) throw new MicrovmError('BOX_PAUSED', `box ${spec.boxId} is paused: resume it`);
+      const rec = await this.ensureDisks(spec);
+      delete rec.failure;
+      await rm(join(dir, 'mem'), { force: true });
+      rec.expectRunning = true;
+      await this.writeRecord(rec);
+      const timeoutMs = this.opts.bootTimeoutMs ?? 90_000;
+      let qmp: QmpClient | undefined;
+      try {
+        qmp = await this.launch(rec, false);
+        const channel = await GuestChannel.connect(join(dir, 'agent.sock'), { timeoutMs });
+        this.attachLive(spec.boxId, { qmp, channel });
+        // Images ship without a machine-id (or with the one of their build): each box gets its own.
+        await channel.setIdentity(rec.name, machineIdFor(spec.boxId));
+        await this.injectSecrets(spec.boxId, channel);
+        this.log('microvm booted', { boxId: spec.boxId, accel: this.accel.accel, kernel: channel.kernelRelease });
+      } catch (e) {
+        qmp?.close();
+        const consoleTail = await this.consoleTail(spec.boxId);
+        await this.kill(spec.boxId);
+        rec.expectRunning = false;
+        await this.writeRecord(rec);
+        await rm(join(dir, 'mem'), { force: true });
+        throw new MicrovmError('BOOT_FAILED', `the VM did not come up: ${(e as Error).message}${consoleTail ? `; console: ${consoleTail}` : ''}`);
+      }
+    });
+  }
+
+  private attachLive(boxId: string, vm: LiveVm): void {
+    this.live.get(boxId)?.channel.close();
+    this.live.set(boxId, vm);
+    void vm.channel.closed.then(() => {
+      if (this.live.get(boxId) === vm) {
+        this.live.delete(boxId);
+        vm.qmp.close();
+      }
+    });
+  }
+
+  /** The live connection of a running VM, reconnected after an agent restart. */
+  private async liveVm(boxId: string): Promise<LiveVm> {
+    const have = this.live.get(boxId);
+    if (have) return have;
+    const pending = this.connecting.get(boxId);
+    if (pending) return pending;
+    const p = (async () => {
+      if (!this.qemuPid(boxId)) {
+        if (existsSync(join(this.boxDir(boxId), 'snapshot', 'meta.json'))) throw new MicrovmError('BOX_PAUSED', `box ${boxId} is paused`);
+        throw new MicrovmError('BOX_NOT_RUNNING', `box ${boxId} is not running`);
+      }
+      const dir = this.boxDir(boxId);
+      const qmp = await QmpClient.connect(join(dir, 'qmp.sock'), 5000);
+      const channel = await GuestChannel.connect(join(dir, 'agent.sock'), { timeoutMs: 15_000 }).catch((e: unknown) => {
+        qmp.close();
+        throw e;
+      });
+      const vm = { qmp, channel };
+      this.attachLive(boxId, vm);
+      return vm;
+    })().finally(() => this.connecting.delete(boxId));
+    this.connecting.set(boxId, p);
+    return p;
+  }
+
+  private async consoleTail(boxId: string): Promise<string> {
+    const text = await readFile(join(this.boxDir(boxId), 'console.log'), 'utf8').catch(() => '');
+    return text.trim().split('\n').slice(-3).join(' | ').slice(0, 500);
+  }
+
+  /** Ends QEMU at once (SIGKILL) and removes its network device; disks are kept. */
+  private async kill(boxId: string): Promise<void> {
+    const vm = this.live.get(boxId);
+    this.live.delete(boxId);
+    vm?.channel.close();
+    vm?.qmp.close();
+    const pid = this.qemuPid(boxId);
+    if (pid) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        /* gone already */
+      }
+      await waitGone(pid, 5000);
+    }
+    await this.network.detach(boxId);
+    for (const f of ['qmp.sock', 'agent.sock', 'qemu.pid']) await rm(join(this.boxDir(boxId), f), { force: true });
+  }
+
+  async stop(boxId: string, opts: { graceMs?: number } = {}): Promise<void> {
+    checkBoxId(boxId);
+    await this.withLock(boxId, async () => {
+      const rec = await this.readRecord(boxId);
+      if (!rec) return;
+      const pid = this.qemuPid(boxId);
+      if (pid) {
+        // Flush the guest's filesystems first: quitting QEMU is a power cut for the guest.
+        try {
+          const vm = await withTimeout(this.liveVm(boxId), opts.graceMs ?? 10_000);
+          await withTimeout(vm.channel.quiesce(SECRETS_DIR), opts.graceMs ?? 10_000);
+          await vm.qmp.execute('quit').catch(() => undefined);
+          await waitGone(pid, 5000);
+        } catch (e) {
+          this.log('microvm stop: the guest did not flush, stopping it hard', { boxId, err: (e as Error).message });
+        }
+      }
+      await this.kill(boxId);
+      // A stopped box has no memory: a snapshot and the RAM file go (the volume and root stay).
+      await this.dropSnapshot(boxId);
+      await rm(join(this.boxDir(boxId), 'mem'), { force: true });
+      rec.expectRunning = false;
+      await this.writeRecord(rec);
+      this.secrets.delete(boxId);
+    });
+  }
+
+  private async dropSnapshot(boxId: string): Promise<void> {
+    const snap = join(this.boxDir(boxId), 'snapshot');
+    await rm(snap, { recursive: true, force: true });
+    await mkdir(snap, { recursive: true });
+  }
+
+  /** Snapshots the VM and ends its QEMU; `mode` overrides the driver's snapshot mode for this pause. */
+  async pause(boxId: string, mode: SnapshotMode = this.opts.snapshotMode ?? 'fast'): Promise<void> {
+    checkBoxId(boxId);
+    await this.withLock(boxId, async () => {
+      const dir = this.boxDir(boxId);
+      if (existsSync(join(dir, 'snapshot', 'meta.json')) && !this.qemuPid(boxId)) return;
+      const rec = await this.readRecord(boxId);
+      if (!rec) throw new MicrovmError('BOX_NOT_FOUND', `box ${boxId} does not exist`);
+      const vm = await this.liveVm(boxId);
+      await this.snapshot(boxId, rec, vm, mode);
+    });
+  }
+
+  /**
+   * Writes the VM's snapshot and ends its QEMU. Secrets are wiped in the guest first (they must
+   * not be in a snapshot file) and the guest's filesystems synced (the disks are consistent with
+   * the RAM at the moment of `stop`).
+   */
+  private async snapshot(boxId: string, rec: BoxRecord, vm: LiveVm, mode: SnapshotMode): Promise<void> {
+    const dir = this.boxDir(boxId);
+    const snap = join(dir, 'snapshot');
+    await this.dropSnapshot(boxId);
+    const stateFile = mode === 'fast' ? 'state' : 'state.zst';
+    const tmp = join(snap, `${stateFile}.tmp`);
+    await vm.channel.quiesce(SECRETS_DIR);
+    await vm.qmp.execute('stop');
+    let meta: SnapshotMeta;
+    try {
+      meta = await this.writeState(vm, rec, mode, tmp);
+    } catch (e) {
+      // The VM keeps running as it was: a failed pause loses nothing.
+      await vm.qmp.execute('cont').catch(() => undefined);
+      await this.injectSecrets(boxId, vm.channel).catch(() => undefined);
+      throw e;
+    }
+    await rename(tmp, join(snap, stateFile));
+    await writeSnapshotMeta(snap, meta);
+    rec.expectRunning = false;
+    await this.writeRecord(rec);
+    await vm.qmp.execute('quit').catch(() => undefined);
+    await this.kill(boxId);
+    // A portable snapshot holds the RAM itself: the RAM file would only cost disk.
+    if (mode === 'portable') await rm(join(dir, 'mem'), { force: true });
+  }
+
+  /** Streams a stopped VM's device state (and with `portable` its RAM, zstd-compressed) to `file`. */
+  private async writeState(vm: LiveVm, rec: BoxRecord, mode: SnapshotMode, file: string): Promise<SnapshotMeta> {
+    await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: mode === 'fast' }] });
+    // The default bandwidth cap (128 MiB/s) would make a portable snapshot take seconds per GiB.
+    await vm.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
+    const sink = mode === 'fast' ? `cat > ${shellQuote(file)}` : `zstd -1 -T0 -q -f -o ${shellQuote(file)}`;
+    await vm.qmp.execute('migrate', { uri: `exec:${sink}` });
+    await waitMigration(vm.qmp, 120_000);
+    const data = await readFile(file);
+    return {
+      mode,
+      qemuVersion: this.qemuVer,
+      kernelRelease: vm.channel.kernelRelease,
+      memoryMiB: rec.memoryMiB,
+      vcpus: rec.vcpus,
+      stateFile: mode === 'fast' ? 'state' : 'state.zst',
+      stateBytes: data.length,
+      stateSha256: createHash('sha256').update(data).digest('hex'),
+      createdAt: new Date().toISOString(),
+    };
+  }
+
+  /**
+   * Clones a running or paused VM (RAM, device state, root overlay and workspace volume) into a
+   * new box and starts the clone with its own identity: host name, machine-id, MAC, address and
+   * NIC. A running source is stopped only for the device-state write and the file copies.
+   */
+  async fork(sourceId: string, spec: BoxRuntimeSpec): Promise<void> {
+    checkBoxId(sourceId);
+    checkBoxId(spec.boxId);
+    if (this.qemuPid(spec.boxId)) return;
+    const dst = this.boxDir(spec.boxId);
+    const { rec, meta } = await this.withLock(sourceId, async () => {
+      const src = await this.readRecord(sourceId);
+      if (!src) throw new MicrovmError('BOX_NOT_FOUND', `fork source ${sourceId} does not exist on this node`);
+      const srcDir = this.boxDir(sourceId);
+      await rm(dst, { recursive: true, force: true });
+      await mkdir(join(dst, 'snapshot'), { recursive: true });
+      let meta: SnapshotMeta;
+      if (this.qemuPid(sourceId)) {
+        const vm = await this.liveVm(sourceId);
+        await vm.channel.quiesce(SECRETS_DIR);
+        await vm.qmp.execute('stop');
+        try {
+          meta = await this.writeState(vm, src, 'fast', join(dst, 'snapshot', 'state'));
+          await copyFiles(srcDir, dst, ['mem', 'root.qcow2', 'volume.ext4']);
+        } finally {
+          await vm.qmp.execute('cont').catch(() => undefined);
+          await this.injectSecrets(sourceId, vm.channel).catch(() => undefined);
+        }
+      } else {
+        meta = await this.readSnapshotMeta(sourceId).catch(() => {
+          throw new MicrovmError('BOX_NOT_RUNNING', `fork needs a running or paused source; ${sourceId} is stopped`);
+        });
+        await copyFiles(join(srcDir, 'snapshot'), join(dst, 'snapshot'), [meta.stateFile]);
+        await copyFiles(srcDir, dst, [...(meta.mode === 'fast' ? ['mem'] : []), 'root.qcow2', 'volume.ext4']);
+      }
+      const rec: BoxRecord = {
+        ...src,
+        boxId: spec.boxId,
+        name: spec.name,
+        env: spec.env,
+        ip: await this.allocateIp(spec.boxId),
+        mac: macFor(spec.boxId),
+        createdAt: new Date().toISOString(),
+        expectRunning: false,
+      };
+      delete rec.failure;
+      await this.writeRecord(rec);
+      return { rec, meta };
+    });
+    await this.withLock(spec.boxId, async () => {
+      try {
+        await this.restore(spec.boxId, rec, meta);
+        const vm = await this.liveVm(spec.boxId);
+        // The clone woke up as its source: give it its own identity before anything uses it.
+        await vm.channel.setIdentity(rec.name, machineIdFor(rec.boxId));
+        await this.guestShell(vm, `ip link set eth0 down && ip link set eth0 address ${rec.mac} && ip link set eth0 up`);
+        await vm.channel.netConfig('eth0', `${rec.ip}/${this.network.subnet.prefix}`, this.network.gateway);
+      } catch (e) {
+        await this.kill(spec.boxId);
+        await rm(dst, { recursive: true, force: true });
+        throw e;
+      }
+    });
+  }
+
+  /** Runs a busybox shell command in the guest from the tools disk (images may lack the tool). */
+  private async guestShell(vm: LiveVm, script: string): Promise<void> {
+    const p = await vm.channel.exec({ argv: ['/.devyard/busybox', 'sh', '-c', script], env: { PATH: '/.devyard' }, cwd: '/' });
+    let err = '';
+    p.stderr.on('data', (b: Buffer) => (err += b.toString()));
+    p.stdout.resume();
+    p.stdin.end();
+    const code = await p.exited;
+    if (code !== 0) throw new Error(`guest command failed (${code}): ${script}: ${err.trim()}`);
+  }
+
+  async resume(boxId: string): Promise<void> {
+    checkBoxId(boxId);
+    await this.withLock(boxId, async () => {
+      if (this.qemuPid(boxId)) return;
+      const dir = this.boxDir(boxId);
+      const rec = await this.readRecord(boxId);
+      if (!rec) throw new MicrovmError('BOX_NOT_FOUND', `box ${boxId} does not exist`);
+      const meta = await this.readSnapshotMeta(boxId);
+      try {
+        await this.restore(boxId, rec, meta);
+      } catch (e) {
+        // The snapshot cannot be used: set it aside (kept for inspection, never silently
+        // deleted) and leave the box stopped with its disks; the workspace volume is untouched.
+        await this.kill(boxId);
+        const aside = join(dir, `snapshot.failed-${Date.now()}`);
+        await rename(join(dir, 'snapshot'), aside).catch(() => undefined);
+        await mkdir(join(dir, 'snapshot'), { recursive: true });
+        await rm(join(dir, 'mem'), { force: true });
+        rec.expectRunning = false;
+        await this.writeRecord(rec);
+        const code = e instanceof MicrovmError ? e.code : 'RESTORE_FAILED';
+        throw new MicrovmError(code === 'SNAPSHOT_INVALID' ? code : 'RESTORE_FAILED', `${(e as Error).message}; the box is stopped (its volume is intact, the snapshot was moved to ${aside})`);
+      }
+    });
+  }
+
+  private async readSnapshotMeta(boxId: string): Promise<SnapshotMeta> {
+    let meta: SnapshotMeta;
+    try {
+      meta = JSON.parse(await readFile(join(this.boxDir(boxId), 'snapshot', 'meta.json'), 'utf8')) as SnapshotMeta;
+    } catch {
+      throw new MicrovmError('BOX_NOT_RUNNING', `box ${boxId} has no snapshot to resume from`);
+    }
+    return meta;
+  }
+
+  private async restore(boxId: string, rec: BoxRecord, meta: SnapshotMeta): Promise<void> {
+    const dir = this.boxDir(boxId);
+    const state = join(dir, 'snapshot', meta.stateFile);
+    if (meta.qemuVersion !== this.qemuVer) throw new MicrovmError('SNAPSHOT_INVALID', `the snapshot was written by QEMU ${meta.qemuVersion}; this node runs ${this.qemuVer}`);
+    if (meta.kernelRelease && meta.kernelRelease !== this.assets!.kernel.release) {
+      throw new MicrovmError('SNAPSHOT_INVALID', `the snapshot's guest kernel is ${meta.kernelRelease}; this node boots ${this.assets!.kernel.release}`);
+    }
+    const data = await readFile(state).catch(() => null);
+    if (!data) throw new MicrovmError('SNAPSHOT_INVALID', `snapshot state file ${meta.stateFile} is missing`);
+    if (data.length !== meta.stateBytes || createHash('sha256').update(data).digest('hex') !== meta.stateSha256) {
+      throw new MicrovmError('SNAPSHOT_INVALID', `snapshot state file ${meta.stateFile} is corrupt or truncated (${data.length} of ${meta.stateBytes} bytes, checksum mismatch)`);
+    }
+    if (meta.mode === 'fast' && !existsSync(join(dir, 'mem'))) throw new MicrovmError('SNAPSHOT_INVALID', 'the snapshot needs the RAM file, which is missing');
+    if (!existsSync(join(dir, 'root.qcow2'))) throw new MicrovmError('SNAPSHOT_INVALID', 'the root disk overlay is missing');
+    // The snapshot's machine shape wins over later resource edits: the device state fits only it.
+    const sized: BoxRecord = { ...rec, vcpus: meta.vcpus, memoryMiB: meta.memoryMiB, expectRunning: true };
+    delete sized.failure;
+    await this.writeRecord(sized);
+    const qmp = await this.launch(sized, true);
+    try {
+      if (meta.mode === 'fast') await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+      const source = meta.mode === 'fast' ? `cat ${shellQuote(state)}` : `zstd -dcq ${shellQuote(state)}`;
+      await qmp.execute('migrate-incoming', { uri: `exec:${source}` });
+      await waitIncoming(qmp, 120_000, () => this.qemuPid(boxId) !== undefined);
+      // Connect before cont: the guest agent reads EOF until a host is there.
+      const sock = await connectUnix(join(dir, 'agent.sock'));
+      await qmp.execute('cont');
+      const channel = await GuestChannel.open(sock, { timeoutMs: 15_000 });
+      this.attachLive(boxId, { qmp, channel });
+      await this.injectSecrets(boxId, channel);
+    } catch (e) {
+      qmp.close();
+      const tail = await this.consoleTail(boxId);
+      throw new MicrovmError('RESTORE_FAILED', `restoring the snapshot failed: ${(e as Error).message}${tail ? `; console: ${tail}` : ''}`);
+    }
+    await this.dropSnapshot(boxId);
+    if (meta.mode === 'portable') this.log('microvm resumed from a portable snapshot', { boxId });
+  }
+
+  async destroy(boxId: string): Promise<void> {
+    checkBoxId(boxId);
+    await this.withLock(boxId, async () => {
+      await this.kill(boxId);
+      await rm(this.boxDir(boxId), { recursive: true, force: true });
+      this.secrets.delete(boxId);
+    });
+  }
+
+  async inspect(boxId: string): Promise<RuntimeBoxStatus> {
+    checkBoxId(boxId);
+    const rec = await this.readRecord(boxId);
+    if (!rec) return { boxId, state: 'absent' };
+    const pid = this.qemuPid(boxId);
+    if (pid) return { boxId, state: 'running', ip: rec.ip, pid };
+    if (existsSync(join(this.boxDir(boxId), 'snapshot', 'meta.json'))) return { boxId, state: 'paused', ip: rec.ip };
+    if (rec.expectRunning && !this.locks.has(boxId)) {
+      // QEMU is gone although nothing stopped it: killed (OOM, kill -9) or crashed. Recorded once,
+      // reported until the next start.
+      rec.expectRunning = false;
+      rec.failure = `the VM's QEMU process ended without a stop (killed or crashed)${await this.consoleTail(boxId).then((t) => (t ? `; console: ${t}` : ''))}`;
+      await this.writeRecord(rec);
+      this.live.get(boxId)?.channel.close();
+      this.live.delete(boxId);
+      await this.network.detach(boxId).catch(() => undefined);
+      this.log('microvm ended unexpectedly', { boxId, failure: rec.failure });
+    }
+    return { boxId, state: 'stopped', ip: rec.ip, ...(rec.failure ? { failure: rec.failure } : {}) };
+  }
+
+  async list(): Promise<RuntimeBoxStatus[]> {
+    const ids = await readdir(this.boxesDir).catch(() => [] as string[]);
+    const out: RuntimeBoxStatus[] = [];
+    for (const id of ids) {
+      if (!/^[a-zA-Z0-9_-]+$/.test(id)) continue;
+      const s = await this.inspect(id);
+      if (s.state !== 'absent') out.push(s);
+    }
+    return out;
+  }
+
+  async writeSecrets(boxId: string, secrets: readonly BoxSecret[]): Promise<void> {
+    checkBoxId(boxId);
+    this.secrets.set(boxId, [...secrets]);
+    // A paused or stopped VM gets them when it runs again (resume and start inject them).
+    if (!this.qemuPid(boxId)) return;
+    await this.withLock(boxId, async () => {
+      if (!this.qemuPid(boxId)) return;
+      await this.injectSecrets(boxId, (await this.liveVm(boxId)).channel);
+    });
+  }
+
+  private async injectSecrets(boxId: string, channel: GuestChannel): Promise<void> {
+    const set = this.secrets.get(boxId) ?? [];
+    await channel.replaceDir(SECRETS_DIR, set.map((s) => ({ name: s.name, data: s.value })));
+  }
+
+  async exec(boxId: string, opts: ExecOptions): Promise<ExecProcess> {
+    checkBoxId(boxId);
+    if (opts.argv.length === 0) throw new Error('exec: empty argv');
+    const rec = await this.readRecord(boxId);
+    if (!rec) throw new MicrovmError('BOX_NOT_FOUND', `box ${boxId} does not exist`);
+    const vm = await this.liveVm(boxId);
+    const env: Record<string, string> = {
+      PATH: DEFAULT_PATH,
+      HOME: '/root',
+      HOSTNAME: rec.name,
+      ...rec.env,
+      ...Object.fromEntries((this.secrets.get(boxId) ?? []).map((s) => [s.name, s.value])),
+      ...(opts.env ?? {}),
+    };
+    return vm.channel.exec({ ...opts, env, cwd: opts.cwd ?? '/workspace' });
+  }
+
+  async dial(boxId: string, port: number): Promise<Duplex> {
+    checkBoxId(boxId);
+    if (!Number.isInteger(port) || port < 1 || port > 65535) throw new MicrovmError('INVALID_SPEC', `invalid port: ${port}`);
+    const vm = await this.liveVm(boxId);
+    return vm.channel.dial(port);
+  }
+
+  /** Renames a running VM (a warm-pool box claimed under its user's name). */
+  async setHostname(boxId: string, name: string): Promise<void> {
+    checkBoxId(boxId);
+    if (!/^[a-z]([a-z0-9-]*[a-z0-9])?$/.test(name) || name.length > 63) throw new MicrovmError('INVALID_SPEC', `invalid host name: ${name}`);
+    await this.withLock(boxId, async () => {
+      const rec = await this.readRecord(boxId);
+      if (!rec) throw new MicrovmError('BOX_NOT_FOUND', `box ${boxId} does not exist`);
+      if (this.qemuPid(boxId)) await (await this.liveVm(boxId)).channel.setIdentity(name, machineIdFor(boxId));
+      await this.writeRecord({ ...rec, name });
+    });
+  }
+
+  /** Guest health (load, memory, idle time) of a running VM. */
+  async health(boxId: string): Promise<Record<string, number>> {
+    return (await this.liveVm(boxId)).channel.health();
+  }
+
+  /** Size of a box's files on the host (disks, RAM file, snapshot), for benchmarks and reports. */
+  async diskUsage(boxId: string): Promise<Record<string, number>> {
+    const out: Record<string, number> = {};
+    for (const f of ['root.qcow2', 'volume.ext4', 'mem', 'snapshot/state', 'snapshot/state.zst']) {
+      const s = await stat(join(this.boxDir(boxId), f)).catch(() => null);
+      if (s) out[f] = s.blocks * 512;
+    }
+    return out;
+  }
+}
+
+/**
+ * The KVM probe's answer, kept for the host's boot (same kernel, QEMU and guest kernel): a host
+ * where KVM hangs would otherwise cost every agent start the probe's timeout.
+ */
+async function cachedKvmProbe(dir: string, assets: GuestBootAssets, qemu: string): Promise<{ usable: boolean; reason: string }> {
+  const bootId = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+  const key = `${bootId}|${assets.kernel.release}|${qemu}`;
+  const file = join(dir, 'kvm-probe.json');
+  try {
+    const c = JSON.parse(await readFile(file, 'utf8')) as { key: string; usable: boolean; reason: string };
+    if (c.key === key) return { usable: c.usable, reason: `${c.reason} (probed earlier this boot)` };
+  } catch {
+    /* probe below */
+  }
+  const probe = await probeKvm({ kernel: assets.kernel.vmlinuz, initramfs: assets.initramfs, workDir: dir });
+  await writeFile(`${file}.${process.pid}`, JSON.stringify({ key, ...probe }));
+  await rename(`${file}.${process.pid}`, file);
+  return probe;
+}
+
+async function writeSnapshotMeta(dir: string, meta: SnapshotMeta): Promise<void> {
+  await writeFile(join(dir, 'meta.json.tmp'), JSON.stringify(meta, null, 2));
+  await rename(join(dir, 'meta.json.tmp'), join(dir, 'meta.json'));
+}
+
+/** Copies files keeping holes (RAM files and volumes are mostly sparse), reflinked where the filesystem can. */
+async function copyFiles(from: string, to: string, names: string[]): Promise<void> {
+  for (const n of names) {
+    await new Promise<void>((resolve, reject) => {
+      const c = spawn('cp', ['--sparse=always', '--reflink=auto', join(from, n), join(to, n)], { stdio: ['ignore', 'ignore', 'pipe'] });
+      let err = '';
+      c.stderr.on('data', (b: Buffer) => (err += b.toString()));
+      c.on('error', reject);
+      c.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`copying ${n}: ${err.trim()}`))));
+    });
+  }
+}
+
+function checkBoxId(boxId: string): void {
+  if (!/^[a-zA-Z0-9_-]{1,64}$/.test(boxId)) throw new MicrovmError('INVALID_BOX_ID', `invalid box id: ${boxId}`);
+}
+
+/** A stable locally administered MAC per box. */
+function macFor(boxId: string): string {
+  const h = createHash('sha256').update(boxId).digest();
+  return ['52', '54', h[0]!, h[1]!, h[2]!, h[3]!].map((b) => (typeof b === 'string' ? b : b.toString(16).padStart(2, '0'))).join(':');
+}
+
+/** A stable machine-id per box (32 hex). */
+export function machineIdFor(boxId: string): string {
+  return createHash('sha256').update(`machine-id:${boxId}`).digest('hex').slice(0, 32);
+}
+
+function shellQuote(s: string): string {
+  return `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
+async function waitGone(pid: number, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    try {
+      process.kill(pid, 0);
+    } catch {
+      return;
+    }
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+async function waitMigration(qmp: QmpClient, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const r = await qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
+    if (r.status === 'completed') return;
+    if (r.status === 'failed' || r.status === 'cancelled') throw new Error(`snapshot failed: ${r['error-desc'] ?? r.status}`);
+    if (Date.now() > deadline) throw new Error('snapshot timed out');
+    await new Promise((r2) => setTimeout(r2, 5));
+  }
+}
+
+async function waitIncoming(qmp: QmpClient, timeoutMs: number, alive: () => boolean): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (!alive()) throw new Error('QEMU exited while loading the snapshot');
+    const r = await qmp.execute<{ status?: string }>('query-status');
+    if (r.status !== 'inmigrate') {
+      if (r.status === 'paused' || r.status === 'prelaunch' || r.status === 'postmigrate' || r.status === 'running') return;
+      throw new Error(`loading the snapshot ended in state ${r.status}`);
+    }
+    if (Date.now() > deadline) throw new Error('loading the snapshot timed out');
+    await new Promise((r2) => setTimeout(r2, 5));
+  }
+}
+
+function connectUnix(path: string): Promise<Socket> {
+  return new Promise((resolve, reject) => {
+    const s = connect(path);
+    s.once('connect', () => resolve(s));
+    s.once('error', reject);
+  });
+}
+
+function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error(`timed out after ${ms} ms`)), ms);
+    p.then(
+      (v) => (clearTimeout(t), resolve(v)),
+      (e: unknown) => (clearTimeout(t), reject(e as Error)),
+    );
+  });
+}

@@ -1,0 +1,100 @@
+/**
+ * End to end on the microVM runtime, the way a user works: `devyard up` offering sandbox and
+ * microvm, then `devyard create vm1 --template base --runtime microvm --wait`, a counter running
+ * inside, pause and resume through the control plane (RAM snapshot, a new QEMU), the guest's own
+ * kernel, SSH through the gateway, and fork.
+ */
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { release } from 'node:os';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { cleanup, cli, cliOk, microvmArgs, newHarness, startUp, type Harness } from './devyard-harness.js';
+
+let h: Harness;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+beforeAll(async () => {
+  h = newHarness('vm', 250);
+  await startUp(h, microvmArgs(h));
+});
+
+afterAll(async () => {
+  if (h) await cleanup(h);
+  // Nothing of the VMs is left: no QEMU of this harness runs.
+  const left = readdirSync('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
+    try {
+      return readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(h.dir);
+    } catch {
+      return false;
+    }
+  });
+  expect(left).toEqual([]);
+});
+
+const json = <T = Record<string, unknown>>(args: string[]) => JSON.parse(cliOk(h, [...args, '--json'])) as T;
+const counter = (box: string) => Number(cliOk(h, ['exec', box, '--', 'cat', '/workspace/counter']).trim() || 0);
+
+describe('a microVM box through devyard up', () => {
+  it('the node offers both runtimes and reports the accelerator', () => {
+    const [node] = json<Array<{ runtimes: string[]; labels: Record<string, string> }>>(['nodes']);
+    expect(node!.runtimes).toEqual(['sandbox', 'microvm']);
+    expect(node!.labels['microvm.accel']).toMatch(/^(kvm|tcg)$/);
+  });
+
+  it('devyard create vm1 --template base --runtime microvm --wait', () => {
+    const r = cli(h, ['create', 'vm1', '--template', 'base', '--runtime', 'microvm', '--memory', '512MiB', '--wait', '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toMatchObject({ name: 'vm1', runtime: 'microvm', phase: 'running' });
+  });
+
+  it('runs the guest kernel, not the host one', () => {
+    const guest = cliOk(h, ['exec', 'vm1', '--', 'uname', '-r']).trim();
+    expect(guest).toMatch(/cloud-amd64$/);
+    expect(guest).not.toBe(release());
+    expect(cliOk(h, ['exec', 'vm1', '--', 'hostname']).trim()).toBe('vm1');
+    expect(cliOk(h, ['exec', 'vm1', '-t', '--', 'sh', '-c', '[ -t 0 ] && echo tty']).trim()).toBe('tty');
+  });
+
+  it('a counter continues from where it was after pause and resume', async () => {
+    cliOk(h, ['exec', 'vm1', '--', 'sh', '-c', "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /workspace/c.tmp; mv /workspace/c.tmp /workspace/counter; sleep 0.1; done' >/dev/null 2>&1 </dev/null &"]);
+    for (let i = 0; i < 100 && counter('vm1') < 5; i++) await sleep(100);
+    expect(json(['pause', 'vm1', '--wait'])).toMatchObject({ phase: 'paused' });
+    // Paused means no QEMU: its CPU and memory are released.
+    expect(cli(h, ['exec', 'vm1', '--', 'true']).stderr).toContain('paused');
+    expect(json(['resume', 'vm1', '--wait'])).toMatchObject({ phase: 'running' });
+    const resumed = counter('vm1');
+    expect(resumed).toBeGreaterThanOrEqual(5);
+    let later = resumed;
+    for (let i = 0; i < 50 && later <= resumed; i++) later = (await sleep(100), counter('vm1'));
+    expect(later).toBeGreaterThan(resumed);
+    expect(cliOk(h, ['exec', 'vm1', '--', 'uname', '-r']).trim()).toMatch(/cloud-amd64$/);
+  });
+
+  it('devyard fork clones the running box: its processes and files, with its own identity', async () => {
+    const r = cli(h, ['fork', 'vm1', 'vm1c', '--wait', '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(cliOk(h, ['exec', 'vm1c', '--', 'hostname']).trim()).toBe('vm1c');
+    const cloned = counter('vm1c');
+    expect(cloned).toBeGreaterThanOrEqual(5);
+    let later = cloned;
+    for (let i = 0; i < 50 && later <= cloned; i++) later = (await sleep(100), counter('vm1c'));
+    expect(later).toBeGreaterThan(cloned);
+    const [a, b] = ['vm1', 'vm1c'].map((n) => json<{ ip: string; forkOf?: string }>(['get', n]));
+    expect(a!.ip).not.toBe(b!.ip);
+    expect(b!.forkOf).toBe('vm1');
+    expect(cliOk(h, ['exec', 'vm1c', '--', 'cat', '/etc/machine-id'])).not.toBe(cliOk(h, ['exec', 'vm1', '--', 'cat', '/etc/machine-id']));
+    cliOk(h, ['delete', 'vm1c', '--wait']);
+  });
+
+  it('reaches the box over SSH through the gateway, as in a sandbox', () => {
+    const home = join(h.dir, 'home');
+    mkdirSync(join(home, '.ssh'), { recursive: true, mode: 0o700 });
+    h.env = { ...h.env, HOME: home };
+    execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'e2e', '-f', join(home, '.ssh', 'id_ed25519')]);
+    cliOk(h, ['keys', 'add']);
+    const r = cli(h, ['ssh', 'vm1', '--', 'uname -r; cat /workspace/counter >/dev/null && echo ssh-ok']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/cloud-amd64\nssh-ok\n$/);
+  });
+});
