@@ -1,7 +1,7 @@
 /**
  * microVM lifecycle next to raw QEMU doing the same operations, in one run: boot to exec-ready,
- * pause (fast: device state only, RAM stays in the RAM file; portable: RAM zstd-compressed into
- * the state file), resume to exec-ready, and fork (clone of a running VM to exec-ready) — at 256 MiB
+ * pause (fast: device state only, RAM stays in the RAM file; portable: the RAM file zstd-compressed
+ * into the snapshot), resume to exec-ready, and fork (clone of a running VM to exec-ready) — at 256 MiB
  * and 1 GiB with memory touched in the guest (tmpfs filled from /dev/urandom, so neither zero-page
  * detection nor compression can skip it).
  *
@@ -10,7 +10,7 @@
  * a box needs on top (records, address allocation, TAP device, checksums, secrets, identity).
  */
 import { spawn } from 'node:child_process';
-import { cp, mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -32,7 +32,7 @@ const OPS: Array<[Op, string]> = [
   ['boot', 'boot → exec-ready'],
   ['pause', 'pause, fast (device state; RAM stays in its file)'],
   ['resume', 'resume → exec-ready, fast'],
-  ['pausePortable', 'pause, portable (RAM zstd-compressed)'],
+  ['pausePortable', 'pause, portable (RAM file zstd-compressed)'],
   ['resumePortable', 'resume → exec-ready, portable'],
   ['fork', 'fork a running VM → clone exec-ready'],
 ];
@@ -53,7 +53,8 @@ async function execTrue(channel: GuestChannel, argv = ['true']): Promise<void> {
   if ((await p.exited) !== 0) throw new Error(`${argv.join(' ')} failed in the guest`);
 }
 
-const fill = (mib: number) => ['sh', '-c', `head -c ${mib}M /dev/urandom > /dev/shm/fill`];
+// /dev/shm is a tmpfs of half the RAM by default: grown first so the fill fits.
+const fill = (mib: number) => ['sh', '-c', `mount -o remount,size=90% /dev/shm && dd if=/dev/urandom of=/dev/shm/fill bs=1048576 count=${mib} 2>/dev/null`];
 
 /** One VM driven by hand with the driver's own command line. */
 class RawVm {
@@ -75,16 +76,19 @@ class RawVm {
   }
   async pause(portable: boolean): Promise<void> {
     await this.qmp.execute('stop');
-    await this.migrateOut(portable);
+    await this.migrateOut();
+    if (portable) await run('bash', ['-c', `set -o pipefail; tar --sparse -C ${this.dir} -cf - mem | zstd -1 -T0 -q -f -o ${join(this.dir, 'mem.tar.zst')}`]);
     await this.qmp.execute('quit').catch(() => undefined);
     this.channel.close();
     this.qmp.close();
+    if (portable) await rm(this.cfg.memFile, { force: true });
     await waitGone(this.cfg.pidFile);
   }
-  async migrateOut(portable: boolean, file = join(this.dir, portable ? 'state.zst' : 'state')): Promise<void> {
-    await this.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: !portable }] });
+  /** Device state only: guest RAM is in the shared RAM file (`x-ignore-shared`), as in the driver. */
+  async migrateOut(file = join(this.dir, 'state')): Promise<void> {
+    await this.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
     await this.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
-    await this.qmp.execute('migrate', { uri: `exec:${portable ? `zstd -1 -T0 -q -f -o ${file}` : `cat > ${file}`}` });
+    await this.qmp.execute('migrate', { uri: `exec:cat > ${file}` });
     for (;;) {
       const r = await this.qmp.execute<{ status: string }>('query-migrate');
       if (r.status === 'completed') return;
@@ -92,11 +96,11 @@ class RawVm {
       await new Promise((res) => setTimeout(res, 5));
     }
   }
-  async resume(portable: boolean, file = join(this.dir, portable ? 'state.zst' : 'state')): Promise<void> {
-    if (portable) await rm(this.cfg.memFile, { force: true });
+  async resume(portable: boolean, file = join(this.dir, 'state')): Promise<void> {
+    if (portable) await run('bash', ['-c', `set -o pipefail; zstd -dcq ${join(this.dir, 'mem.tar.zst')} | tar --sparse -xf - -C ${this.dir} mem`]);
     await this.launch(true);
-    if (!portable) await this.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
-    await this.qmp.execute('migrate-incoming', { uri: `exec:${portable ? `zstd -dcq ${file}` : `cat ${file}`}` });
+    await this.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+    await this.qmp.execute('migrate-incoming', { uri: `exec:cat ${file}` });
     for (;;) {
       const r = await this.qmp.execute<{ status: string }>('query-status');
       if (r.status !== 'inmigrate') break;
@@ -111,6 +115,15 @@ class RawVm {
     this.channel = await GuestChannel.open(sock, { timeoutMs: 30_000 });
     await execTrue(this.channel);
   }
+  /** SIGKILL by pid file, for the cleanup after a failure (a no-op once the VM is gone). */
+  async killHard(): Promise<void> {
+    this.channel?.close();
+    this.qmp?.close();
+    const pid = Number((await readFile(this.cfg.pidFile, 'utf8').catch(() => '0')).trim());
+    const cmdline = pid > 0 ? await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '') : '';
+    if (cmdline.includes(this.cfg.qmpSocket)) process.kill(pid, 'SIGKILL');
+    await waitGone(this.cfg.pidFile);
+  }
   async kill(): Promise<void> {
     this.channel?.close();
     await this.qmp?.execute('quit').catch(() => undefined);
@@ -119,15 +132,13 @@ class RawVm {
   }
 }
 
+/** Waits for the QEMU of a pid file to exit (a zombie waiting for init to reap it counts as gone). */
 async function waitGone(pidFile: string): Promise<void> {
   const pid = Number((await readFile(pidFile, 'utf8').catch(() => '0')).trim());
-  for (let i = 0; pid > 0 && i < 500; i++) {
-    try {
-      process.kill(pid, 0);
-    } catch {
-      return;
-    }
-    await new Promise((r) => setTimeout(r, 10));
+  for (let i = 0; pid > 0 && i < 1000; i++) {
+    const state = (await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '')).replace(/^.*\) /s, '')[0];
+    if (!state || state === 'Z' || state === 'X') return;
+    await new Promise((r) => setTimeout(r, 5));
   }
 }
 
@@ -140,6 +151,8 @@ export async function microvmBench(): Promise<string> {
     network: { bridge: 'dybenchv0', subnet: '10.220.0.0/16', nftTable: 'devyard_bench_vm' },
   });
   const results: Record<string, Record<Op, number[]>> = {};
+  // Raw VMs are not the driver's: whatever happens, they are killed in the end.
+  const rawVms: RawVm[] = [];
   let stateBytes: Record<number, number[]> = {};
   try {
     await driver.init();
@@ -175,8 +188,10 @@ export async function microvmBench(): Promise<string> {
         await dexec(id);
         d.boot.push(performance.now() - t);
         const f = await driver.exec(id, { argv: fill(touchMiB(mem)) });
+        f.stdout.resume();
+        f.stderr.resume();
         f.stdin.end();
-        await f.exited;
+        if ((await f.exited) !== 0) throw new Error('filling guest memory failed');
         t = performance.now();
         await driver.pause(id, 'fast');
         d.pause.push(performance.now() - t);
@@ -187,7 +202,7 @@ export async function microvmBench(): Promise<string> {
         t = performance.now();
         await driver.pause(id, 'portable');
         d.pausePortable.push(performance.now() - t);
-        stateBytes[mem]!.push((await driver.diskUsage(id))['snapshot/state.zst'] ?? 0);
+        stateBytes[mem]!.push((await driver.diskUsage(id))['snapshot/mem.tar.zst'] ?? 0);
         t = performance.now();
         await driver.resume(id);
         await dexec(id);
@@ -221,6 +236,7 @@ export async function microvmBench(): Promise<string> {
           consoleLog: join(rdir, 'console.log'),
         };
         const vm = new RawVm(rdir, cfg);
+        rawVms.push(vm);
         t = performance.now();
         await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', cfg.rootDisk]);
         await run('truncate', ['-s', String(1024 ** 3), cfg.volumeDisk]);
@@ -245,12 +261,13 @@ export async function microvmBench(): Promise<string> {
         const fdir = join(rdir, 'fork');
         await mkdir(fdir);
         await vm.qmp.execute('stop');
-        await vm.migrateOut(false, join(fdir, 'state'));
+        await vm.migrateOut(join(fdir, 'state'));
         for (const [from, to] of [[cfg.memFile, 'mem'], [cfg.rootDisk, 'root.qcow2'], [cfg.volumeDisk, 'volume.ext4']] as const) {
-          await cp(from, join(fdir, to));
+          await run('cp', ['--sparse=always', '--reflink=auto', from, join(fdir, to)]);
         }
         await vm.qmp.execute('cont');
-        const clone = new RawVm(fdir, { ...cfg, rootDisk: join(fdir, 'root.qcow2'), volumeDisk: join(fdir, 'volume.ext4'), memFile: join(fdir, 'mem'), agentSocket: join(fdir, 'agent.sock'), qmpSocket: join(fdir, 'qmp.sock'), pidFile: join(fdir, 'qemu.pid'), consoleLog: join(fdir, 'console.log') });
+        const clone: RawVm = new RawVm(fdir, { ...cfg, rootDisk: join(fdir, 'root.qcow2'), volumeDisk: join(fdir, 'volume.ext4'), memFile: join(fdir, 'mem'), agentSocket: join(fdir, 'agent.sock'), qmpSocket: join(fdir, 'qmp.sock'), pidFile: join(fdir, 'qemu.pid'), consoleLog: join(fdir, 'console.log') });
+        rawVms.push(clone);
         await clone.resume(false, join(fdir, 'state'));
         r.fork.push(performance.now() - t);
         await clone.kill();
@@ -261,6 +278,7 @@ export async function microvmBench(): Promise<string> {
       results[`raw ${mem}`] = r;
     }
   } finally {
+    for (const vm of rawVms) await vm.killHard();
     for (const b of await driver.list().catch(() => [])) await driver.destroy(b.boxId).catch(() => undefined);
     await driver.network.teardown().catch(() => undefined);
     await rm(dir, { recursive: true, force: true });

@@ -4,12 +4,14 @@
  * inside, pause and resume through the control plane (RAM snapshot, a new QEMU), the guest's own
  * kernel, SSH through the gateway, and fork.
  */
-import { execFileSync } from 'node:child_process';
 import { mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { release } from 'node:os';
+import { hostname, release } from 'node:os';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cleanup, cli, cliOk, microvmArgs, newHarness, startUp, type Harness } from './devyard-harness.js';
+import { execFileSync, spawnSync, type ChildProcess } from 'node:child_process';
+import { MicrovmDriver } from '@devyard/agent/runtime/microvm/microvm-driver';
+import { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
+import { cleanup, cli, cliOk, kill9, microvmArgs, newHarness, startDaemon, startUp, waitUntil, type Harness } from './devyard-harness.js';
 
 let h: Harness;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -96,5 +98,67 @@ describe('a microVM box through devyard up', () => {
     const r = cli(h, ['ssh', 'vm1', '--', 'uname -r; cat /workspace/counter >/dev/null && echo ssh-ok']);
     expect(r.code, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/cloud-amd64\nssh-ok\n$/);
+  });
+});
+
+describe('a paused microVM moves to another node and resumes there', () => {
+  // A second node on this host: its own data dir, bridges and subnets.
+  let agent2: ChildProcess | null = null;
+  const node2 = () => ({
+    dataDir: join(h.dir, 'node2'),
+    bridge: 'dytvmb0',
+    subnet: '10.250.2.0/24',
+    vmBridge: 'dytvmb0v',
+    vmSubnet: '10.250.3.0/24',
+  });
+
+  beforeAll(async () => {
+    const n = node2();
+    spawnSync('ip', ['link', 'del', n.bridge], { stdio: 'ignore' });
+    spawnSync('ip', ['link', 'del', n.vmBridge], { stdio: 'ignore' });
+    const token = readFileSync(join(h.dataDir, 'server', 'node.token'), 'utf8').trim();
+    agent2 = (
+      await startDaemon(
+        h,
+        ['agent', '--server', h.url, '--token', token, '--name', 'node-b', '--data-dir', n.dataDir, '--bridge', n.bridge, '--subnet', n.subnet,
+          '--runtimes', 'sandbox,microvm', '--vm-bridge', n.vmBridge, '--vm-subnet', n.vmSubnet, '--resync-ms', '1000'],
+        /"msg":"registered"/,
+        120_000,
+      )
+    ).proc;
+  });
+
+  afterAll(async () => {
+    await kill9(agent2);
+    const n = node2();
+    const vms = new MicrovmDriver({ dataDir: join(n.dataDir, 'microvm'), uidShift: 100_000, busybox: '/usr/bin/busybox', network: { bridge: n.vmBridge, nftTable: `devyard_${n.vmBridge}` } });
+    for (const b of await vms.list().catch(() => [])) await vms.destroy(b.boxId);
+    await vms.network.teardown().catch(() => undefined);
+    const sandbox = new SandboxDriver({ dataDir: join(n.dataDir, 'sandbox'), network: { bridge: n.bridge, subnet: n.subnet, nftTable: `devyard_${n.bridge}` } });
+    await sandbox.teardownHost().catch(() => undefined);
+  });
+
+  it('devyard move NAME --to NODE, then resume: the counter continues on the new node', async () => {
+    const r = cli(h, ['create', 'mv', '--template', 'tiny', '--runtime', 'microvm', '--memory', '256MiB', '--wait', '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    const from = (JSON.parse(r.stdout) as { node: string }).node;
+    const to = from === 'node-b' ? hostname() : 'node-b';
+    cliOk(h, ['exec', 'mv', '--', 'sh', '-c', "echo kept > /workspace/file; setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /workspace/c.tmp; mv /workspace/c.tmp /workspace/counter; sleep 0.1; done' >/dev/null 2>&1 </dev/null &"]);
+    for (let i = 0; i < 100 && counter('mv') < 5; i++) await sleep(100);
+    cliOk(h, ['pause', 'mv', '--wait']);
+    const moved = cli(h, ['move', 'mv', '--to', to, '--wait', '--json']);
+    expect(moved.code, moved.stderr).toBe(0);
+    expect(JSON.parse(moved.stdout)).toMatchObject({ node: to, phase: 'paused' });
+    // The old node deleted its copy once the new one had it.
+    await waitUntil(h, () => json<{ movingFrom?: string }>(['get', 'mv']), (b) => b.movingFrom === undefined);
+    expect(json(['resume', 'mv', '--wait'])).toMatchObject({ phase: 'running', node: to });
+    const resumed = counter('mv');
+    expect(resumed).toBeGreaterThanOrEqual(5);
+    let later = resumed;
+    for (let i = 0; i < 50 && later <= resumed; i++) later = (await sleep(100), counter('mv'));
+    expect(later).toBeGreaterThan(resumed);
+    expect(cliOk(h, ['exec', 'mv', '--', 'cat', '/workspace/file'])).toBe('kept\n');
+    expect(cliOk(h, ['events', 'mv'])).toContain('Moved');
+    cliOk(h, ['delete', 'mv', '--wait']);
   });
 });

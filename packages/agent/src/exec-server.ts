@@ -4,7 +4,7 @@
  * by a short-lived token the server signed with this node's key. Verification is offline, so
  * sessions keep working while the control plane is down.
  */
-import { createServer, type IncomingMessage, type Server } from 'node:http';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { WebSocketServer, type WebSocket } from 'ws';
@@ -61,6 +61,12 @@ export class ExecServer {
         void this.opts.metrics().then(({ contentType, body }) => res.writeHead(200, { 'content-type': contentType }).end(body));
         return;
       }
+      const url = new URL(req.url ?? '/', 'http://agent');
+      const snap = /^\/v1\/boxes\/([a-z0-9_]+)\/snapshot$/.exec(url.pathname);
+      if (snap && req.method === 'GET') {
+        this.serveSnapshot(req, res, url, snap[1]!);
+        return;
+      }
       res.writeHead(404, { 'content-type': 'application/problem+json' }).end(JSON.stringify({ status: 404, code: 'not-found', detail: 'no such route' }));
     });
     server.on('upgrade', (req, socket, head) => {
@@ -87,6 +93,32 @@ export class ExecServer {
     this.server = server;
     await new Promise<void>((resolve) => server.listen(this.opts.port, this.opts.host, resolve));
     return `http://${this.opts.host}:${(server.address() as AddressInfo).port}`;
+  }
+
+  /**
+   * A paused box's snapshot bundle for the node it moves to. The token is one the server signed
+   * with this node's key for that node (`sub` node:<id>), so only the node the box is bound to
+   * now can fetch it.
+   */
+  private serveSnapshot(req: IncomingMessage, res: ServerResponse, url: URL, boxId: string): void {
+    const problem = (status: number, code: string, detail: string) => res.writeHead(status, { 'content-type': 'application/problem+json' }).end(JSON.stringify({ status, code, detail }));
+    const key = this.opts.sessionKey();
+    const claims = key ? verifySessionToken(tokenOf(req, url) ?? '', key, Date.now()) : null;
+    if (!claims || claims.boxId !== boxId || !claims.sub.startsWith('node:')) return void problem(401, 'unauthorized', 'invalid or expired transfer token');
+    const driver = this.opts.driver;
+    if (!driver.exportSnapshot) return void problem(404, 'not-found', 'this node cannot export boxes');
+    driver.exportSnapshot(boxId).then(
+      (stream) => {
+        this.opts.log('snapshot transfer', { boxId, to: claims.sub });
+        res.writeHead(200, { 'content-type': 'application/zstd' });
+        stream.on('error', (e) => {
+          this.opts.log('snapshot transfer failed', { boxId, err: e.message });
+          res.destroy(e);
+        });
+        stream.pipe(res);
+      },
+      (e: Error & { code?: string }) => problem(409, 'conflict', e.message),
+    );
   }
 
   async close(): Promise<void> {

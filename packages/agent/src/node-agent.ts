@@ -11,6 +11,7 @@ import { createHash } from 'node:crypto';
 import { arch, cpus, hostname, totalmem } from 'node:os';
 import { mkdirSync, statfsSync } from 'node:fs';
 import { join } from 'node:path';
+import { Readable } from 'node:stream';
 import type { BoxStatusReport, DesiredBox, DesiredSet, PrebuildReport } from '@devyard/api/node-schemas';
 import type { Phase } from '@devyard/core/box-lifecycle';
 import { decideNodeStep } from '@devyard/core/node-reconcile';
@@ -298,6 +299,19 @@ export class NodeAgent {
       // A box that ended without being asked to (a VM's QEMU killed or crashed) is reported with
       // the reason before the step that brings it back, so the user sees why it restarted.
       if (observed.failure && observed.state === 'stopped') this.report(box, 'stopped', observed.ip ?? null, observed.failure);
+      if (observed.state === 'absent' && box.restoreFrom && box.desiredState !== 'deleted') {
+        // A paused box moved here from another node: fetch its snapshot, then it is paused here.
+        if (this.state.failedOperations[boxId] === box.operationId) return;
+        try {
+          await this.importMovedBox(box, box.restoreFrom);
+        } catch (e) {
+          this.state.failedOperations[boxId] = box.operationId;
+          saveAgentState(this.stateFile, this.state);
+          this.report(box, 'provisioning', null, `move failed: ${errorText(e)}`, this.takePendingProgress(boxId));
+          return;
+        }
+        continue;
+      }
       const step = decideNodeStep(box.desiredState, observed.state);
       if (step.kind === 'none') {
         if (observed.state === 'running' || observed.state === 'paused') {
@@ -396,6 +410,21 @@ export class NodeAgent {
       const after = await this.opts.driver.inspect(boxId);
       this.report(box, step.then, after.ip ?? null, null, this.takePendingProgress(boxId));
     }
+  }
+
+  /** Pulls a moved box's snapshot bundle from the agent of the node it was paused on and imports it. */
+  private async importMovedBox(box: DesiredBox, from: { agentUrl: string; token: string }): Promise<void> {
+    const d = this.opts.driver;
+    if (!d.importSnapshot) throw new Error(`runtime ${d.name} cannot take boxes from other nodes`);
+    const progress = (line: string) => this.progress(box, 'provisioning', line);
+    const image = await this.opts.images.ensure(imageOf(box.image, box.setup), progress);
+    const setup: BoxSetupRecord = { image: { rootfs: image.rootfs, digest: image.digest }, postCreateDone: true, hostname: box.name };
+    progress(`fetching the paused box from ${from.agentUrl}`);
+    const res = await fetch(`${from.agentUrl}/v1/boxes/${box.boxId}/snapshot`, { headers: { authorization: `Bearer ${from.token}` } });
+    if (!res.ok || !res.body) throw new Error(`the previous node did not hand over the snapshot (${res.status}): ${(await res.text()).slice(0, 300)}`);
+    await d.importSnapshot(this.provisioner.spec(box, setup), Readable.fromWeb(res.body as import('node:stream/web').ReadableStream));
+    this.state.setup[box.boxId] = setup;
+    saveAgentState(this.stateFile, this.state);
   }
 
   /** Writes the box's secrets if they changed since last written (or always, with `force`). */

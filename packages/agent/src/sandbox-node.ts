@@ -41,6 +41,8 @@ export interface SandboxNodeOptions extends Pick<NodeAgentOptions, 'serverUrl' |
   vmSubnet?: string;
   /** microVM boot assets cache (default /var/cache/devyard/microvm). */
   vmAssetsDir?: string;
+  /** How pause stores microVMs (default fast). */
+  vmSnapshotMode?: 'fast' | 'portable';
   log?: (msg: string, fields?: object) => void;
 }
 
@@ -67,6 +69,7 @@ export function createSandboxNode(o: SandboxNodeOptions): SandboxNode {
         uidShift: DEFAULT_ID_RANGE.hostId,
         busybox: driver.busyboxPath,
         ...(o.vmAssetsDir ? { assetsDir: o.vmAssetsDir } : {}),
+        ...(o.vmSnapshotMode ? { snapshotMode: o.vmSnapshotMode } : {}),
         network: { ...(o.vmBridge ? { bridge: o.vmBridge, nftTable: `devyard_${o.vmBridge}` } : {}), ...(o.vmSubnet ? { subnet: o.vmSubnet } : {}) },
         log,
       })

@@ -113,14 +113,14 @@ describe('microvm driver', () => {
     await portable.pause('v_port');
     const pauseMs = performance.now() - t0;
     const usage = await portable.diskUsage('v_port');
-    expect(usage['snapshot/state.zst']).toBeGreaterThan(0);
+    expect(usage['snapshot/mem.tar.zst']).toBeGreaterThan(0);
     expect(usage.mem).toBeUndefined();
     const meta = JSON.parse(await readFile(join(dataDir, 'boxes/v_port/snapshot/meta.json'), 'utf8')) as { mode: string };
     expect(meta.mode).toBe('portable');
     // Any driver of the node (a restarted agent) resumes it: the snapshot says how it was written.
     const t1 = performance.now();
     await driver.resume('v_port');
-    console.log(`portable pause ${pauseMs.toFixed(0)} ms (${usage['snapshot/state.zst']} bytes), resume ${(performance.now() - t1).toFixed(0)} ms`);
+    console.log(`portable pause ${pauseMs.toFixed(0)} ms (${usage['snapshot/mem.tar.zst']} bytes), resume ${(performance.now() - t1).toFixed(0)} ms`);
     const read = async () => Number((await run(driver, 'v_port', 'cat /workspace/n')).out.trim() || 0);
     const after = await read();
     expect(after).toBeGreaterThanOrEqual(3);
@@ -159,6 +159,47 @@ describe('microvm driver', () => {
     await sleep(300);
     expect(await read()).toBeGreaterThan(before);
     for (const id of ['v_fork1', 'v_fork2']) await driver.destroy(id);
+  });
+
+  test('resume on another node: the paused box is exported, imported there on its own base disk and address, and continues', async () => {
+    const otherDir = await mkdtemp(join(tmpdir(), 'dy-vm-other-'));
+    await chmod(otherDir, 0o711);
+    const other = new MicrovmDriver({ ...opts, dataDir: otherDir, network: { bridge: `dyvo${suffix}`, subnet: '10.251.0.0/16', nftTable: `devyard_vmother_${suffix}`, vethPrefix: 'dvo' } });
+    try {
+      await other.init();
+      const s = spec('v_move');
+      await up(s);
+      await run(driver, 'v_move', "echo moved-data > /workspace/file; setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /workspace/n.tmp; mv /workspace/n.tmp /workspace/n; sleep 0.05; done' >/dev/null 2>&1 </dev/null &");
+      await sleep(500);
+      await driver.pause('v_move');
+      // The image is rebuilt on the other node (same digest): its own base disk at its own path.
+      const otherImage = await new BuiltinImageStore({ dataDir: otherDir }).ensure('tiny');
+      expect(otherImage.digest).toBe(image.digest);
+      await other.importSnapshot({ ...s, imageRootfs: otherImage.rootfs }, await driver.exportSnapshot('v_move'));
+      expect((await other.inspect('v_move')).state).toBe('paused');
+      await driver.destroy('v_move');
+      await other.resume('v_move');
+      const read = async () => Number((await run(other, 'v_move', 'cat /workspace/n')).out.trim() || 0);
+      const n = await read();
+      expect(n).toBeGreaterThanOrEqual(3);
+      let later = n;
+      for (let i = 0; i < 100 && later <= n; i++) later = (await sleep(50), await read());
+      expect(later).toBeGreaterThan(n);
+      expect((await run(other, 'v_move', 'cat /workspace/file')).out).toBe('moved-data\n');
+      // It has an address of the new node's network, and the network works.
+      const ip = (await other.inspect('v_move')).ip!;
+      expect(ip).toMatch(/^10\.251\./);
+      expect((await run(other, 'v_move', '/.devyard/busybox ip -4 addr show eth0')).out).toContain(`${ip}/`);
+      expect((await run(other, 'v_move', `ping -c 1 -W 2 ${other.network.gateway} >/dev/null && echo up`)).out).toBe('up\n');
+      // A bundle that is cut short is refused and leaves nothing behind.
+      const { Readable } = await import('node:stream');
+      await expect(other.importSnapshot({ ...spec('v_cut'), imageRootfs: otherImage.rootfs }, Readable.from([Buffer.from('not a bundle')]))).rejects.toThrow(/unpacking the snapshot failed/);
+      expect((await other.inspect('v_cut')).state).toBe('absent');
+    } finally {
+      for (const b of await other.list()) await other.destroy(b.boxId);
+      await other.network.teardown();
+      await rm(otherDir, { recursive: true, force: true });
+    }
   });
 
   test('a corrupt snapshot: resume fails with the reason, the box is stopped, the volume intact', async () => {

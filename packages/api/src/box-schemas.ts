@@ -56,6 +56,10 @@ export const BoxSchema = z
       .string()
       .optional()
       .meta({ description: "name of the box this one was forked from (its owner may differ: a fork belongs to whoever forked it); absent for boxes that are not forks" }),
+    movingFrom: z
+      .string()
+      .optional()
+      .meta({ description: 'name of the node the box is moving from while a move is in flight (its new node is `node`); absent otherwise' }),
   })
   .meta({ id: 'Box' });
 
@@ -75,6 +79,18 @@ export const ForkBoxRequestSchema = z
 export const ForkBoxResponseSchema = z
   .object({ boxes: z.array(BoxSchema).meta({ description: 'the new boxes, in name order' }) })
   .meta({ id: 'ForkBoxResponse' });
+
+export const MoveBoxRequestSchema = z
+  .object({
+    node: z
+      .string()
+      .min(1)
+      .max(63)
+      .optional()
+      .meta({ description: "the node to move the box to; absent: the scheduler picks one (never the box's current node)" }),
+  })
+  .strict()
+  .meta({ id: 'MoveBoxRequest' });
 
 export const BoxEventSchema = z
   .object({
@@ -107,6 +123,7 @@ export type CreateBoxRequest = z.infer<typeof CreateBoxRequestSchema>;
 /** What a client sends (count optional); the server sees it with the default applied. */
 export type ForkBoxRequest = z.input<typeof ForkBoxRequestSchema>;
 export type ForkBoxResponse = z.infer<typeof ForkBoxResponseSchema>;
+export type MoveBoxRequest = z.infer<typeof MoveBoxRequestSchema>;
 export type Box = z.infer<typeof BoxSchema>;
 export type BoxEvent = z.infer<typeof BoxEventSchema>;
 export type ExecSession = z.infer<typeof ExecSessionSchema>;

@@ -105,6 +105,16 @@ export const DesiredBoxSchema = z
      * exists on the node the field changes nothing (it stays set for the box's whole life).
      */
     forkOf: z.string().nullable().default(null),
+    /**
+     * Set while the box moves to this node (a paused microvm box; desiredState paused): the agent
+     * of the node the box was paused on serves its RAM snapshot and disks at `agentUrl`, and
+     * `token` is a session token for the box signed with that node's key (subject
+     * `node:<this node's id>`, valid 15 minutes; every desired set carries a fresh one). The agent
+     * pulls them from there instead of booting from the image (this takes precedence over
+     * `forkOf`) and reports `paused` once the box is complete here, or an error when the import
+     * failed (the box then goes back to its old node). Null otherwise.
+     */
+    restoreFrom: z.object({ agentUrl: z.string(), token: z.string() }).nullable().default(null),
   })
   .meta({ id: 'DesiredBox' });
 

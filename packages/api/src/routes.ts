@@ -14,6 +14,7 @@ import {
   ExecSessionRequestSchema,
   ForkBoxRequestSchema,
   ForkBoxResponseSchema,
+  MoveBoxRequestSchema,
   ExecSessionSchema,
 } from './box-schemas.js';
 import { CreateTemplateRequestSchema, PrebuildListSchema, TemplateListSchema, TemplateSchema } from './template-schemas.js';
@@ -159,6 +160,19 @@ export const ROUTES = [
     body: ForkBoxRequestSchema,
     status: 201,
     response: ForkBoxResponseSchema,
+  },
+  {
+    operationId: 'moveBox',
+    method: 'POST',
+    path: '/v1/boxes/{name}/move',
+    summary: 'Move a paused microvm box to another node (asynchronous): the new node fetches its RAM snapshot and disks from the old one; it stays paused',
+    tag: 'boxes',
+    auth: 'user', permission: 'org:use',
+    params: boxName,
+    query: ownerQuery,
+    body: MoveBoxRequestSchema,
+    status: 202,
+    response: BoxSchema,
   },
   { operationId: 'deleteBox', method: 'DELETE', path: '/v1/boxes/{name}', summary: 'Delete a box and everything of it on its node', tag: 'boxes', auth: 'user', permission: 'org:use', params: boxName, query: ownerQuery, headers: [ifMatch], status: 202, response: BoxSchema },
   {

@@ -37,6 +37,7 @@ export function boxDetails(b: Box): string {
     ...(b.forkOf ? [['Fork of', b.forkOf]] : []),
     ['State', `${b.phase} (desired: ${b.desiredState})`],
     ['Node', b.node ?? '-'],
+    ...(b.movingFrom ? [['Moving from', b.movingFrom]] : []),
     ['IP', b.ip ?? '-'],
     ['Resources', resourcesText(b.resources)],
     ['Pause', `${b.pause.keepsMemory ? 'keeps process memory' : 'does not keep memory'}: ${b.pause.description}`],

@@ -1,4 +1,7 @@
-/** `--wait`: follows a box until it reaches the phase its desired state asks for, with a spinner. */
+/**
+ * `--wait`: follows a box until it reaches the phase its desired state asks for (or what a check
+ * says), with a spinner.
+ */
 import ora from 'ora';
 import type { Box } from '@devyard/api/box-schemas';
 import { TARGET_PHASE } from '@devyard/core/box-lifecycle';
@@ -7,7 +10,13 @@ import type { DevyardClient } from '@devyard/sdk/devyard-client';
 
 export class BoxFailedError extends Error {}
 
-export async function waitForBox(client: DevyardClient, box: Box, timeoutMs = 15 * 60_000): Promise<Box> {
+/**
+ * What a wait looks for, when it is not the phase of the desired state: 'done', a failure (its
+ * message), or null to keep waiting.
+ */
+export type WaitCheck = (b: Box) => 'done' | { failed: string } | null;
+
+export async function waitForBox(client: DevyardClient, box: Box, timeoutMs = 15 * 60_000, check?: WaitCheck): Promise<Box> {
   const target = TARGET_PHASE[box.desiredState];
   const started = Date.now();
   const interactive = process.stderr.isTTY === true;
@@ -70,9 +79,14 @@ export async function waitForBox(client: DevyardClient, box: Box, timeoutMs = 15
         spinner.fail(`${b.name}: failed — ${b.lastError ?? 'unknown reason'}`);
         throw new BoxFailedError(`box ${b.name} failed: ${b.lastError ?? 'unknown reason'}`);
       }
-      if (b.phase === target && b.observedGeneration >= box.generation) {
+      const verdict = check ? check(b) : b.phase === target && b.observedGeneration >= box.generation ? 'done' : null;
+      if (verdict === 'done') {
         spinner.succeed(`${b.name}: ${b.phase} (${((Date.now() - started) / 1000).toFixed(1)}s)`);
         return b;
+      }
+      if (verdict) {
+        spinner.fail(verdict.failed);
+        throw new BoxFailedError(verdict.failed);
       }
       if (b.phase === 'deleted' && target === 'deleted') return b;
     }

@@ -26,6 +26,11 @@ export interface BoxReconcileState {
   nextAttemptAt: number | null;
   /** Set once the deletion is finalized (capacity released, name freed). */
   finalized: boolean;
+  /**
+   * Whether the box is moving: bound to a new node that is importing its snapshot from the node it
+   * was paused on, which still holds it. Absent: false.
+   */
+  moving?: boolean;
 }
 
 export interface RetryPolicy {
@@ -53,6 +58,11 @@ export type BoxDecision =
   | { kind: 'retry'; attempt: number }
   /** The retry budget is spent: move to `failed` with a reason the user sees. */
   | { kind: 'fail'; reason: string }
+  /**
+   * The new node of a moving box could not import it: bind the box to the node it came from again
+   * (it is still paused there), moving its reservation back, instead of retrying or failing it.
+   */
+  | { kind: 'abort-move'; reason: string }
   /** The box is gone from its node (or never reached one): release everything, free the name. */
   | { kind: 'finalize-delete' };
 
@@ -74,6 +84,9 @@ export function decideBox(box: BoxReconcileState, now: number, policy: RetryPoli
 
   const err = box.lastError;
   const errIsCurrent = err !== null && err.generation === box.generation && err.attempt === box.attempt;
+  // A failed import leaves the box whole on its old node: going back there keeps it usable, where
+  // retries could only fail it (the user may move it again).
+  if (box.moving && err && errIsCurrent) return { kind: 'abort-move', reason: err.message };
   // A failure stays terminal for its generation: only a new verb (a new generation) tries again.
   // A box deleted after an earlier failure is not failed in this generation, so its deletion proceeds.
   if (box.phase === 'failed' && (box.desiredState !== 'deleted' || errIsCurrent)) return { kind: 'done' };

@@ -144,6 +144,26 @@ describe('decideBox', () => {
     });
   });
 
+  describe('moves', () => {
+    const importing = box({ desiredState: 'paused', phase: 'provisioning', generation: 5, observedGeneration: 4, moving: true });
+
+    it('waits for the new node while it imports the box', () => {
+      expect(decideBox(importing, NOW, policy)).toMatchObject({ kind: 'wait', reason: 'waiting for the node agent' });
+      expect(decideBox({ ...importing, phase: 'paused', observedGeneration: 5 }, NOW, policy)).toEqual({ kind: 'done' });
+    });
+
+    it('moves the box back at the first failed import instead of retrying or failing it', () => {
+      const failed = { ...importing, observedGeneration: 5, lastError: { generation: 5, attempt: 1, message: 'move failed: 503' }, nextAttemptAt: NOW + 1000 };
+      expect(decideBox(failed, NOW, policy)).toEqual({ kind: 'abort-move', reason: 'move failed: 503' });
+      // Also past the retry budget: the box is never failed for a move.
+      expect(decideBox({ ...failed, attempt: 3, lastError: { ...failed.lastError, attempt: 3 } }, NOW, policy).kind).toBe('abort-move');
+      // An error of an older generation is not the import's.
+      expect(decideBox({ ...failed, lastError: { ...failed.lastError, generation: 4 } }, NOW, policy).kind).toBe('wait');
+      // The same error once the box is no longer moving is an ordinary failure again.
+      expect(decideBox({ ...failed, moving: false }, NOW + 1000, policy)).toEqual({ kind: 'retry', attempt: 2 });
+    });
+  });
+
   describe('deletion', () => {
     it('finalizes at once when the box never reached a node', () => {
       expect(decideBox(box({ desiredState: 'deleted', phase: 'deleting', nodeId: null, computeReserved: false, generation: 3 }), NOW, policy)).toEqual({

@@ -2,7 +2,7 @@
  * The typed client of the Devyard API, used by the CLI, the agent, the web UI and the tests. Types
  * come from the same zod schemas the server validates with.
  */
-import type { Box, BoxEvent, CreateBoxRequest, ExecSession, ForkBoxRequest, ForkBoxResponse } from '@devyard/api/box-schemas';
+import type { Box, BoxEvent, CreateBoxRequest, ExecSession, ForkBoxRequest, ForkBoxResponse, MoveBoxRequest } from '@devyard/api/box-schemas';
 import type { BoxStatusReport, DesiredSet, PrebuildReport, Node, RegisterNodeRequest, RegisterNodeResponse } from '@devyard/api/node-schemas';
 import type { CreateTemplateRequest, Prebuild, Template } from '@devyard/api/template-schemas';
 import type { AccessToken, BoxConnection, BoxPort, PortVisibility, SshKey } from '@devyard/api/access-schemas';
@@ -96,6 +96,14 @@ export class DevyardClient {
    */
   async forkBox(name: string, body: ForkBoxRequest, owner?: string): Promise<Box[]> {
     return (await this.request<ForkBoxResponse>('POST', `/v1/boxes/${encodeURIComponent(name)}/fork${this.ownerQuery(owner)}`, { body })).body.boxes;
+  }
+
+  /**
+   * Moves a paused microvm box to another node (`body.node`, or one the scheduler picks); the box
+   * shows `movingFrom` until its new node has it. `owner` addresses another user's box you may manage.
+   */
+  async moveBox(name: string, body: MoveBoxRequest = {}, owner?: string): Promise<Box> {
+    return (await this.request<Box>('POST', `/v1/boxes/${encodeURIComponent(name)}/move${this.ownerQuery(owner)}`, { body })).body;
   }
 
   async deleteBox(name: string, ifMatchVersion?: number, owner?: string): Promise<Box> {

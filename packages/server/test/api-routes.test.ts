@@ -303,6 +303,18 @@ describe('boxes', () => {
     cover('forkBox');
   });
 
+  it('moves only microvm boxes: a sandbox box is refused with 409 and stays where it is (moves: box-move.test.ts)', async () => {
+    const before = await user.getBox('one');
+    const r = await raw('POST', '/v1/boxes/one/move', { body: JSON.stringify({}) });
+    expect(r.status).toBe(409);
+    expect(r.body).toMatchObject({ code: 'invalid-state', detail: 'move needs a microvm box; one runs on sandbox' });
+    expect((await raw('POST', '/v1/boxes/one/move', { body: JSON.stringify({ node: 'node-a', extra: 1 }) })).status).toBe(400);
+    expect((await raw('POST', '/v1/boxes/nope/move', { body: JSON.stringify({ node: 'node-a' }) })).status).toBe(404);
+    const after = await user.getBox('one');
+    expect([after.node, after.version, after.movingFrom]).toEqual([before.node, before.version, undefined]);
+    cover('moveBox');
+  });
+
   it('keeps a box without a fitting node pending, with the reasons per node', async () => {
     const box = await until(() => user.getBox('unplaced'), (b) => b.conditions.some((c) => c.reason === 'Unschedulable'));
     expect(box.phase).toBe('pending');

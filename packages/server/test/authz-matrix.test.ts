@@ -65,6 +65,8 @@ const SETUP: Record<string, (p: Persona) => Promise<Call>> = {
   deleteBox: async () => ({ path: `/v1/boxes/${await memberBox()}?owner=member` }),
   // The member's box runs on sandbox: callers allowed to fork it get 409 (not a microvm box), the rest 403/404.
   forkBox: async () => ({ path: `/v1/boxes/${await memberBox()}/fork?owner=member`, body: { name: uniq('fork') } }),
+  // Also on sandbox, so not movable: callers allowed to move it get 409, the rest 403/404.
+  moveBox: async () => ({ path: `/v1/boxes/${await memberBox()}/move?owner=member`, body: {} }),
   listBoxEvents: async () => ({ path: `/v1/boxes/${await memberBox()}/events?owner=member` }),
   createExecSession: async () => ({ path: `/v1/boxes/${await memberBox()}/exec-sessions?owner=member`, body: {} }),
   getBoxConnection: async () => ({ path: `/v1/boxes/${await memberBox()}/connection?owner=member` }),
@@ -172,6 +174,7 @@ const EXPECTED: Record<string, Row> = {
   resumeBox: BOX_USE,
   deleteBox: BOX_USE,
   forkBox: BOX_USE,
+  moveBox: BOX_USE,
   listBoxEvents: BOX_READ,
   createExecSession: BOX_USE,
   getBoxConnection: BOX_USE,

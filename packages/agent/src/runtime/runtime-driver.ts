@@ -153,6 +153,13 @@ export interface RuntimeDriver {
    * under the session's own. Kept in memory only (tmpfs); stop and destroy remove them.
    */
   writeSecrets?(boxId: string, secrets: readonly BoxSecret[]): Promise<void>;
+  /**
+   * A paused box as one stream another node's driver can import and resume (microVM: snapshot,
+   * disks and RAM); drivers whose pause keeps memory only on this host do not offer it.
+   */
+  exportSnapshot?(boxId: string): Promise<Readable>;
+  /** Takes a paused box exported by another node; the box is paused here afterwards. */
+  importSnapshot?(spec: BoxRuntimeSpec, bundle: Readable): Promise<void>;
   /** Starts a process inside a running box. */
   exec(boxId: string, opts: ExecOptions): Promise<ExecProcess>;
   /**

@@ -4,7 +4,7 @@
  * driver that holds the box, found from the calls it has seen or, after an agent restart, by
  * asking each driver (a box exists in at most one).
  */
-import type { Duplex } from 'node:stream';
+import type { Duplex, Readable } from 'node:stream';
 import type { Socket } from 'node:net';
 import type { ProvisioningDriver } from '../box-provisioner.js';
 import type { BoxRuntimeSpec, BoxSecret, ExecOptions, ExecProcess, RuntimeBoxStatus } from './runtime-driver.js';
@@ -125,6 +125,16 @@ export class RuntimeRouter implements ProvisioningDriver {
     if (!d.fork) throw new Error(`runtime ${d.name} cannot fork boxes`);
     await d.fork(sourceBoxId, spec);
     this.owner.set(spec.boxId, d);
+  }
+  async exportSnapshot(boxId: string): Promise<Readable> {
+    const d = await this.route(boxId);
+    if (!d.exportSnapshot) throw Object.assign(new Error(`runtime ${d.name} cannot move paused boxes between nodes`), { code: 'INVALID_SPEC' });
+    return d.exportSnapshot(boxId);
+  }
+  async importSnapshot(spec: BoxRuntimeSpec, bundle: Readable): Promise<void> {
+    const d = this.forSpec(spec);
+    if (!d.importSnapshot) throw new Error(`runtime ${d.name} cannot move paused boxes between nodes`);
+    await d.importSnapshot(spec, bundle);
   }
   async setHostname(boxId: string, name: string): Promise<void> {
     await (await this.route(boxId)).setHostname?.(boxId, name);

@@ -1,10 +1,11 @@
-/** Box commands: create, list, get, lifecycle verbs, fork, exec and events. */
+/** Box commands: create, list, get, lifecycle verbs, fork, move, exec and events. */
 import { randomUUID } from 'node:crypto';
 import type { Command } from 'commander';
+import type { Box } from '@devyard/api/box-schemas';
 import { execInBox } from '@devyard/sdk/exec-client';
 import { clientFromEnv } from '../cli-config.js';
 import { age, boxDetails, printJson, table } from '../output-format.js';
-import { waitForBox } from '../wait-for-box.js';
+import { waitForBox, type WaitCheck } from '../wait-for-box.js';
 
 export function registerBoxCommands(program: Command): void {
   program
@@ -111,6 +112,22 @@ export function registerBoxCommands(program: Command): void {
     });
 
   program
+    .command('move')
+    .description('move a paused microvm box to another node (its memory and disks go along; it stays paused there)')
+    .argument('<name>')
+    .option('--to <node>', 'the node to move it to (default: the scheduler picks one other than its own)')
+    .option('--owner <user>', "another user's box (shared with you to manage, or you administer the organization)")
+    .option('-w, --wait', 'wait until the box is paused on its new node (or back on its old one if the move failed)')
+    .option('--json', 'print the box as JSON')
+    .action(async (name: string, o) => {
+      const client = clientFromEnv();
+      let box = await client.moveBox(name, o.to !== undefined ? { node: o.to as string } : {}, o.owner as string | undefined);
+      if (o.wait) box = await waitForBox(client, box, undefined, movedTo(box));
+      if (o.json) printJson(box);
+      else if (!o.wait) process.stdout.write(`moving ${box.name} from ${box.movingFrom ?? '?'} to ${box.node ?? '?'} (now ${box.phase}); follow it with \`devyard get ${box.name}\` or use --wait\n`);
+    });
+
+  program
     .command('delete')
     .alias('rm')
     .description('delete a box and its disk')
@@ -185,4 +202,18 @@ export function registerBoxCommands(program: Command): void {
         process.stdin.pause();
       }
     });
+}
+
+/**
+ * The end of a move: the box paused on its new node with no move in flight, or back on the node it
+ * came from (the new node could not import it; the box's Scheduled condition says why).
+ */
+function movedTo(moving: Box): WaitCheck {
+  return (b) => {
+    if (b.desiredState === 'deleted') return { failed: `${b.name}: deleted during the move` };
+    if (b.movingFrom !== undefined) return null;
+    if (b.node === moving.node) return b.phase === 'paused' && b.observedGeneration >= moving.generation ? 'done' : null;
+    const why = b.conditions.find((c) => c.type === 'Scheduled' && c.reason === 'MoveFailed')?.message;
+    return { failed: `${b.name}: ${why ?? `the move to ${moving.node ?? '?'} did not complete (see \`devyard events ${b.name}\`)`}` };
+  };
 }

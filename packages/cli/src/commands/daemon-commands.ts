@@ -33,6 +33,7 @@ interface NetworkFlags {
   runtimes?: string;
   vmBridge?: string;
   vmSubnet?: string;
+  vmSnapshot?: string;
   /** Registry hosts reached over plain HTTP (loopback ones always are). */
   insecureRegistries?: string[];
 }
@@ -55,9 +56,15 @@ function startAgent(o: { serverUrl: string; token: string; dataDir: string; name
     ...(o.runtimes ? { runtimes: parseRuntimes(o.runtimes) } : {}),
     vmBridge: o.vmBridge,
     vmSubnet: o.vmSubnet,
+    ...(o.vmSnapshot ? { vmSnapshotMode: parseSnapshotMode(o.vmSnapshot) } : {}),
     insecureRegistries: o.insecureRegistries,
     log: (msg: string, fields?: object) => o.log.info(fields ?? {}, msg),
   });
+}
+
+function parseSnapshotMode(v: string): 'fast' | 'portable' {
+  if (v !== 'fast' && v !== 'portable') throw new CliUsageError(`--vm-snapshot is fast or portable, got "${v}"`);
+  return v;
 }
 
 function parseRuntimes(v: string): Array<'sandbox' | 'microvm'> {
@@ -72,7 +79,8 @@ function runtimeOptions(c: Command): Command {
   return c
     .option('--runtimes <list>', 'runtimes this node offers (default: sandbox, plus microvm when QEMU is installed)')
     .option('--vm-bridge <name>', 'bridge interface for microVMs (default devyardvm0)')
-    .option('--vm-subnet <cidr>', 'microVM subnet (default 10.214.0.0/16)');
+    .option('--vm-subnet <cidr>', 'microVM subnet (default 10.214.0.0/16)')
+    .option('--vm-snapshot <mode>', 'how pause stores a microVM: fast (RAM file + device state) or portable (one compressed stream)', 'fast');
 }
 
 const portOption = (v: string): number => {
@@ -132,7 +140,7 @@ export function registerDaemonCommands(program: Command): void {
         if (e.code === 'EADDRINUSE') throw new Error(`port ${o.port} is in use: is another \`devyard up\` running? (choose another with --port)`);
         throw e;
       });
-      const { agent, images } = startAgent({ serverUrl: cp.url, token: cp.tokens.nodeToken, dataDir: join(dataDir, 'node'), name: hostname(), bridge: o.bridge, subnet: o.subnet, runtimes: o.runtimes, vmBridge: o.vmBridge, vmSubnet: o.vmSubnet, prebuildCheckMs: o.prebuildCheckMs, log: log.child({ role: 'agent' }) });
+      const { agent, images } = startAgent({ serverUrl: cp.url, token: cp.tokens.nodeToken, dataDir: join(dataDir, 'node'), name: hostname(), bridge: o.bridge, subnet: o.subnet, runtimes: o.runtimes, vmBridge: o.vmBridge, vmSubnet: o.vmSubnet, vmSnapshot: o.vmSnapshot, prebuildCheckMs: o.prebuildCheckMs, log: log.child({ role: 'agent' }) });
       await agent.start();
       for (let i = 0; i < 200 && !agent.nodeId; i++) await new Promise((r) => setTimeout(r, 25));
       if (!agent.nodeId) process.stderr.write(`warning: the node agent has not registered yet; see ${join(dataDir, 'devyard.log')}\n`);
@@ -232,7 +240,7 @@ export function registerDaemonCommands(program: Command): void {
     .action(async (o) => {
       requireRoot('devyard agent');
       const log = pino({ level: 'info' });
-      const { agent } = startAgent({ serverUrl: o.server, token: o.token, dataDir: resolve(o.dataDir), name: o.name, listen: o.listen, advertise: o.advertise, bridge: o.bridge, subnet: o.subnet, runtimes: o.runtimes, vmBridge: o.vmBridge, vmSubnet: o.vmSubnet, resyncMs: o.resyncMs, prebuildCheckMs: o.prebuildCheckMs, insecureRegistries: o.insecureRegistry, log });
+      const { agent } = startAgent({ serverUrl: o.server, token: o.token, dataDir: resolve(o.dataDir), name: o.name, listen: o.listen, advertise: o.advertise, bridge: o.bridge, subnet: o.subnet, runtimes: o.runtimes, vmBridge: o.vmBridge, vmSubnet: o.vmSubnet, vmSnapshot: o.vmSnapshot, resyncMs: o.resyncMs, prebuildCheckMs: o.prebuildCheckMs, insecureRegistries: o.insecureRegistry, log });
       await agent.start();
       onShutdown(() => agent.stop());
     });

@@ -1,5 +1,5 @@
 /** The handlers of every route in the route table, by operationId. Thin: parse, call a service, map. */
-import type { CreateBoxRequest } from '@devyard/api/box-schemas';
+import type { CreateBoxRequest, MoveBoxRequest } from '@devyard/api/box-schemas';
 import type { BoxStatusReport, PrebuildReport, RegisterNodeRequest } from '@devyard/api/node-schemas';
 import { buildOpenApiDocument } from '@devyard/api/openapi-document';
 import type { CreateTemplateRequest } from '@devyard/api/template-schemas';
@@ -66,8 +66,12 @@ export function createHandlers(d: HandlerDeps): Handlers {
     }
     return names;
   };
+  const nodeName = async (id: string | null) => (id ? ((await d.store.getNode(id))?.name ?? null) : null);
   const view = async (b: BoxRecord) =>
-    toApiBox(b, b.nodeId ? ((await d.store.getNode(b.nodeId))?.name ?? null) : null, b.forkOf ? (await forkSourceNames([b])).get(b.forkOf) : undefined);
+    toApiBox(b, await nodeName(b.nodeId), {
+      forkOf: b.forkOf ? (await forkSourceNames([b])).get(b.forkOf) : undefined,
+      movingFrom: (await nodeName(b.moveFromNodeId)) ?? undefined,
+    });
 
   /** Answers a box with its ETag (the version), as every box-returning route does. */
   const withEtag = async (ctx: HandlerContext, b: BoxRecord) => {
@@ -138,7 +142,14 @@ export function createHandlers(d: HandlerDeps): Handlers {
         const names = await nodeNames();
         const boxes = await d.boxes.list(ctx.subject);
         const sources = await forkSourceNames(boxes);
-        return { items: boxes.map((b) => toApiBox(b, b.nodeId ? (names.get(b.nodeId) ?? null) : null, b.forkOf ? sources.get(b.forkOf) : undefined)) };
+        return {
+          items: boxes.map((b) =>
+            toApiBox(b, b.nodeId ? (names.get(b.nodeId) ?? null) : null, {
+              forkOf: b.forkOf ? sources.get(b.forkOf) : undefined,
+              movingFrom: b.moveFromNodeId ? names.get(b.moveFromNodeId) : undefined,
+            }),
+          ),
+        };
       }
       const sse = openSse(ctx.req, ctx.reply);
       const onBox = async (b: BoxRecord) => {
@@ -160,6 +171,11 @@ export function createHandlers(d: HandlerDeps): Handlers {
       const boxes = await d.boxes.fork(ctx.subject, ctx.params.name!, ctx.body as { name: string; count: number }, owner(ctx));
       void ctx.reply.header('location', `/v1/boxes/${boxes[0]!.name}`);
       return { boxes: await Promise.all(boxes.map(view)) };
+    },
+    moveBox: async (ctx) => {
+      const box = await d.boxes.move(ctx.subject, ctx.params.name!, ctx.body as MoveBoxRequest, owner(ctx));
+      void ctx.reply.header('location', `/v1/boxes/${box.name}`);
+      return withEtag(ctx, box);
     },
     listBoxEvents: async (ctx) => {
       const { box, events } = await d.boxes.events(ctx.subject, ctx.params.name!, owner(ctx));

@@ -143,7 +143,7 @@ export class BoxReconciler {
     try {
       const box = await this.store.getBox(boxId);
       if (!box) return null;
-      const decision = decideBox({ ...box, finalized: box.deletedAt !== null }, this.now(), this.retry);
+      const decision = decideBox({ ...box, finalized: box.deletedAt !== null, moving: box.moveFromNodeId !== null }, this.now(), this.retry);
       return await this.perform(box, decision, leaseName, token);
     } finally {
       await this.store.releaseLease(leaseName, this.opts.holder, token);
@@ -186,6 +186,8 @@ export class BoxReconciler {
           audit: { action: 'failBox', detail: { reason: d.reason } },
         }));
         return null;
+      case 'abort-move':
+        return this.abortMove(box, d.reason, leaseName, token);
       case 'finalize-delete':
         await this.write(box, leaseName, token, async (tx, now) => {
           const node = box.nodeId ? await this.store.getNode(box.nodeId, tx) : undefined;
@@ -291,6 +293,47 @@ export class BoxReconciler {
         event: null,
       };
     });
+    return 0;
+  }
+
+  /**
+   * The new node could not import a moving box: bind it to the node it came from again, where it
+   * is still paused (that node's desired set kept it so), with its reservation moved back, and a
+   * new generation so that node confirms it. The new node is told to delete whatever it has of the
+   * box (`cleanupNodeId`). The reservation is taken back even on a node that has filled up
+   * meanwhile: the box is there either way, and the event says so.
+   */
+  private async abortMove(box: BoxRecord, reason: string, leaseName: string, token: number): Promise<number | null> {
+    const saved = await this.write(box, leaseName, token, async (tx, now) => {
+      const from = await this.store.getNode(box.moveFromNodeId!, tx);
+      if (!from) throw new DomainError('internal', `node ${box.moveFromNodeId} that box ${box.name} is moving from is gone`, { boxId: box.id });
+      const to = box.nodeId ? await this.store.getNode(box.nodeId, tx) : undefined;
+      if (to) await this.store.updateNode({ ...to, allocated: subtract(to.allocated, box.computeReserved ? box.resources : diskOnly(box.resources)) }, to.version, tx);
+      const short = shortfall(from.capacity, from.allocated, box.resources);
+      await this.store.updateNode({ ...from, allocated: add(from.allocated, box.resources) }, from.version, tx);
+      const over = short.length > 0 ? ` (node ${from.name} is over its capacity now: ${short.join(', ')} short)` : '';
+      const message = `move to node ${to?.name ?? box.nodeId} failed: ${reason}; the box stays paused on node ${from.name}${over}`;
+      return {
+        next: {
+          ...box,
+          nodeId: from.id,
+          moveFromNodeId: null,
+          cleanupNodeId: to?.id ?? null,
+          computeReserved: true,
+          phase: 'paused',
+          generation: box.generation + 1,
+          attempt: 1,
+          lastError: null,
+          nextAttemptAt: null,
+          updatedAt: now,
+          conditions: setCondition(box.conditions, { type: 'Scheduled', status: 'True', reason: 'MoveFailed', message }, now),
+        },
+        event: { type: 'MoveFailed', message },
+        audit: { action: 'abortBoxMove', detail: { failedNode: to?.name ?? null, backOn: from.name, reason } },
+      };
+    });
+    // The failed node's desired set changed too (the box is to be deleted there).
+    if (saved.cleanupNodeId) this.feed.emit('node', saved.cleanupNodeId);
     return 0;
   }
 

@@ -5,7 +5,7 @@
  */
 import { createHash } from 'node:crypto';
 import { NameSchema } from '@devyard/api/common-schemas';
-import type { CreateBoxRequest } from '@devyard/api/box-schemas';
+import type { CreateBoxRequest, MoveBoxRequest } from '@devyard/api/box-schemas';
 import { signSessionToken } from '@devyard/api/session-tokens';
 import { planVerb, type Verb } from '@devyard/core/box-lifecycle';
 import { DomainError } from '@devyard/core/domain-error';
@@ -13,12 +13,12 @@ import { accessAtLeast, boxAccess, type BoxAccess, type BoxViewer, type OrgRole,
 import type { TenancyStore } from '../store/tenancy-store.js';
 import type { QuotaService } from './quota-service.js';
 import { visibleTo } from './template-service.js';
-import { add, parseBytes, parseCpu, shortfall, ZERO, type Resources } from '@devyard/core/resources';
-import { filterNode } from '@devyard/core/scheduler';
+import { add, diskOnly, parseBytes, parseCpu, shortfall, subtract, ZERO, type Resources } from '@devyard/core/resources';
+import { describeRejection, filterNode, schedule, type NodeSnapshot } from '@devyard/core/scheduler';
 import type { ChangeFeed } from '../change-feed.js';
 import { newId } from '../ids.js';
 import { setCondition, type BoxRecord } from '../store/box-records.js';
-import type { Executor, Store } from '../store/store.js';
+import type { Executor, NodeRecord, Store } from '../store/store.js';
 
 /** Owner of the boxes kept ready in warm pools (see loops/warm-pool-filler.ts). */
 export const WARM_POOL_OWNER = 'system:warm-pool';
@@ -66,6 +66,23 @@ export function resolveResources(
   }
   return r;
 }
+
+/** A heartbeat or a scheduling pass changed a node row between our read and our write: read it again. */
+const isNodeRace = (e: unknown) => e instanceof DomainError && e.code === 'conflict' && e.details.reason === 'version-mismatch' && 'nodeId' in e.details;
+
+/** What the scheduler's filters see of a node. */
+const nodeSnapshot = (n: NodeRecord, now: number): NodeSnapshot => ({
+  id: n.id,
+  name: n.name,
+  ready: n.leaseExpiresAt > now,
+  cordoned: n.cordoned,
+  runtimes: n.runtimes,
+  arch: n.arch,
+  region: n.region,
+  capacity: n.capacity,
+  allocated: n.allocated,
+  images: n.images,
+});
 
 const viewerOf = (s: Subject): BoxViewer => ({ name: s.name, orgId: s.orgId, role: s.role, teamIds: s.teamIds });
 const sharedBox = (b: BoxRecord, shares: ReadonlyArray<{ teamId: string; access: string }>): SharedBox => ({ owner: b.owner, orgId: b.orgId, shares: shares as SharedBox['shares'] });
@@ -164,6 +181,8 @@ export class BoxService {
         deletedAt: null,
         version: 1,
         forkOf: null,
+        moveFromNodeId: null,
+        cleanupNodeId: null,
       };
       if (this.tenancy) await this.tenancy.quotas.check(box, tx);
       await this.store.insertBox(box, tx);
@@ -243,9 +262,7 @@ export class BoxService {
         this.feed.emit('node', nodeId);
         return boxes;
       } catch (e) {
-        // A heartbeat or a scheduling pass changed the node row meanwhile: read it again.
-        const nodeRace = e instanceof DomainError && e.code === 'conflict' && e.details.reason === 'version-mismatch' && 'nodeId' in e.details;
-        if (!nodeRace || attempt >= 3) throw e;
+        if (!isNodeRace(e) || attempt >= 3) throw e;
       }
     }
   }
@@ -295,6 +312,8 @@ export class BoxService {
         deletedAt: null,
         version: 1,
         forkOf: src.id,
+        moveFromNodeId: null,
+        cleanupNodeId: null,
       };
       // Each check sees the clones inserted before it: N boxes are counted as N.
       if (this.tenancy) await this.tenancy.quotas.check(box, tx);
@@ -305,10 +324,7 @@ export class BoxService {
     }
     // The scheduler's own filter, over the one node that may take the clones, for all of them at once.
     const total = names.reduce((sum) => add(sum, src.resources), { ...ZERO });
-    const why = filterNode(
-      { id: node.id, name: node.name, ready: node.leaseExpiresAt > now, cordoned: node.cordoned, runtimes: node.runtimes, arch: node.arch, region: node.region, capacity: node.capacity, allocated: node.allocated, images: node.images },
-      { runtime: src.runtime, resources: total },
-    );
+    const why = filterNode(nodeSnapshot(node, now), { runtime: src.runtime, resources: total });
     if (why.length > 0) {
       throw new DomainError('no-capacity', `cannot fork ${names.length === 1 ? 'a box' : `${names.length} boxes`} of ${src.name} onto its node ${node.name}: ${why.join(', ')}`, {
         node: node.name,
@@ -318,6 +334,105 @@ export class BoxService {
     await this.store.updateNode({ ...node, allocated: add(node.allocated, total) }, node.version, tx);
     await this.store.appendEvent({ boxId: src.id, boxName: src.name, owner: src.owner, time: now, type: 'Forked', phase: src.phase, message: `forked into ${names.join(', ')} by ${subject.name}` }, tx);
     return { boxes, nodeId: node.id };
+  }
+
+  /**
+   * Moves a paused microvm box to another node (`node`, or the scheduler's pick among the others).
+   * The box is bound to the new node at once, with `moveFromNodeId` naming the node it is paused
+   * on: that node's agent keeps it and serves its snapshot and disks, the new node's agent pulls
+   * them (NodeService.desiredSet tells both), and the move completes when the new node reports the
+   * box paused (or goes back when its import fails: the reconciler's `abort-move`). One
+   * transaction: the checks, the box's reservation taken on the new node (the scheduler's filter,
+   * optimistic on the node's version, as scheduling does) and released on the old one, and a new
+   * generation, so both agents see a new operation.
+   */
+  async move(subject: Subject, name: string, req: MoveBoxRequest, owner?: string): Promise<BoxRecord> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const { box, from } = await this.store.transaction((tx) => this.moveIn(tx, subject, name, req.node, owner));
+        this.feed.emit('box', box);
+        this.feed.emit('node', from);
+        this.feed.emit('node', box.nodeId!);
+        return box;
+      } catch (e) {
+        if (!isNodeRace(e) || attempt >= 3) throw e;
+      }
+    }
+  }
+
+  private async moveIn(tx: Executor, subject: Subject, name: string, nodeName: string | undefined, owner: string | undefined): Promise<{ box: BoxRecord; from: string }> {
+    const now = this.now();
+    const box = await this.authorized(subject, name, 'manage', owner, tx);
+    if (box.runtime !== 'microvm') {
+      throw new DomainError('invalid-state', `move needs a microvm box; ${box.name} runs on ${box.runtime}`, { runtime: box.runtime });
+    }
+    if (box.moveFromNodeId !== null) {
+      const [from, to] = await this.nodeNames([box.moveFromNodeId, box.nodeId], tx);
+      throw new DomainError('invalid-state', `box ${box.name} is already moving from node ${from} to node ${to}`, { from, to });
+    }
+    if (box.cleanupNodeId !== null) {
+      // One copy left behind at a time: the next move could otherwise target the node that is deleting it.
+      const [left] = await this.nodeNames([box.cleanupNodeId], tx);
+      throw new DomainError('invalid-state', `the copy of box ${box.name} left on node ${left} by its last move is not deleted yet; move it once it is`, { node: left });
+    }
+    if (box.desiredState !== 'paused' || box.phase !== 'paused' || box.observedGeneration !== box.generation || box.nodeId === null) {
+      const state = box.phase === box.desiredState ? box.phase : `${box.phase} (desired: ${box.desiredState})`;
+      throw new DomainError('invalid-state', `move needs a paused box; ${box.name} is ${state}`, { phase: box.phase, desiredState: box.desiredState });
+    }
+    const from = await this.store.getNode(box.nodeId, tx);
+    if (!from) throw new DomainError('unavailable', `the node of box "${box.name}" is gone`, { name: box.name });
+    if (from.leaseExpiresAt <= now) {
+      // Its agent is the only place the snapshot can come from.
+      throw new DomainError('invalid-state', `node ${from.name} is not ready: the snapshot of ${box.name} is on it and there is no snapshot store to fetch it from`, { node: from.name });
+    }
+    const request = { runtime: box.runtime, resources: box.resources, image: box.image };
+    let to: NodeRecord;
+    if (nodeName !== undefined) {
+      const named = await this.store.getNodeByName(nodeName, tx);
+      if (!named) throw new DomainError('not-found', `node "${nodeName}" not found`, { node: nodeName });
+      if (named.id === from.id) throw new DomainError('invalid-state', `box ${box.name} is on node ${from.name} already; name another node`, { node: from.name });
+      const why = filterNode(nodeSnapshot(named, now), request);
+      if (why.length > 0) {
+        // Only full: no capacity; otherwise the node cannot take the box at all now.
+        const full = why.length === shortfall(named.capacity, named.allocated, box.resources).length;
+        throw new DomainError(full ? 'no-capacity' : 'invalid-state', `cannot move ${box.name} to node ${named.name}: ${why.join(', ')}`, { node: named.name, reasons: why });
+      }
+      to = named;
+    } else {
+      const others = (await this.store.listNodes(tx)).filter((n) => n.id !== from.id);
+      const result = schedule(others.map((n) => nodeSnapshot(n, now)), request);
+      if (!result.ok) {
+        const why = others.length === 0 ? `there is no node besides ${from.name}` : describeRejection(result.reasons);
+        throw new DomainError('no-capacity', `cannot move ${box.name}: ${why}`, { reasons: result.reasons });
+      }
+      to = others.find((n) => n.id === result.nodeId)!;
+    }
+    // The box needs its full reservation where it goes; the old node holds what the box held there.
+    await this.store.updateNode({ ...to, allocated: add(to.allocated, box.resources) }, to.version, tx);
+    await this.store.updateNode({ ...from, allocated: subtract(from.allocated, box.computeReserved ? box.resources : diskOnly(box.resources)) }, from.version, tx);
+    const next: BoxRecord = {
+      ...box,
+      nodeId: to.id,
+      moveFromNodeId: from.id,
+      computeReserved: true,
+      phase: 'provisioning',
+      generation: box.generation + 1,
+      attempt: 1,
+      lastError: null,
+      nextAttemptAt: null,
+      updatedAt: now,
+      conditions: setCondition(box.conditions, { type: 'Scheduled', status: 'True', reason: 'Moving', message: `moving from ${from.name} to ${to.name}` }, now),
+    };
+    const saved = await this.store.updateBox(next, box.version, tx);
+    await this.recordChange(tx, saved, 'MoveRequested', `move from node ${from.name} to node ${to.name} requested by ${subject.name}`);
+    return { box: saved, from: from.id };
+  }
+
+  /** Node names by id, in order (the id itself for a node that is gone). */
+  private async nodeNames(ids: ReadonlyArray<string | null>, ex: Executor): Promise<string[]> {
+    const out: string[] = [];
+    for (const id of ids) out.push(id === null ? '-' : ((await this.store.getNode(id, ex))?.name ?? id));
+    return out;
   }
 
   get(subject: Subject, name: string, opts: { owner?: string; need?: BoxAccess } = {}): Promise<BoxRecord> {
@@ -344,6 +459,11 @@ export class BoxService {
       }
       const plan = planVerb(cur, verb);
       if (!plan.changed) return { box: cur, changed: false };
+      if (cur.moveFromNodeId !== null && verb !== 'delete') {
+        // The new node's agent is importing the paused box: it takes no other operation meanwhile.
+        const [from, to] = await this.nodeNames([cur.moveFromNodeId, cur.nodeId], tx);
+        throw new DomainError('invalid-state', `box ${cur.name} is moving from node ${from} to node ${to}; ${verb} it once the move is done`, { verb, from, to });
+      }
       const next: BoxRecord = {
         ...cur,
         desiredState: plan.desiredState,
@@ -353,6 +473,8 @@ export class BoxService {
         lastError: null,
         nextAttemptAt: null,
         updatedAt: now,
+        // Deleted during a move: the node it was moving from deletes its copy too.
+        ...(cur.moveFromNodeId !== null ? { moveFromNodeId: null, cleanupNodeId: cur.moveFromNodeId } : {}),
       };
       if ((verb === 'start' || verb === 'resume') && this.tenancy) await this.tenancy.quotas.check(next, tx);
       const saved = await this.store.updateBox(next, cur.version, tx);
@@ -362,6 +484,7 @@ export class BoxService {
     if (changed) {
       this.feed.emit('box', box);
       if (box.nodeId) this.feed.emit('node', box.nodeId);
+      if (box.cleanupNodeId) this.feed.emit('node', box.cleanupNodeId);
     }
     return box;
   }

@@ -15,10 +15,11 @@ const PAUSE_SEMANTICS: Record<string, { keepsMemory: boolean; description: strin
 const iso = (ms: number) => new Date(ms).toISOString();
 
 /**
- * The API view of a box. `forkOfName` is the name of the box it was forked from, when it is a fork
- * (the view falls back to the source's id if the caller could not look the name up).
+ * The API view of a box. `names` are what the caller looked up of the box's references: the name
+ * of the box it was forked from, when it is a fork, and of the node it is moving from, while it
+ * moves (the view falls back to the ids for names the caller could not look up).
  */
-export function toApiBox(b: BoxRecord, nodeName: string | null, forkOfName?: string): Box {
+export function toApiBox(b: BoxRecord, nodeName: string | null, names: { forkOf?: string; movingFrom?: string } = {}): Box {
   return {
     id: b.id,
     name: b.name,
@@ -40,7 +41,8 @@ export function toApiBox(b: BoxRecord, nodeName: string | null, forkOfName?: str
     createdAt: iso(b.createdAt),
     updatedAt: iso(b.updatedAt),
     version: b.version,
-    ...(b.forkOf !== null ? { forkOf: forkOfName ?? b.forkOf } : {}),
+    ...(b.forkOf !== null ? { forkOf: names.forkOf ?? b.forkOf } : {}),
+    ...(b.moveFromNodeId !== null ? { movingFrom: names.movingFrom ?? b.moveFromNodeId } : {}),
   };
 }
 

@@ -4,19 +4,23 @@
  * needs to reach a node to keep a box alive.
  */
 import { randomBytes } from 'node:crypto';
-import { BoxSetupSchema, type BoxSetup, type DesiredPrebuild, type PrebuildReport, type BoxStatusReport, type DesiredSet, type RegisterNodeRequest } from '@devyard/api/node-schemas';
+import { BoxSetupSchema, type BoxSetup, type DesiredBox, type DesiredPrebuild, type PrebuildReport, type BoxStatusReport, type DesiredSet, type RegisterNodeRequest } from '@devyard/api/node-schemas';
+import { signSessionToken } from '@devyard/api/session-tokens';
 import { agentDesired, backoffMs, DEFAULT_RETRY_POLICY, type RetryPolicy } from '@devyard/core/box-reconcile';
-import { AGENT_PHASES, TARGET_PHASE } from '@devyard/core/box-lifecycle';
+import { AGENT_PHASES, TARGET_PHASE, type DesiredState } from '@devyard/core/box-lifecycle';
 import { DomainError } from '@devyard/core/domain-error';
 import { ZERO } from '@devyard/core/resources';
 import type { BoxSecret } from '@devyard/api/secret-schemas';
 import type { ChangeFeed } from '../change-feed.js';
 import { newId } from '../ids.js';
-import type { BoxRecord } from '../store/box-records.js';
+import { setCondition, type BoxRecord } from '../store/box-records.js';
 import { pinnedImage, WARM_POOL_OWNER } from './box-service.js';
-import type { NodeRecord, Store, TemplateRecord } from '../store/store.js';
+import type { Executor, NodeRecord, Store, TemplateRecord } from '../store/store.js';
 
 export const NODE_LEASE_MS = 20_000;
+
+/** How long the token a new node fetches a moving box's snapshot with is valid (each desired set signs a fresh one). */
+export const RESTORE_TOKEN_TTL_MS = 15 * 60_000;
 
 export class NodeService {
   private revision = 0;
@@ -89,42 +93,60 @@ export class NodeService {
     return node;
   }
 
+  /**
+   * What the node must run: the boxes bound to it, plus what it still holds of boxes bound
+   * elsewhere. While a box moves here, its entry carries `restoreFrom` (the old node's agent and a
+   * token for the box signed with that node's key). The node a box is moving from keeps an entry
+   * with the box paused (its agent keeps the snapshot to hand over); the node that must delete its
+   * copy after a move (`cleanupNodeId`) gets the box as deleted until it reports it gone.
+   */
   async desiredSet(nodeId: string): Promise<DesiredSet> {
     const node = await this.requireNode(nodeId);
     const boxes = await this.store.listBoxes({ nodeId });
+    const leftHere = (await this.store.listBoxesLeftOn(nodeId)).filter((b) => b.nodeId !== nodeId);
     const templates = new Map<string, TemplateRecord | undefined>();
-    for (const b of boxes) {
+    for (const b of [...boxes, ...leftHere]) {
       const key = `${b.templateName}:${b.templateVersion}`;
       if (!templates.has(key)) templates.set(key, await this.templateVersion(b.templateName, b.templateVersion));
     }
     // Secrets go only to boxes that should run or be paused: a stopped box has nowhere to keep them.
     const withCompute = boxes.filter((b) => ['running', 'paused'].includes(agentDesired(b).desiredState));
     const secrets = (await this.secrets?.forBoxes(withCompute)) ?? new Map<string, BoxSecret[]>();
-    return {
-      nodeId,
-      revision: ++this.revision,
-      boxes: boxes.map((b) => {
-        const d = agentDesired(b);
-        return {
-          boxId: b.id,
-          name: b.name,
-          desiredState: d.desiredState,
-          generation: d.generation,
-          operationId: d.operationId,
-          image: b.image,
-          runtime: b.runtime,
-          resources: b.resources,
-          env: b.env,
-          setup: setupOf(templates.get(`${b.templateName}:${b.templateVersion}`)),
-          templateName: b.templateName,
-          templateVersion: b.templateVersion,
-          pooled: b.owner === WARM_POOL_OWNER,
-          secrets: secrets.get(b.id) ?? [],
-          forkOf: b.forkOf,
-        };
-      }),
-      prebuilds: await this.desiredPrebuilds(node),
+    const now = this.now();
+    const entry = (b: BoxRecord, desiredState: DesiredState, boxSecrets: BoxSecret[], restoreFrom: DesiredBox['restoreFrom']): DesiredBox => {
+      const d = agentDesired(b);
+      return {
+        boxId: b.id,
+        name: b.name,
+        desiredState,
+        generation: d.generation,
+        operationId: d.operationId,
+        image: b.image,
+        runtime: b.runtime,
+        resources: b.resources,
+        env: b.env,
+        setup: setupOf(templates.get(`${b.templateName}:${b.templateVersion}`)),
+        templateName: b.templateName,
+        templateVersion: b.templateVersion,
+        pooled: b.owner === WARM_POOL_OWNER,
+        secrets: boxSecrets,
+        forkOf: b.forkOf,
+        restoreFrom,
+      };
     };
+    const out: DesiredBox[] = [];
+    for (const b of boxes) {
+      let restoreFrom: DesiredBox['restoreFrom'] = null;
+      if (b.moveFromNodeId !== null) {
+        const from = await this.store.getNode(b.moveFromNodeId);
+        // Signed with the old node's key: its agent verifies it offline, like an exec session's.
+        if (from) restoreFrom = { agentUrl: from.agentUrl, token: signSessionToken({ boxId: b.id, sub: `node:${node.id}`, exp: now + RESTORE_TOKEN_TTL_MS }, from.sessionKey) };
+      }
+      out.push(entry(b, agentDesired(b).desiredState, secrets.get(b.id) ?? [], restoreFrom));
+    }
+    // Bound elsewhere: no secrets (the box no longer runs here) and nothing to restore from.
+    for (const b of leftHere) out.push(entry(b, b.moveFromNodeId === nodeId ? 'paused' : 'deleted', [], null));
+    return { nodeId, revision: ++this.revision, boxes: out, prebuilds: await this.desiredPrebuilds(node) };
   }
 
   /**
@@ -141,11 +163,6 @@ export class NodeService {
     return out;
   }
 
-  /**
-   * Records what an agent observed. Reports are accepted only for boxes bound to that node and
-   * only if not older than what was already observed, so duplicated, reordered or stale reports
-   * cannot move a box backwards.
-   */
   /** Records the prebuilds a node finished; they are what `templates prebuilds` shows. */
   async reportPrebuilds(nodeId: string, reports: PrebuildReport[]): Promise<void> {
     const now = this.now();
@@ -164,14 +181,31 @@ export class NodeService {
     }
   }
 
+  /**
+   * Records what an agent observed. Reports are accepted only for boxes bound to that node and
+   * only if not older than what was already observed, so duplicated, reordered or stale reports
+   * cannot move a box backwards. A node that still holds a box bound elsewhere (a move's old node)
+   * is heard only when it says its copy is deleted; the new node reporting the moved box paused
+   * completes the move.
+   */
   async report(nodeId: string, reports: BoxStatusReport[]): Promise<void> {
     const now = this.now();
     const changed: BoxRecord[] = [];
+    const nodesChanged = new Set<string>();
     for (const r of reports) {
       if (!AGENT_PHASES.has(r.phase)) throw new DomainError('invalid-input', `phase "${r.phase}" cannot be reported by an agent`, { field: 'phase' });
       const saved = await this.store.transaction(async (tx) => {
         const box = await this.store.getBox(r.boxId, tx);
-        if (!box || box.nodeId !== nodeId || box.deletedAt !== null) return null;
+        if (!box) return null;
+        if (box.nodeId !== nodeId || box.deletedAt !== null) {
+          if (box.cleanupNodeId !== nodeId || r.phase !== 'deleted' || r.error) return null;
+          // The copy a move left behind is gone: nothing of the box remains on that node.
+          const stored = await this.store.updateBox({ ...box, cleanupNodeId: null, updatedAt: now }, box.version, tx);
+          const [left] = await this.nodeNames([nodeId], tx);
+          await this.store.appendEvent({ boxId: box.id, boxName: box.name, owner: box.owner, time: now, type: 'MoveCleanedUp', phase: stored.phase, message: `the copy on node ${left} is deleted` }, tx);
+          nodesChanged.add(nodeId);
+          return stored;
+        }
         if (r.observedGeneration < box.observedGeneration || r.observedGeneration > box.generation) return null;
         const current = r.observedGeneration === box.generation;
         const attempt = Number(r.operationId.split('.').pop()) || box.attempt;
@@ -195,6 +229,15 @@ export class NodeService {
         if (current && !r.error && next.phase === TARGET_PHASE[box.desiredState] && box.phase !== next.phase) {
           await this.store.upsertOperation({ id: r.operationId, box_id: box.id, target_state: box.desiredState, generation: box.generation, attempt, state: 'succeeded', error: null, created_at: now, finished_at: now }, tx);
         }
+        if (box.moveFromNodeId !== null && current && !r.error && r.phase === 'paused') {
+          // The new node has the box whole: the old one may delete its copy now.
+          const [from, to] = await this.nodeNames([box.moveFromNodeId, nodeId], tx);
+          next.moveFromNodeId = null;
+          next.cleanupNodeId = box.moveFromNodeId;
+          next.conditions = setCondition(box.conditions, { type: 'Scheduled', status: 'True', reason: 'Moved', message: `moved from ${from} to ${to}` }, now);
+          events.push({ type: 'Moved', message: `moved from node ${from} to node ${to}; the copy on ${from} is deleted next` });
+          nodesChanged.add(box.moveFromNodeId);
+        }
         const unchanged = events.length === 0 && next.ip === box.ip && next.observedGeneration === box.observedGeneration;
         if (unchanged) return null;
         const stored = await this.store.updateBox(next, box.version, tx);
@@ -205,6 +248,15 @@ export class NodeService {
       if (saved) changed.push(saved);
     }
     for (const b of changed) this.feed.emit('box', b);
+    // Their desired sets changed (a move's old node: its copy is to be deleted, or is gone).
+    for (const id of nodesChanged) this.feed.emit('node', id);
+  }
+
+  /** Node names by id, in order (the id itself for a node that is gone). */
+  private async nodeNames(ids: readonly string[], ex: Executor): Promise<string[]> {
+    const out: string[] = [];
+    for (const id of ids) out.push((await this.store.getNode(id, ex))?.name ?? id);
+    return out;
   }
 
   /** Template versions are immutable: each is read from the store once. */

@@ -41,6 +41,16 @@ export interface BoxRecord {
   version: number;
   /** Id of the box this one was forked from (its node agent clones that box's RAM and disk); null for created boxes. */
   forkOf: string | null;
+  /**
+   * While the box moves: the node it was paused on, whose agent still holds it and serves its
+   * snapshot to the new node (`nodeId`). Null when no move is in flight.
+   */
+  moveFromNodeId: string | null;
+  /**
+   * A node that must still delete its copy of the box: the old node once a move succeeded (or the
+   * new one after a failed import). Null when nothing is left behind.
+   */
+  cleanupNodeId: string | null;
 }
 
 export function boxFromRow(r: Selectable<BoxTable>): BoxRecord {
@@ -71,6 +81,8 @@ export function boxFromRow(r: Selectable<BoxTable>): BoxRecord {
     deletedAt: r.deleted_at === null ? null : Number(r.deleted_at),
     version: Number(r.version),
     forkOf: r.fork_of ?? null,
+    moveFromNodeId: r.move_from_node_id ?? null,
+    cleanupNodeId: r.cleanup_node_id ?? null,
   };
 }
 
@@ -102,6 +114,8 @@ export function boxToRow(b: BoxRecord): Selectable<BoxTable> {
     deleted_at: b.deletedAt,
     version: b.version,
     fork_of: b.forkOf,
+    move_from_node_id: b.moveFromNodeId,
+    cleanup_node_id: b.cleanupNodeId,
   };
 }
 

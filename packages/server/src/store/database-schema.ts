@@ -49,6 +49,10 @@ export interface BoxTable {
   version: number;
   /** Source box id of a fork (migration 0009); null for created boxes. */
   fork_of: string | null;
+  /** While a move is in flight: the node the box's snapshot is fetched from (migration 0010). */
+  move_from_node_id: string | null;
+  /** After a move: the old node that must still delete its copy of the box (migration 0010). */
+  cleanup_node_id: string | null;
 }
 
 export interface BoxEventTable {

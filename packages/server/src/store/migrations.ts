@@ -384,8 +384,23 @@ const m0009: Migration = {
   },
 };
 
+/**
+ * Moves of paused microvm boxes between nodes: the node the snapshot is fetched from while a move
+ * is in flight, and the node that must still delete its copy afterwards. Nullable, no backfill: no
+ * box was moving before this migration.
+ */
+const m0010: Migration = {
+  async up(db: Kysely<unknown>) {
+    await db.schema.alterTable('boxes').addColumn('move_from_node_id', 'text').execute();
+    await db.schema.alterTable('boxes').addColumn('cleanup_node_id', 'text').execute();
+    // Every desired set of a node looks up the boxes it holds for a move or must still delete.
+    await db.schema.createIndex('boxes_move_from_node').on('boxes').column('move_from_node_id').execute();
+    await db.schema.createIndex('boxes_cleanup_node').on('boxes').column('cleanup_node_id').execute();
+  },
+};
+
 export const migrationProvider: MigrationProvider = {
   async getMigrations() {
-    return { '0001_initial': m0001, '0002_template_spec': m0002, '0003_prebuilds': m0003, '0004_access': m0004, '0005_tenancy': m0005, '0006_audit_log': m0006, '0007_secrets': m0007, '0008_invitations': m0008, '0009_box_fork_of': m0009 };
+    return { '0001_initial': m0001, '0002_template_spec': m0002, '0003_prebuilds': m0003, '0004_access': m0004, '0005_tenancy': m0005, '0006_audit_log': m0006, '0007_secrets': m0007, '0008_invitations': m0008, '0009_box_fork_of': m0009, '0010_box_move': m0010 };
   },
 };

@@ -150,6 +150,21 @@ export class Store {
   }
 
   /**
+   * Boxes bound elsewhere that still have something on this node: those moving away from it (it
+   * serves their snapshot) and those it must still delete its copy of, finalized ones included.
+   */
+  async listBoxesLeftOn(nodeId: string, ex: Executor = this.db): Promise<BoxRecord[]> {
+    const rows = await ex
+      .selectFrom('boxes')
+      .selectAll()
+      .where((eb) => eb.or([eb('move_from_node_id', '=', nodeId), eb('cleanup_node_id', '=', nodeId)]))
+      .orderBy('created_at')
+      .orderBy('id')
+      .execute();
+    return rows.map(boxFromRow);
+  }
+
+  /**
    * Writes a changed box if nobody changed it since it was read (optimistic concurrency on
    * `version`). Returns the stored record with its new version.
    */

@@ -136,6 +136,8 @@ async function ensureInitramfs(dir: string, kernel: GuestKernel, agent: string, 
   const out = join(dir, `initramfs-${h.digest('hex').slice(0, 16)}.cpio`);
   if (existsSync(out)) return out;
   const stage = join(dir, `.initramfs-${randomBytes(4).toString('hex')}`);
+  // Several agents of one host share the cache: each builds under its own temporary name.
+  const tmp = `${stage}.cpio`;
   try {
     for (const d of ['bin', 'lib/modules', 'proc', 'sys', 'dev', 'newroot', 'mnt/volume', 'etc', 'tmp']) await mkdir(join(stage, d), { recursive: true });
     await copyFile(busybox, join(stage, 'bin/busybox'));
@@ -146,12 +148,12 @@ async function ensureInitramfs(dir: string, kernel: GuestKernel, agent: string, 
     await chmod(join(stage, 'bin/devyard-guest-agent'), 0o755);
     for (const [i, m] of modules.entries()) await copyFile(m, join(stage, 'lib/modules', `${GUEST_MODULES[i]}.ko`));
     // newc cpio, uncompressed: it is small (~4 MB) and TCG decompression would cost boot time.
-    await run('sh', ['-c', `cd "$1" && find . | "$2" cpio -o -H newc > "$3.tmp" 2>/dev/null`, 'sh', stage, busybox, out]);
-    await rename(`${out}.tmp`, out);
+    await run('sh', ['-c', `cd "$1" && find . | "$2" cpio -o -H newc > "$3" 2>/dev/null`, 'sh', stage, busybox, tmp]);
+    await rename(tmp, out);
     return out;
   } finally {
     await rm(stage, { recursive: true, force: true });
-    await rm(`${out}.tmp`, { force: true });
+    await rm(tmp, { force: true });
   }
 }
 
@@ -162,17 +164,18 @@ async function ensureToolsDisk(dir: string, busybox: string, bundle: string): Pr
   const out = join(dir, `tools-${h.digest('hex').slice(0, 16)}.ext4`);
   if (existsSync(out)) return out;
   const stage = join(dir, `.tools-${randomBytes(4).toString('hex')}`);
+  const tmp = `${stage}.ext4`;
   try {
     await mkdir(stage);
     await copyFile(busybox, join(stage, 'busybox'));
     await chmod(join(stage, 'busybox'), 0o755);
     await cp(bundle, join(stage, 'tools'), { recursive: true, verbatimSymlinks: true });
-    await run('truncate', ['-s', '256M', `${out}.tmp`]);
-    await run('mkfs.ext4', ['-q', '-F', '-E', 'root_owner=0:0', '-d', stage, `${out}.tmp`]);
-    await rename(`${out}.tmp`, out);
+    await run('truncate', ['-s', '256M', tmp]);
+    await run('mkfs.ext4', ['-q', '-F', '-E', 'root_owner=0:0', '-d', stage, tmp]);
+    await rename(tmp, out);
     return out;
   } finally {
     await rm(stage, { recursive: true, force: true });
-    await rm(`${out}.tmp`, { force: true });
+    await rm(tmp, { force: true });
   }
 }

@@ -12,17 +12,17 @@
  *                         qmp.sock, agent.sock, qemu.pid, console.log
  *
  * Pause writes a snapshot and ends QEMU, so the VM's CPU and memory are released; resume restores
- * it in a new QEMU. The fast path leaves guest RAM in the RAM file on the node and writes only the
- * device state (`x-ignore-shared`); the portable path streams RAM into a zstd-compressed state
- * file that any node with the same QEMU can restore (the RAM file is dropped). Disks stay as they
- * are while paused: nothing writes them until the restored VM runs.
+ * it in a new QEMU. Guest RAM lives in a shared RAM file, so a snapshot is the device state only
+ * (`x-ignore-shared`): the fast path leaves the RAM file on the node; the portable path compresses
+ * it (zstd) into the snapshot and drops it, and any node with the same QEMU and guest kernel can
+ * restore that. Disks stay as they are while paused: nothing writes them until the restored VM runs.
  */
 import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
-import type { Duplex } from 'node:stream';
+import type { Duplex, Readable } from 'node:stream';
 import { spawn } from 'node:child_process';
 import { ensureBoxToolsBundle, BOX_TOOLS_BIN } from '../box-tools-bundle.js';
 import type { BoxRuntimeSpec, BoxSecret, ExecOptions, ExecProcess, RuntimeBoxStatus, RuntimeDriver } from '../runtime-driver.js';
@@ -94,6 +94,12 @@ interface BoxRecord {
   failure?: string;
   /** Whether a QEMU started by this driver should be running (cleared by stop/pause). */
   expectRunning?: boolean;
+  /**
+   * The address and MAC the guest has configured (from its last cold boot, or its source's when
+   * it was forked or moved here); a restore reconfigures the guest when they differ from ip/mac.
+   */
+  guestIp?: string;
+  guestMac?: string;
 }
 
 /** What a snapshot directory holds, next to the state file. */
@@ -106,6 +112,8 @@ interface SnapshotMeta {
   stateFile: string;
   stateBytes: number;
   stateSha256: string;
+  /** Portable snapshots: the guest RAM file as a sparse tar, zstd-compressed, in the snapshot directory. */
+  ramFile?: string;
   createdAt: string;
 }
 
@@ -130,6 +138,11 @@ export class MicrovmDriver implements RuntimeDriver {
   private readonly live = new Map<string, LiveVm>();
   private readonly connecting = new Map<string, Promise<LiveVm>>();
   private readonly secrets = new Map<string, readonly BoxSecret[]>();
+  /**
+   * QEMU processes told to quit after a snapshot, still exiting (tearing down a large guest
+   * mapping can take a second): pause does not wait for them, the box's next operation does.
+   */
+  private readonly exiting = new Map<string, Promise<void>>();
   private allocLock: Promise<unknown> = Promise.resolve();
 
   constructor(private readonly opts: MicrovmDriverOptions) {
@@ -187,7 +200,10 @@ export class MicrovmDriver implements RuntimeDriver {
 
   private withLock<T>(boxId: string, fn: () => Promise<T>): Promise<T> {
     const prev = this.locks.get(boxId) ?? Promise.resolve();
-    const next = prev.catch(() => undefined).then(fn);
+    const next = prev.catch(() => undefined).then(async () => {
+      await this.exiting.get(boxId);
+      return fn();
+    });
     const tail = next.catch(() => undefined);
     this.locks.set(boxId, tail);
     void tail.then(() => {
@@ -332,6 +348,9 @@ export class MicrovmDriver implements RuntimeDriver {
       delete rec.failure;
       await rm(join(dir, 'mem'), { force: true });
       rec.expectRunning = true;
+      // A cold boot configures the network from the kernel command line.
+      rec.guestIp = rec.ip;
+      rec.guestMac = rec.mac;
       await this.writeRecord(rec);
       const timeoutMs = this.opts.bootTimeoutMs ?? 90_000;
       let qmp: QmpClient | undefined;
@@ -373,7 +392,7 @@ export class MicrovmDriver implements RuntimeDriver {
     const pending = this.connecting.get(boxId);
     if (pending) return pending;
     const p = (async () => {
-      if (!this.qemuPid(boxId)) {
+      if (this.exiting.has(boxId) || !this.qemuPid(boxId)) {
         if (existsSync(join(this.boxDir(boxId), 'snapshot', 'meta.json'))) throw new MicrovmError('BOX_PAUSED', `box ${boxId} is paused`);
         throw new MicrovmError('BOX_NOT_RUNNING', `box ${boxId} is not running`);
       }
@@ -470,8 +489,7 @@ export class MicrovmDriver implements RuntimeDriver {
     const dir = this.boxDir(boxId);
     const snap = join(dir, 'snapshot');
     await this.dropSnapshot(boxId);
-    const stateFile = mode === 'fast' ? 'state' : 'state.zst';
-    const tmp = join(snap, `${stateFile}.tmp`);
+    const tmp = join(snap, 'state.tmp');
     await vm.channel.quiesce(SECRETS_DIR);
     await vm.qmp.execute('stop');
     let meta: SnapshotMeta;
@@ -483,23 +501,41 @@ export class MicrovmDriver implements RuntimeDriver {
       await this.injectSecrets(boxId, vm.channel).catch(() => undefined);
       throw e;
     }
-    await rename(tmp, join(snap, stateFile));
+    await rename(tmp, join(snap, 'state'));
+    if (mode === 'portable') {
+      // The guest is stopped: its RAM file no longer changes. Compressed next to the state, it is
+      // what another node restores from; the RAM file itself goes (unlinking it while the exiting
+      // QEMU still maps it is fine: the space is freed with the mapping). tar --sparse skips the
+      // file's holes (the RAM the guest never touched): reading them would cost ~1.4 s/GiB.
+      try {
+        await runCommand('bash', ['-c', 'set -o pipefail; tar --sparse -C "$1" -cf - mem | zstd -1 -T0 -q -f -o "$2"', 'bash', dir, join(snap, 'mem.tar.zst')]);
+      } catch (e) {
+        await vm.qmp.execute('cont').catch(() => undefined);
+        await this.injectSecrets(boxId, vm.channel).catch(() => undefined);
+        throw e;
+      }
+      meta = { ...meta, ramFile: 'mem.tar.zst' };
+    }
     await writeSnapshotMeta(snap, meta);
     rec.expectRunning = false;
     await this.writeRecord(rec);
     await vm.qmp.execute('quit').catch(() => undefined);
-    await this.kill(boxId);
-    // A portable snapshot holds the RAM itself: the RAM file would only cost disk.
     if (mode === 'portable') await rm(join(dir, 'mem'), { force: true });
+    const exit = this.kill(boxId)
+      .catch((e: Error) => this.log('microvm: cleaning up after a pause failed', { boxId, err: e.message }))
+      .finally(() => this.exiting.delete(boxId));
+    this.exiting.set(boxId, exit);
   }
 
-  /** Streams a stopped VM's device state (and with `portable` its RAM, zstd-compressed) to `file`. */
+  /**
+   * Writes a stopped VM's device state to `file`. Guest RAM is in the shared RAM file and skipped
+   * (`x-ignore-shared`): streaming it through QEMU's migration under TCG costs ~1.7 s/GiB, while
+   * compressing the file afterwards (portable mode) reads holes and zero pages at disk speed.
+   */
   private async writeState(vm: LiveVm, rec: BoxRecord, mode: SnapshotMode, file: string): Promise<SnapshotMeta> {
-    await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: mode === 'fast' }] });
-    // The default bandwidth cap (128 MiB/s) would make a portable snapshot take seconds per GiB.
+    await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
     await vm.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
-    const sink = mode === 'fast' ? `cat > ${shellQuote(file)}` : `zstd -1 -T0 -q -f -o ${shellQuote(file)}`;
-    await vm.qmp.execute('migrate', { uri: `exec:${sink}` });
+    await vm.qmp.execute('migrate', { uri: `exec:cat > ${shellQuote(file)}` });
     await waitMigration(vm.qmp, 120_000);
     const data = await readFile(file);
     return {
@@ -508,7 +544,7 @@ export class MicrovmDriver implements RuntimeDriver {
       kernelRelease: vm.channel.kernelRelease,
       memoryMiB: rec.memoryMiB,
       vcpus: rec.vcpus,
-      stateFile: mode === 'fast' ? 'state' : 'state.zst',
+      stateFile: 'state',
       stateBytes: data.length,
       stateSha256: createHash('sha256').update(data).digest('hex'),
       createdAt: new Date().toISOString(),
@@ -547,8 +583,8 @@ export class MicrovmDriver implements RuntimeDriver {
         meta = await this.readSnapshotMeta(sourceId).catch(() => {
           throw new MicrovmError('BOX_NOT_RUNNING', `fork needs a running or paused source; ${sourceId} is stopped`);
         });
-        await copyFiles(join(srcDir, 'snapshot'), join(dst, 'snapshot'), [meta.stateFile]);
-        await copyFiles(srcDir, dst, [...(meta.mode === 'fast' ? ['mem'] : []), 'root.qcow2', 'volume.ext4']);
+        await copyFiles(join(srcDir, 'snapshot'), join(dst, 'snapshot'), [meta.stateFile, ...(meta.ramFile ? [meta.ramFile] : [])]);
+        await copyFiles(srcDir, dst, [...(meta.ramFile ? [] : ['mem']), 'root.qcow2', 'volume.ext4']);
       }
       const rec: BoxRecord = {
         ...src,
@@ -557,6 +593,8 @@ export class MicrovmDriver implements RuntimeDriver {
         env: spec.env,
         ip: await this.allocateIp(spec.boxId),
         mac: macFor(spec.boxId),
+        guestIp: src.guestIp ?? src.ip,
+        guestMac: src.guestMac ?? src.mac,
         createdAt: new Date().toISOString(),
         expectRunning: false,
       };
@@ -567,15 +605,89 @@ export class MicrovmDriver implements RuntimeDriver {
     await this.withLock(spec.boxId, async () => {
       try {
         await this.restore(spec.boxId, rec, meta);
+        // The clone woke up as its source (restore gave it its own address): its own name and id too.
         const vm = await this.liveVm(spec.boxId);
-        // The clone woke up as its source: give it its own identity before anything uses it.
         await vm.channel.setIdentity(rec.name, machineIdFor(rec.boxId));
-        await this.guestShell(vm, `ip link set eth0 down && ip link set eth0 address ${rec.mac} && ip link set eth0 up`);
-        await vm.channel.netConfig('eth0', `${rec.ip}/${this.network.subnet.prefix}`, this.network.gateway);
       } catch (e) {
         await this.kill(spec.boxId);
         await rm(dst, { recursive: true, force: true });
         throw e;
+      }
+    });
+  }
+
+  /**
+   * The paused box as one stream (zstd-compressed tar, holes kept): its record, root overlay,
+   * workspace volume, snapshot and, for a fast snapshot, the RAM file. What another node's
+   * {@link importSnapshot} takes to resume the box there.
+   */
+  async exportSnapshot(boxId: string): Promise<Readable> {
+    checkBoxId(boxId);
+    const dir = this.boxDir(boxId);
+    const meta = await this.withLock(boxId, async () => {
+      if (this.qemuPid(boxId)) throw new MicrovmError('BOX_NOT_RUNNING', `box ${boxId} is running: pause it before moving it`);
+      return this.readSnapshotMeta(boxId);
+    });
+    const files = ['box.json', 'root.qcow2', 'volume.ext4', 'snapshot', ...(meta.ramFile ? [] : ['mem'])];
+    const c = spawn('bash', ['-c', 'set -o pipefail; dir=$1; shift; tar --sparse -cf - -C "$dir" "$@" | zstd -1 -T0 -q', 'sh', dir, ...files], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let err = '';
+    c.stderr.on('data', (b: Buffer) => (err += b.toString()));
+    c.on('close', (code) => {
+      if (code !== 0) c.stdout.destroy(new Error(`exporting box ${boxId} failed (${code}): ${err.trim()}`));
+    });
+    return c.stdout;
+  }
+
+  /**
+   * Takes a paused box exported by another node ({@link exportSnapshot}): unpacks it next to the
+   * boxes, points its root overlay at this node's base disk of the same image, gives it an address
+   * of this node (the guest is reconfigured on resume) and leaves it paused. Idempotent: a box
+   * that is already here is kept as it is.
+   */
+  async importSnapshot(spec: BoxRuntimeSpec, bundle: Readable): Promise<void> {
+    checkBoxId(spec.boxId);
+    await this.withLock(spec.boxId, async () => {
+      if (await this.readRecord(spec.boxId)) return;
+      const tmp = join(this.boxesDir, `.import-${spec.boxId}-${process.pid}`);
+      await rm(tmp, { recursive: true, force: true });
+      await mkdir(tmp, { recursive: true });
+      try {
+        await new Promise<void>((resolve, reject) => {
+          const c = spawn('bash', ['-c', 'set -o pipefail; zstd -dcq | tar --sparse -xf - -C "$1"', 'sh', tmp], { stdio: ['pipe', 'ignore', 'pipe'] });
+          let err = '';
+          c.stderr.on('data', (b: Buffer) => (err += b.toString()));
+          bundle.on('error', (e) => c.kill() && reject(e));
+          c.on('error', reject);
+          c.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`unpacking the snapshot failed (${code}): ${err.trim()}`))));
+          bundle.pipe(c.stdin);
+        });
+        const src = JSON.parse(await readFile(join(tmp, 'box.json'), 'utf8')) as BoxRecord;
+        JSON.parse(await readFile(join(tmp, 'snapshot', 'meta.json'), 'utf8'));
+        if (src.boxId !== spec.boxId) throw new MicrovmError('SNAPSHOT_INVALID', `the snapshot is of box ${src.boxId}, not ${spec.boxId}`);
+        // The overlay names its base by absolute path: this node's base of the same image.
+        const base = await this.disks.ensureBase(spec.imageRootfs, spec.imageDigest);
+        await new Promise<void>((resolve, reject) => {
+          const c = spawn('qemu-img', ['rebase', '-u', '-b', base, '-F', 'qcow2', join(tmp, 'root.qcow2')], { stdio: ['ignore', 'ignore', 'pipe'] });
+          let err = '';
+          c.stderr.on('data', (b: Buffer) => (err += b.toString()));
+          c.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`qemu-img rebase failed: ${err.trim()}`))));
+        });
+        const rec: BoxRecord = {
+          ...src,
+          imageRootfs: spec.imageRootfs,
+          imageDigest: spec.imageDigest,
+          env: spec.env,
+          ip: await this.allocateIp(spec.boxId),
+          mac: macFor(spec.boxId),
+          guestIp: src.guestIp ?? src.ip,
+          guestMac: src.guestMac ?? src.mac,
+          expectRunning: false,
+        };
+        delete rec.failure;
+        await writeFile(join(tmp, 'box.json'), JSON.stringify(rec, null, 2));
+        await rename(tmp, this.boxDir(spec.boxId));
+      } finally {
+        await rm(tmp, { recursive: true, force: true });
       }
     });
   }
@@ -639,7 +751,14 @@ export class MicrovmDriver implements RuntimeDriver {
     if (data.length !== meta.stateBytes || createHash('sha256').update(data).digest('hex') !== meta.stateSha256) {
       throw new MicrovmError('SNAPSHOT_INVALID', `snapshot state file ${meta.stateFile} is corrupt or truncated (${data.length} of ${meta.stateBytes} bytes, checksum mismatch)`);
     }
-    if (meta.mode === 'fast' && !existsSync(join(dir, 'mem'))) throw new MicrovmError('SNAPSHOT_INVALID', 'the snapshot needs the RAM file, which is missing');
+    if (meta.ramFile) {
+      // A portable snapshot: the RAM file comes back from its compressed copy (zstd checks it).
+      await rm(join(dir, 'mem'), { force: true });
+      await runCommand('bash', ['-c', 'set -o pipefail; zstd -dcq "$1" | tar --sparse -xf - -C "$2" mem', 'bash', join(dir, 'snapshot', meta.ramFile), dir]).catch((e: Error) => {
+        throw new MicrovmError('SNAPSHOT_INVALID', `the snapshot's RAM file ${meta.ramFile} is corrupt or truncated: ${e.message}`);
+      });
+    }
+    if (!existsSync(join(dir, 'mem'))) throw new MicrovmError('SNAPSHOT_INVALID', 'the snapshot needs the RAM file, which is missing');
     if (!existsSync(join(dir, 'root.qcow2'))) throw new MicrovmError('SNAPSHOT_INVALID', 'the root disk overlay is missing');
     // The snapshot's machine shape wins over later resource edits: the device state fits only it.
     const sized: BoxRecord = { ...rec, vcpus: meta.vcpus, memoryMiB: meta.memoryMiB, expectRunning: true };
@@ -647,15 +766,27 @@ export class MicrovmDriver implements RuntimeDriver {
     await this.writeRecord(sized);
     const qmp = await this.launch(sized, true);
     try {
-      if (meta.mode === 'fast') await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
-      const source = meta.mode === 'fast' ? `cat ${shellQuote(state)}` : `zstd -dcq ${shellQuote(state)}`;
-      await qmp.execute('migrate-incoming', { uri: `exec:${source}` });
+      await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+      await qmp.execute('migrate-incoming', { uri: `exec:cat ${shellQuote(state)}` });
       await waitIncoming(qmp, 120_000, () => this.qemuPid(boxId) !== undefined);
       // Connect before cont: the guest agent reads EOF until a host is there.
       const sock = await connectUnix(join(dir, 'agent.sock'));
       await qmp.execute('cont');
       const channel = await GuestChannel.open(sock, { timeoutMs: 15_000 });
-      this.attachLive(boxId, { qmp, channel });
+      const vm = { qmp, channel };
+      this.attachLive(boxId, vm);
+      if ((sized.guestIp ?? sized.ip) !== sized.ip || (sized.guestMac ?? sized.mac) !== sized.mac) {
+        // Restored on another NIC (a fork, or a box moved from another node): the guest still has
+        // its source's address and MAC, which belong to someone else here.
+        // One shell for the whole change (each process start is costly under TCG).
+        const ip = '/.devyard/busybox ip';
+        await this.guestShell(
+          vm,
+          `${ip} link set eth0 down && ${ip} link set eth0 address ${sized.mac} && ${ip} addr flush dev eth0 && ` +
+            `${ip} addr add ${sized.ip}/${this.network.subnet.prefix} dev eth0 && ${ip} link set eth0 up && ${ip} route replace default via ${this.network.gateway}`,
+        );
+        await this.writeRecord({ ...sized, guestIp: sized.ip, guestMac: sized.mac });
+      }
       await this.injectSecrets(boxId, channel);
     } catch (e) {
       qmp.close();
@@ -679,9 +810,12 @@ export class MicrovmDriver implements RuntimeDriver {
     checkBoxId(boxId);
     const rec = await this.readRecord(boxId);
     if (!rec) return { boxId, state: 'absent' };
+    const snapshotted = existsSync(join(this.boxDir(boxId), 'snapshot', 'meta.json'));
+    // Paused as soon as the snapshot is written, even while its QEMU is still exiting.
+    if (snapshotted && !rec.expectRunning) return { boxId, state: 'paused', ip: rec.ip };
     const pid = this.qemuPid(boxId);
     if (pid) return { boxId, state: 'running', ip: rec.ip, pid };
-    if (existsSync(join(this.boxDir(boxId), 'snapshot', 'meta.json'))) return { boxId, state: 'paused', ip: rec.ip };
+    if (snapshotted) return { boxId, state: 'paused', ip: rec.ip };
     if (rec.expectRunning && !this.locks.has(boxId)) {
       // QEMU is gone although nothing stopped it: killed (OOM, kill -9) or crashed. Recorded once,
       // reported until the next start.
@@ -767,7 +901,7 @@ export class MicrovmDriver implements RuntimeDriver {
   /** Size of a box's files on the host (disks, RAM file, snapshot), for benchmarks and reports. */
   async diskUsage(boxId: string): Promise<Record<string, number>> {
     const out: Record<string, number> = {};
-    for (const f of ['root.qcow2', 'volume.ext4', 'mem', 'snapshot/state', 'snapshot/state.zst']) {
+    for (const f of ['root.qcow2', 'volume.ext4', 'mem', 'snapshot/state', 'snapshot/mem.tar.zst']) {
       const s = await stat(join(this.boxDir(boxId), f)).catch(() => null);
       if (s) out[f] = s.blocks * 512;
     }
@@ -798,6 +932,17 @@ async function cachedKvmProbe(dir: string, assets: GuestBootAssets, qemu: string
 async function writeSnapshotMeta(dir: string, meta: SnapshotMeta): Promise<void> {
   await writeFile(join(dir, 'meta.json.tmp'), JSON.stringify(meta, null, 2));
   await rename(join(dir, 'meta.json.tmp'), join(dir, 'meta.json'));
+}
+
+/** Runs a host command, rejecting with its stderr. */
+function runCommand(cmd: string, args: string[]): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const c = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    c.stderr.on('data', (b: Buffer) => (err += b.toString()));
+    c.on('error', reject);
+    c.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`${cmd} exited ${code}: ${err.trim()}`))));
+  });
 }
 
 /** Copies files keeping holes (RAM files and volumes are mostly sparse), reflinked where the filesystem can. */
@@ -832,15 +977,21 @@ function shellQuote(s: string): string {
   return `'${s.replace(/'/g, `'\\''`)}'`;
 }
 
+/**
+ * Waits until the process has exited. A daemonized QEMU is the child of the host's init, which may
+ * take seconds to reap it: a zombie counts as gone (it holds no memory, files or devices).
+ */
 async function waitGone(pid: number, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
+    let state: string;
     try {
-      process.kill(pid, 0);
+      state = readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /s, '')[0] ?? '';
     } catch {
       return;
     }
-    await new Promise((r) => setTimeout(r, 10));
+    if (state === 'Z' || state === 'X') return;
+    await new Promise((r) => setTimeout(r, 5));
   }
 }
 
