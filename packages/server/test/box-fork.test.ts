@@ -7,9 +7,8 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Box } from '@devyard/api/box-schemas';
 import type { DesiredSet } from '@devyard/api/node-schemas';
-import { ApiError } from '@devyard/sdk/api-error';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
-import { startTestControlPlane, type TestControlPlane } from './test-control-plane.js';
+import { problemOf, startTestControlPlane, until, type TestControlPlane } from './test-control-plane.js';
 
 const MiB = 1024 ** 2;
 const small = { cpu: '250m', memory: '64MiB', disk: '1GiB' };
@@ -18,25 +17,7 @@ let fx: TestControlPlane;
 let user: DevyardClient;
 let vmNode: string;
 
-async function until<T>(fn: () => Promise<T>, ok: (v: T) => boolean, ms = 5000): Promise<T> {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await fn();
-    if (ok(v)) return v;
-    if (Date.now() > end) throw new Error(`condition not met; last value: ${JSON.stringify(v).slice(0, 800)}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
-async function problemOf(p: Promise<unknown>): Promise<ApiError> {
-  try {
-    await p;
-  } catch (e) {
-    if (e instanceof ApiError) return e;
-    throw e;
-  }
-  throw new Error('expected an API error');
-}
 
 /** Plays the microvm node's agent: every desired box reaches its desired state. */
 async function converge(): Promise<DesiredSet> {

@@ -12,9 +12,8 @@ import type { DesiredBox, DesiredSet } from '@devyard/api/node-schemas';
 import type { Phase } from '@devyard/core/box-lifecycle';
 import { verifySessionToken } from '@devyard/api/session-tokens';
 import { DomainError } from '@devyard/core/domain-error';
-import { ApiError } from '@devyard/sdk/api-error';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
-import { startTestControlPlane, type TestControlPlane } from './test-control-plane.js';
+import { problemOf, startTestControlPlane, until, type TestControlPlane } from './test-control-plane.js';
 
 const small = { cpu: '250m', memory: '64MiB', disk: '1GiB' };
 const GiB = 1024 ** 3;
@@ -31,25 +30,7 @@ let user: DevyardClient;
 /** Two nodes that offer microvm (node-a, the fixture's, offers only sandbox). */
 const vm: VmNode[] = [];
 
-async function until<T>(fn: () => Promise<T>, ok: (v: T) => boolean, ms = 5000): Promise<T> {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await fn();
-    if (ok(v)) return v;
-    if (Date.now() > end) throw new Error(`condition not met; last value: ${JSON.stringify(v).slice(0, 1200)}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
-async function problemOf(p: Promise<unknown>): Promise<ApiError> {
-  try {
-    await p;
-  } catch (e) {
-    if (e instanceof ApiError) return e;
-    throw e;
-  }
-  throw new Error('expected an API error');
-}
 
 async function registerVmNode(name: string, agentUrl: string, capacity = { cpuMillis: 4000, memoryBytes: 4 * GiB, diskBytes: 100 * GiB }): Promise<VmNode> {
   const reg = await fx.node.registerNode({ name, arch: 'x86_64', region: null, labels: {}, runtimes: ['sandbox', 'microvm'], capacity, images: ['tiny'], agentUrl });

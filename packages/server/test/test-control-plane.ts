@@ -5,6 +5,7 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { ApiError } from '@devyard/sdk/api-error';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { startControlPlane, type ControlPlane } from '@devyard/server/control-plane';
 
@@ -47,4 +48,26 @@ export async function startTestControlPlane(tag: string, capacity: { cpuMillis: 
       rmSync(dir, { recursive: true, force: true });
     },
   };
+}
+
+/** Polls `fn` until `ok` holds (the reconciler acts asynchronously), failing with the last value. */
+export async function until<T>(fn: () => Promise<T>, ok: (v: T) => boolean, ms = 5000): Promise<T> {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = await fn();
+    if (ok(v)) return v;
+    if (Date.now() > end) throw new Error(`condition not met; last value: ${JSON.stringify(v).slice(0, 1200)}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** The API error a call fails with (the test fails when it succeeds or fails otherwise). */
+export async function problemOf(p: Promise<unknown>): Promise<ApiError> {
+  try {
+    await p;
+  } catch (e) {
+    if (e instanceof ApiError) return e;
+    throw e;
+  }
+  throw new Error('expected an API error');
 }

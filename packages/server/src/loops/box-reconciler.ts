@@ -7,10 +7,11 @@
 import { decideBox, DEFAULT_RETRY_POLICY, type BoxDecision, type RetryPolicy } from '@devyard/core/box-reconcile';
 import { DomainError } from '@devyard/core/domain-error';
 import { add, computeOnly, diskOnly, shortfall, subtract, type Resources } from '@devyard/core/resources';
-import { describeRejection, schedule, type NodeSnapshot } from '@devyard/core/scheduler';
+import { describeRejection, schedule } from '@devyard/core/scheduler';
 import type { ChangeFeed } from '../change-feed.js';
 import { setCondition, type BoxRecord } from '../store/box-records.js';
-import type { Executor, NodeRecord, Store } from '../store/store.js';
+import type { Executor, Store } from '../store/store.js';
+import { nodeSnapshot } from '../services/scheduler-nodes.js';
 import { orgOfBox, type AuditLog } from '../audit/audit-log.js';
 
 export interface ReconcilerOptions {
@@ -231,27 +232,12 @@ export class BoxReconciler {
     return saved;
   }
 
-  private snapshot(nodes: NodeRecord[], now: number): NodeSnapshot[] {
-    return nodes.map((n) => ({
-      id: n.id,
-      name: n.name,
-      ready: n.leaseExpiresAt > now,
-      cordoned: n.cordoned,
-      runtimes: n.runtimes,
-      arch: n.arch,
-      region: n.region,
-      capacity: n.capacity,
-      allocated: n.allocated,
-      images: n.images,
-    }));
-  }
-
   private async scheduleBox(box: BoxRecord, leaseName: string, token: number): Promise<number | null> {
     const now = this.now();
     const nodes = await this.store.listNodes();
     const wantsCompute = box.desiredState === 'running' || box.desiredState === 'paused';
     const request: Resources = wantsCompute ? box.resources : diskOnly(box.resources);
-    const result = schedule(this.snapshot(nodes, now), { runtime: box.runtime, resources: request, image: box.image });
+    const result = schedule(nodes.map((n) => nodeSnapshot(n, now)), { runtime: box.runtime, resources: request, image: box.image });
     if (!result.ok) {
       const message = describeRejection(result.reasons);
       await this.markUnschedulable(box, leaseName, token, message);

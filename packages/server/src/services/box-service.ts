@@ -14,11 +14,12 @@ import type { TenancyStore } from '../store/tenancy-store.js';
 import type { QuotaService } from './quota-service.js';
 import { visibleTo } from './template-service.js';
 import { add, diskOnly, parseBytes, parseCpu, shortfall, subtract, ZERO, type Resources } from '@devyard/core/resources';
-import { describeRejection, filterNode, schedule, type NodeSnapshot } from '@devyard/core/scheduler';
+import { describeRejection, filterNode, schedule } from '@devyard/core/scheduler';
 import type { ChangeFeed } from '../change-feed.js';
 import { newId } from '../ids.js';
 import { setCondition, type BoxRecord } from '../store/box-records.js';
 import type { Executor, NodeRecord, Store } from '../store/store.js';
+import { nodeSnapshot } from './scheduler-nodes.js';
 
 /** Owner of the boxes kept ready in warm pools (see loops/warm-pool-filler.ts). */
 export const WARM_POOL_OWNER = 'system:warm-pool';
@@ -70,19 +71,6 @@ export function resolveResources(
 /** A heartbeat or a scheduling pass changed a node row between our read and our write: read it again. */
 const isNodeRace = (e: unknown) => e instanceof DomainError && e.code === 'conflict' && e.details.reason === 'version-mismatch' && 'nodeId' in e.details;
 
-/** What the scheduler's filters see of a node. */
-const nodeSnapshot = (n: NodeRecord, now: number): NodeSnapshot => ({
-  id: n.id,
-  name: n.name,
-  ready: n.leaseExpiresAt > now,
-  cordoned: n.cordoned,
-  runtimes: n.runtimes,
-  arch: n.arch,
-  region: n.region,
-  capacity: n.capacity,
-  allocated: n.allocated,
-  images: n.images,
-});
 
 const viewerOf = (s: Subject): BoxViewer => ({ name: s.name, orgId: s.orgId, role: s.role, teamIds: s.teamIds });
 const sharedBox = (b: BoxRecord, shares: ReadonlyArray<{ teamId: string; access: string }>): SharedBox => ({ owner: b.owner, orgId: b.orgId, shares: shares as SharedBox['shares'] });

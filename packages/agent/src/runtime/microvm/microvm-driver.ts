@@ -666,12 +666,7 @@ export class MicrovmDriver implements RuntimeDriver {
         if (src.boxId !== spec.boxId) throw new MicrovmError('SNAPSHOT_INVALID', `the snapshot is of box ${src.boxId}, not ${spec.boxId}`);
         // The overlay names its base by absolute path: this node's base of the same image.
         const base = await this.disks.ensureBase(spec.imageRootfs, spec.imageDigest);
-        await new Promise<void>((resolve, reject) => {
-          const c = spawn('qemu-img', ['rebase', '-u', '-b', base, '-F', 'qcow2', join(tmp, 'root.qcow2')], { stdio: ['ignore', 'ignore', 'pipe'] });
-          let err = '';
-          c.stderr.on('data', (b: Buffer) => (err += b.toString()));
-          c.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`qemu-img rebase failed: ${err.trim()}`))));
-        });
+        await runCommand('qemu-img', ['rebase', '-u', '-b', base, '-F', 'qcow2', join(tmp, 'root.qcow2')]);
         const rec: BoxRecord = {
           ...src,
           imageRootfs: spec.imageRootfs,
