@@ -54,6 +54,8 @@ describe('a microVM box through devyard up', () => {
     const guest = cliOk(h, ['exec', 'vm1', '--', 'uname', '-r']).trim();
     expect(guest).toMatch(/cloud-amd64$/);
     expect(guest).not.toBe(release());
+    // The box's timeline says what it runs on.
+    expect(cliOk(h, ['events', 'vm1'])).toMatch(new RegExp(`microVM under (KVM|TCG), guest kernel ${guest.replace(/\./g, '\\.')}`));
     expect(cliOk(h, ['exec', 'vm1', '--', 'hostname']).trim()).toBe('vm1');
     expect(cliOk(h, ['exec', 'vm1', '-t', '--', 'sh', '-c', '[ -t 0 ] && echo tty']).trim()).toBe('tty');
   });

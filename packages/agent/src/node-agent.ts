@@ -408,7 +408,7 @@ export class NodeAgent {
       clearTimeout(transient);
       timer();
       const after = await this.opts.driver.inspect(boxId);
-      this.report(box, step.then, after.ip ?? null, null, this.takePendingProgress(boxId));
+      this.report(box, step.then, after.ip ?? null, null, this.takePendingProgress(boxId) || (step.kind === 'start' || step.kind === 'resume' ? this.runtimeNote(box) : ''));
     }
   }
 
@@ -425,6 +425,13 @@ export class NodeAgent {
     await d.importSnapshot(this.provisioner.spec(box, setup), Readable.fromWeb(res.body as import('node:stream/web').ReadableStream));
     this.state.setup[box.boxId] = setup;
     saveAgentState(this.stateFile, this.state);
+  }
+
+  /** What the box runs on, for its event timeline: a microVM's accelerator and guest kernel. */
+  private runtimeNote(box: DesiredBox): string {
+    if (box.runtime !== 'microvm') return '';
+    const labels = this.opts.driver.nodeLabels?.() ?? {};
+    return labels['microvm.accel'] ? `microVM under ${labels['microvm.accel'].toUpperCase()}, guest kernel ${labels['microvm.kernel'] ?? '?'}` : '';
   }
 
   /** Writes the box's secrets if they changed since last written (or always, with `force`). */

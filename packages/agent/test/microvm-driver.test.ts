@@ -118,8 +118,12 @@ describe('microvm driver', () => {
     const meta = JSON.parse(await readFile(join(dataDir, 'boxes/v_port/snapshot/meta.json'), 'utf8')) as { mode: string };
     expect(meta.mode).toBe('portable');
     // Any driver of the node (a restarted agent) resumes it: the snapshot says how it was written.
+    // Paused a while first: the guest's clock is set to the host's on resume, not left behind.
+    await sleep(2000);
     const t1 = performance.now();
     await driver.resume('v_port');
+    const guestNow = Number((await run(driver, 'v_port', 'date +%s')).out.trim());
+    expect(Math.abs(guestNow - Date.now() / 1000)).toBeLessThan(1.5);
     console.log(`portable pause ${pauseMs.toFixed(0)} ms (${usage['snapshot/mem.tar.zst']} bytes), resume ${(performance.now() - t1).toFixed(0)} ms`);
     const read = async () => Number((await run(driver, 'v_port', 'cat /workspace/n')).out.trim() || 0);
     const after = await read();

@@ -324,7 +324,8 @@ export class MicrovmDriver implements RuntimeDriver {
     const dir = this.boxDir(rec.boxId);
     for (const f of ['qmp.sock', 'agent.sock', 'qemu.pid']) await rm(join(dir, f), { force: true });
     if (!this.dns) this.dns = (await this.network.resolvConf()).split('\n').filter((l) => l.startsWith('nameserver ')).map((l) => l.slice(11)).join(',');
-    await this.network.attachTap(rec.boxId);
+    // A paused box kept its TAP device; anything else gets a fresh one.
+    if (!existsSync(`/sys/class/net/${this.network.vethName(rec.boxId)}`) || !incoming) await this.network.attachTap(rec.boxId);
     const args = qemuArgs(this.vmConfig(rec, incoming));
     const { code, stderr } = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
       const c = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'ignore', 'pipe'] });
@@ -415,8 +416,11 @@ export class MicrovmDriver implements RuntimeDriver {
     return text.trim().split('\n').slice(-3).join(' | ').slice(0, 500);
   }
 
-  /** Ends QEMU at once (SIGKILL) and removes its network device; disks are kept. */
-  private async kill(boxId: string): Promise<void> {
+  /**
+   * Ends QEMU at once (SIGKILL) and removes its network device; disks are kept. After a pause the
+   * TAP device stays (`keepNic`): the box keeps its address, and resume does not pay for a new one.
+   */
+  private async kill(boxId: string, opts: { keepNic?: boolean } = {}): Promise<void> {
     const vm = this.live.get(boxId);
     this.live.delete(boxId);
     vm?.channel.close();
@@ -430,7 +434,7 @@ export class MicrovmDriver implements RuntimeDriver {
       }
       await waitGone(pid, 5000);
     }
-    await this.network.detach(boxId);
+    if (!opts.keepNic) await this.network.detach(boxId);
     for (const f of ['qmp.sock', 'agent.sock', 'qemu.pid']) await rm(join(this.boxDir(boxId), f), { force: true });
   }
 
@@ -521,7 +525,7 @@ export class MicrovmDriver implements RuntimeDriver {
     await this.writeRecord(rec);
     await vm.qmp.execute('quit').catch(() => undefined);
     if (mode === 'portable') await rm(join(dir, 'mem'), { force: true });
-    const exit = this.kill(boxId)
+    const exit = this.kill(boxId, { keepNic: true })
       .catch((e: Error) => this.log('microvm: cleaning up after a pause failed', { boxId, err: e.message }))
       .finally(() => this.exiting.delete(boxId));
     this.exiting.set(boxId, exit);
@@ -782,7 +786,7 @@ export class MicrovmDriver implements RuntimeDriver {
         );
         await this.writeRecord({ ...sized, guestIp: sized.ip, guestMac: sized.mac });
       }
-      await this.injectSecrets(boxId, channel);
+      await this.injectSecrets(boxId, channel, { skipEmpty: true });
     } catch (e) {
       qmp.close();
       const tail = await this.consoleTail(boxId);
@@ -847,8 +851,10 @@ export class MicrovmDriver implements RuntimeDriver {
     });
   }
 
-  private async injectSecrets(boxId: string, channel: GuestChannel): Promise<void> {
+  private async injectSecrets(boxId: string, channel: GuestChannel, opts: { skipEmpty?: boolean } = {}): Promise<void> {
     const set = this.secrets.get(boxId) ?? [];
+    // After a restore the directory is empty (the pause wiped it): an empty set needs no round trip.
+    if (opts.skipEmpty && set.length === 0) return;
     await channel.replaceDir(SECRETS_DIR, set.map((s) => ({ name: s.name, data: s.value })));
   }
 
