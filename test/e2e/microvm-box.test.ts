@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFileSync, spawnSync, type ChildProcess } from 'node:child_process';
 import { MicrovmDriver } from '@devyard/agent/runtime/microvm/microvm-driver';
 import { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
-import { cleanup, cli, cliOk, kill9, microvmArgs, newHarness, startDaemon, startUp, waitUntil, type Harness } from './devyard-harness.js';
+import { cleanup, cli, cliOk, daemonOutput, kill9, microvmArgs, newHarness, startDaemon, startUp, waitUntil, type Harness } from './devyard-harness.js';
 
 let h: Harness;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -42,6 +42,7 @@ describe('a microVM box through devyard up', () => {
     const [node] = json<Array<{ runtimes: string[]; labels: Record<string, string> }>>(['nodes']);
     expect(node!.runtimes).toEqual(['sandbox', 'microvm']);
     expect(node!.labels['microvm.accel']).toMatch(/^(kvm|tcg)$/);
+    expect(daemonOutput(h)).toContain('devyard create vm1 --template base --runtime microvm --wait');
   });
 
   it('devyard create vm1 --template base --runtime microvm --wait', () => {

@@ -52,6 +52,8 @@ export interface SandboxNode {
   driver: SandboxDriver;
   /** The microVM driver, when the node offers microvm. */
   microvm: MicrovmDriver | null;
+  /** The runtimes the node offers (after the agent started: a runtime that failed to start is left out). */
+  runtimes(): string[];
 }
 
 export function createSandboxNode(o: SandboxNodeOptions): SandboxNode {
@@ -89,11 +91,12 @@ export function createSandboxNode(o: SandboxNodeOptions): SandboxNode {
   // Recipes build on plain images only (a recipe's base is never itself a recipe).
   const recipes = new RecipeImageBuilder({ dataDir: join(o.dataDir, 'sandbox'), driver, base: new ImageResolver(plain), log });
   const images = new ImageResolver({ ...plain, recipes });
+  const router = microvm ? new RuntimeRouter([driver, microvm], log) : null;
   const agent: NodeAgent = new NodeAgent({
     serverUrl: o.serverUrl,
     token: o.token,
     dataDir: join(o.dataDir, 'agent'),
-    driver: microvm ? new RuntimeRouter([driver, microvm], log) : driver,
+    driver: router ?? driver,
     images,
     // Prebuilds live next to the boxes (same filesystem): capturing one is a rename, not a copy.
     prebuilds: o.noPrebuilds ? null : new PrebuildBuilder({ driver, dataDir: join(o.dataDir, 'sandbox'), log }),
@@ -107,5 +110,5 @@ export function createSandboxNode(o: SandboxNodeOptions): SandboxNode {
     prebuildCheckMs: o.prebuildCheckMs,
     log,
   });
-  return { agent, images, driver, microvm };
+  return { agent, images, driver, microvm, runtimes: () => (router ? [...router.runtimes] : [driver.name]) };
 }

@@ -39,7 +39,7 @@ interface NetworkFlags {
 }
 
 
-function startAgent(o: { serverUrl: string; token: string; dataDir: string; name?: string; listen?: string; advertise?: string; resyncMs?: number; prebuildCheckMs?: number; log: Logger } & NetworkFlags): { agent: NodeAgent; images: ImageResolver } {
+function startAgent(o: { serverUrl: string; token: string; dataDir: string; name?: string; listen?: string; advertise?: string; resyncMs?: number; prebuildCheckMs?: number; log: Logger } & NetworkFlags): { agent: NodeAgent; images: ImageResolver; runtimes(): string[] } {
   const listen = parseListen(o.listen, 0);
   return createSandboxNode({
     serverUrl: o.serverUrl,
@@ -140,7 +140,7 @@ export function registerDaemonCommands(program: Command): void {
         if (e.code === 'EADDRINUSE') throw new Error(`port ${o.port} is in use: is another \`devyard up\` running? (choose another with --port)`);
         throw e;
       });
-      const { agent, images } = startAgent({ serverUrl: cp.url, token: cp.tokens.nodeToken, dataDir: join(dataDir, 'node'), name: hostname(), bridge: o.bridge, subnet: o.subnet, runtimes: o.runtimes, vmBridge: o.vmBridge, vmSubnet: o.vmSubnet, vmSnapshot: o.vmSnapshot, prebuildCheckMs: o.prebuildCheckMs, log: log.child({ role: 'agent' }) });
+      const { agent, images, runtimes } = startAgent({ serverUrl: cp.url, token: cp.tokens.nodeToken, dataDir: join(dataDir, 'node'), name: hostname(), bridge: o.bridge, subnet: o.subnet, runtimes: o.runtimes, vmBridge: o.vmBridge, vmSubnet: o.vmSubnet, vmSnapshot: o.vmSnapshot, prebuildCheckMs: o.prebuildCheckMs, log: log.child({ role: 'agent' }) });
       await agent.start();
       for (let i = 0; i < 200 && !agent.nodeId; i++) await new Promise((r) => setTimeout(r, 25));
       if (!agent.nodeId) process.stderr.write(`warning: the node agent has not registered yet; see ${join(dataDir, 'devyard.log')}\n`);
@@ -196,6 +196,7 @@ export function registerDaemonCommands(program: Command): void {
           '  devyard open demo                # terminal in the browser',
           '  devyard list',
           '  devyard stop demo --wait; devyard start demo --wait; devyard delete demo --wait',
+          ...(runtimes().includes('microvm') ? ['  devyard create vm1 --template base --runtime microvm --wait   # a microVM: its own kernel; pause keeps RAM'] : []),
           '',
           'Ctrl-C stops the control plane, the agent and the gateway; boxes keep running and are adopted on the next `devyard up`.',
           '',

@@ -430,9 +430,9 @@ export class GuestChannel {
     await this.request(T.QUIESCE, cstr(secretsDir));
   }
 
-  /** Configures the guest's interface address and default route. */
-  async netConfig(iface: string, cidr: string, gateway: string): Promise<void> {
-    await this.request(T.NET_CONFIG, Buffer.concat([cstr(iface), cstr(cidr), cstr(gateway)]));
+  /** Configures the guest's interface: MAC (optional), address and default route. */
+  async netConfig(iface: string, cidr: string, gateway: string, mac?: string): Promise<void> {
+    await this.request(T.NET_CONFIG, Buffer.concat([cstr(iface), cstr(cidr), cstr(gateway), ...(mac ? [cstr(mac)] : [])]));
   }
 
   /** Closes the channel: sessions end (exit 255), dials are destroyed with an error. */

@@ -691,17 +691,6 @@ export class MicrovmDriver implements RuntimeDriver {
     });
   }
 
-  /** Runs a busybox shell command in the guest from the tools disk (images may lack the tool). */
-  private async guestShell(vm: LiveVm, script: string): Promise<void> {
-    const p = await vm.channel.exec({ argv: ['/.devyard/busybox', 'sh', '-c', script], env: { PATH: '/.devyard' }, cwd: '/' });
-    let err = '';
-    p.stderr.on('data', (b: Buffer) => (err += b.toString()));
-    p.stdout.resume();
-    p.stdin.end();
-    const code = await p.exited;
-    if (code !== 0) throw new Error(`guest command failed (${code}): ${script}: ${err.trim()}`);
-  }
-
   async resume(boxId: string): Promise<void> {
     checkBoxId(boxId);
     await this.withLock(boxId, async () => {
@@ -777,13 +766,7 @@ export class MicrovmDriver implements RuntimeDriver {
       if ((sized.guestIp ?? sized.ip) !== sized.ip || (sized.guestMac ?? sized.mac) !== sized.mac) {
         // Restored on another NIC (a fork, or a box moved from another node): the guest still has
         // its source's address and MAC, which belong to someone else here.
-        // One shell for the whole change (each process start is costly under TCG).
-        const ip = '/.devyard/busybox ip';
-        await this.guestShell(
-          vm,
-          `${ip} link set eth0 down && ${ip} link set eth0 address ${sized.mac} && ${ip} addr flush dev eth0 && ` +
-            `${ip} addr add ${sized.ip}/${this.network.subnet.prefix} dev eth0 && ${ip} link set eth0 up && ${ip} route replace default via ${this.network.gateway}`,
-        );
+        await channel.netConfig('eth0', `${sized.ip}/${this.network.subnet.prefix}`, this.network.gateway, sized.mac);
         await this.writeRecord({ ...sized, guestIp: sized.ip, guestMac: sized.mac });
       }
       await this.injectSecrets(boxId, channel, { skipEmpty: true });
