@@ -4,13 +4,14 @@
  * inside, pause and resume through the control plane (RAM snapshot, a new QEMU), the guest's own
  * kernel, SSH through the gateway, and fork.
  */
-import { mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { hostname, release } from 'node:os';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFileSync, spawnSync, type ChildProcess } from 'node:child_process';
 import { MicrovmDriver } from '@devyard/agent/runtime/microvm/microvm-driver';
 import { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
+import { GitFixture } from '../../packages/agent/test/workspace-git-fixture.js';
 import { cleanup, cli, cliOk, daemonOutput, kill9, microvmArgs, newHarness, startDaemon, startUp, waitUntil, type Harness } from './devyard-harness.js';
 
 let h: Harness;
@@ -90,6 +91,22 @@ describe('a microVM box through devyard up', () => {
     expect(b!.forkOf).toBe('vm1');
     expect(cliOk(h, ['exec', 'vm1c', '--', 'cat', '/etc/machine-id'])).not.toBe(cliOk(h, ['exec', 'vm1', '--', 'cat', '/etc/machine-id']));
     cliOk(h, ['delete', 'vm1c', '--wait']);
+  });
+
+  it('a template with a repository and an onCreate hook runs as a microVM (checkout into its volume, hook in the guest)', async () => {
+    const git = await GitFixture.start();
+    try {
+      writeFileSync(join(h.dir, 'repo-vm.yaml'), `name: repo-vm\nimage: tiny\nruntime: microvm\nrepository:\n  url: ${git.daemonUrl}/app.git\nhooks:\n  onCreate: uname -r > /workspace/.created-in\n`);
+      cliOk(h, ['templates', 'push', join(h.dir, 'repo-vm.yaml')]);
+      const r = cli(h, ['create', 'rv', '--template', 'repo-vm', '--memory', '256MiB', '--wait', '--json']);
+      expect(r.code, r.stderr).toBe(0);
+      expect(JSON.parse(r.stdout)).toMatchObject({ runtime: 'microvm', phase: 'running' });
+      expect(cliOk(h, ['exec', 'rv', '--', 'cat', '/workspace/.created-in']).trim()).toMatch(/cloud-amd64$/);
+      expect(cliOk(h, ['exec', 'rv', '--', 'ls', '/workspace/app'])).not.toBe('');
+      cliOk(h, ['delete', 'rv', '--wait']);
+    } finally {
+      await git.close();
+    }
   });
 
   it('reaches the box over SSH through the gateway, as in a sandbox', () => {

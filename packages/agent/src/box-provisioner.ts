@@ -38,6 +38,13 @@ export interface ProvisioningDriver extends RuntimeDriver {
   boxHostPaths?(boxId: string): { workspace: string; owner: { uid: number; gid: number } };
   /** Renames the box's host name without restarting it. */
   setHostname?(boxId: string, name: string): Promise<void>;
+  /**
+   * Runs `fn` with the box's workspace reachable on the host (a microVM's volume is a disk image:
+   * mounted for the call); drivers without it expose {@link boxHostPaths} permanently.
+   */
+  withWorkspaceOnHost?<T>(boxId: string, fn: (paths: { workspace: string; owner: { uid: number; gid: number } }) => Promise<T>): Promise<T>;
+  /** Whether boxes of this runtime can be cloned from prebuilds (layered roots); default yes. */
+  canRunPrebuilds?(runtime: string): boolean;
   /** Clones a running or paused box (memory and disks) into a new running box with its own identity. */
   fork?(sourceBoxId: string, spec: BoxRuntimeSpec): Promise<void>;
 }
@@ -109,7 +116,7 @@ export class BoxProvisioner {
     const image = await this.stage('image', () => this.deps.images.ensure(imageOf(box.image, s), progress));
     let prebuild: Prebuild | null = null;
     const credentials = await this.stage('credentials', () => this.credentials(s));
-    if (s.repository && s.prebuild && this.deps.prebuilds) {
+    if (s.repository && s.prebuild && this.deps.prebuilds && (d.canRunPrebuilds?.(box.runtime) ?? true)) {
       // The newest prebuild of this template version on this node, kept current in the
       // background; only when there is none yet does the create resolve the ref and build.
       const current = this.deps.currentPrebuild?.(box.templateName, box.templateVersion, image.digest);
@@ -129,18 +136,22 @@ export class BoxProvisioner {
     try {
       await d.create(spec);
       if (s.repository && !prebuild) {
-        if (!d.boxHostPaths) throw new ProvisioningError(`runtime ${d.name} cannot check out repositories`, 'checkout');
-        const paths = d.boxHostPaths(box.boxId);
+        const onHost = d.withWorkspaceOnHost?.bind(d) ?? (async <T>(id: string, fn: (p: { workspace: string; owner: { uid: number; gid: number } }) => Promise<T>) => {
+          if (!d.boxHostPaths) throw new ProvisioningError(`runtime ${d.name} cannot check out repositories`, 'checkout');
+          return fn(d.boxHostPaths(id));
+        });
         const ref = s.repository.ref ?? undefined;
         const co = await this.stage('checkout', () =>
-          checkoutRepository({
-            url: s.repository!.url,
-            ...(ref ? { ref } : {}),
-            ...(credentials ? { credentials } : {}),
-            workspaceDir: paths.workspace,
-            owner: paths.owner,
-            onProgress: (l) => progress(`checkout: ${l}`),
-          }),
+          onHost(box.boxId, (paths) =>
+            checkoutRepository({
+              url: s.repository!.url,
+              ...(ref ? { ref } : {}),
+              ...(credentials ? { credentials } : {}),
+              workspaceDir: paths.workspace,
+              owner: paths.owner,
+              onProgress: (l) => progress(`checkout: ${l}`),
+            }),
+          ),
         );
         setup.repoName = co.name;
         setup.commit = co.commit;

@@ -12,6 +12,8 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { BuiltinImageStore, type BuiltImage } from '@devyard/agent/images/builtin-image-store';
 import type { BoxRuntimeSpec, ExecProcess } from '@devyard/agent/runtime/runtime-driver';
 import { MicrovmDriver, type MicrovmDriverOptions } from '@devyard/agent/runtime/microvm/microvm-driver';
+import { checkoutRepository } from '@devyard/agent/workspace/repository-checkout';
+import { GitFixture } from './workspace-git-fixture.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const suffix = Math.random().toString(36).slice(2, 6);
@@ -203,6 +205,26 @@ describe('microvm driver', () => {
       for (const b of await other.list()) await other.destroy(b.boxId);
       await other.network.teardown();
       await rm(otherDir, { recursive: true, force: true });
+    }
+  });
+
+  test('a repository checked out on the host lands in the VM\'s workspace (its volume mounted for the call)', async () => {
+    const git = await GitFixture.start();
+    try {
+      const s = spec('v_repo');
+      await driver.create(s);
+      const co = await driver.withWorkspaceOnHost('v_repo', (paths) => checkoutRepository({ url: `${git.daemonUrl}/app.git`, workspaceDir: paths.workspace, owner: paths.owner }));
+      expect(readFileSync('/proc/mounts', 'utf8')).not.toContain(join(dataDir, 'boxes/v_repo'));
+      await driver.start(s);
+      const r = await run(driver, 'v_repo', `cd /workspace/${co.name} && ls -a | grep -c . && stat -c %u .`);
+      expect(r.code, r.err).toBe(0);
+      expect(Number(r.out.split('\n')[0])).toBeGreaterThan(2);
+      expect(r.out.split('\n')[1]).toBe('0');
+      // While it runs, the volume is the guest's: no host mount.
+      await expect(driver.withWorkspaceOnHost('v_repo', async () => undefined)).rejects.toThrow(/running/);
+      await driver.destroy('v_repo');
+    } finally {
+      await git.close();
     }
   });
 

@@ -115,6 +115,15 @@ export class RuntimeRouter implements ProvisioningDriver {
   async dial(boxId: string, port: number): Promise<Socket | Duplex> {
     return (await this.route(boxId)).dial(boxId, port);
   }
+  async withWorkspaceOnHost<T>(boxId: string, fn: (paths: { workspace: string; owner: { uid: number; gid: number } }) => Promise<T>): Promise<T> {
+    const d = await this.route(boxId);
+    if (d.withWorkspaceOnHost) return d.withWorkspaceOnHost(boxId, fn);
+    if (!d.boxHostPaths) throw new Error(`runtime ${d.name} cannot check out repositories on the host`);
+    return fn(d.boxHostPaths(boxId));
+  }
+  canRunPrebuilds(runtime: string): boolean {
+    return this.driver(runtime).canRunPrebuilds?.(runtime) ?? true;
+  }
   boxHostPaths(boxId: string): { workspace: string; owner: { uid: number; gid: number } } {
     const d = this.owner.get(boxId) ?? this.drivers[0]!;
     if (!d.boxHostPaths) throw new Error(`runtime ${d.name} cannot check out repositories on the host`);

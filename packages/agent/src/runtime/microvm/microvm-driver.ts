@@ -865,6 +865,33 @@ export class MicrovmDriver implements RuntimeDriver {
     return vm.channel.dial(port);
   }
 
+  /** Prebuilds are layered sandbox roots: a microVM box with a repository is set up from scratch. */
+  canRunPrebuilds(): boolean {
+    return false;
+  }
+
+  /**
+   * Runs `fn` with the box's workspace volume mounted on the host (loop device), for a host-side
+   * repository checkout before the VM first boots. Files belong to the guest's root (uid 0).
+   */
+  async withWorkspaceOnHost<T>(boxId: string, fn: (paths: { workspace: string; owner: { uid: number; gid: number } }) => Promise<T>): Promise<T> {
+    checkBoxId(boxId);
+    return this.withLock(boxId, async () => {
+      if (this.qemuPid(boxId)) throw new MicrovmError('INVALID_SPEC', `box ${boxId} is running: its volume cannot be mounted on the host`);
+      const dir = this.boxDir(boxId);
+      const mnt = join(dir, 'volume-mnt');
+      await mkdir(mnt, { recursive: true });
+      await runCommand('mount', ['-o', 'loop,noatime', join(dir, 'volume.ext4'), mnt]);
+      try {
+        await mkdir(join(mnt, 'workspace'), { recursive: true, mode: 0o755 });
+        return await fn({ workspace: join(mnt, 'workspace'), owner: { uid: 0, gid: 0 } });
+      } finally {
+        await runCommand('umount', [mnt]);
+        await rm(mnt, { recursive: true, force: true });
+      }
+    });
+  }
+
   /** Renames a running VM (a warm-pool box claimed under its user's name). */
   async setHostname(boxId: string, name: string): Promise<void> {
     checkBoxId(boxId);
