@@ -4,7 +4,7 @@
  * inside, pause and resume through the control plane (RAM snapshot, a new QEMU), the guest's own
  * kernel, SSH through the gateway, and fork.
  */
-import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { hostname, release } from 'node:os';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -49,7 +49,10 @@ describe('a microVM box through devyard up', () => {
   it('devyard create vm1 --template base --runtime microvm --wait', () => {
     const r = cli(h, ['create', 'vm1', '--template', 'base', '--runtime', 'microvm', '--memory', '512MiB', '--wait', '--json']);
     expect(r.code, r.stderr).toBe(0);
-    expect(JSON.parse(r.stdout)).toMatchObject({ name: 'vm1', runtime: 'microvm', phase: 'running' });
+    const box = JSON.parse(r.stdout) as { id: string };
+    expect(box).toMatchObject({ name: 'vm1', runtime: 'microvm', phase: 'running' });
+    // Everything of it is the microVM runtime's: nothing was set up for it in the sandbox runtime.
+    expect(existsSync(`/run/devyard/secrets/${box.id}`)).toBe(false);
   });
 
   it('runs the guest kernel, not the host one', () => {

@@ -43,6 +43,11 @@ export interface ProvisioningDriver extends RuntimeDriver {
    * mounted for the call); drivers without it expose {@link boxHostPaths} permanently.
    */
   withWorkspaceOnHost?<T>(boxId: string, fn: (paths: { workspace: string; owner: { uid: number; gid: number } }) => Promise<T>): Promise<T>;
+  /**
+   * Tells a node with several runtimes which one a box is for, before anything of it exists (its
+   * secrets are written before its first start): calls for the box then go to that runtime.
+   */
+  assign?(boxId: string, runtime: string): void;
   /** Whether boxes of this runtime can be cloned from prebuilds (layered roots); default yes. */
   canRunPrebuilds?(runtime: string): boolean;
   /** Clones a running or paused box (memory and disks) into a new running box with its own identity. */

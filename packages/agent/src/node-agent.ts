@@ -295,6 +295,7 @@ export class NodeAgent {
     for (let steps = 0; steps < 6; steps++) {
       const box = this.state.desired?.boxes.find((b) => b.boxId === boxId);
       if (!box) return;
+      this.opts.driver.assign?.(boxId, box.runtime);
       const observed = await this.opts.driver.inspect(boxId);
       // A box that ended without being asked to (a VM's QEMU killed or crashed) is reported with
       // the reason before the step that brings it back, so the user sees why it restarted.

@@ -51,6 +51,13 @@ export class RuntimeRouter implements ProvisioningDriver {
     return this.drivers[0]!;
   }
 
+  assign(boxId: string, runtime: string): void {
+    if (!this.owner.has(boxId)) {
+      const d = this.drivers.find((x) => x.name === runtime);
+      if (d) this.owner.set(boxId, d);
+    }
+  }
+
   /** Labels the node registers with (e.g. the microVM accelerator). */
   nodeLabels(): Record<string, string> {
     return Object.assign({}, ...this.drivers.map((d) => d.nodeLabels?.() ?? {})) as Record<string, string>;
