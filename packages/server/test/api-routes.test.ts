@@ -10,7 +10,7 @@ import { verifySessionToken } from '@devyard/api/session-tokens';
 import { ApiError } from '@devyard/sdk/api-error';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
 import type { ControlPlane } from '@devyard/server/control-plane';
-import { startTestControlPlane, type TestControlPlane } from './test-control-plane.js';
+import { problemOf, startTestControlPlane, until, type TestControlPlane } from './test-control-plane.js';
 import type { DesiredSet } from '@devyard/api/node-schemas';
 import { verifyAccessToken } from '@devyard/api/access-tokens';
 import ssh2 from 'ssh2';
@@ -36,15 +36,6 @@ async function raw(method: string, path: string, opts: { body?: string; headers?
   return { status: res.status, headers: res.headers, body: text ? JSON.parse(text) : undefined };
 }
 
-async function problemOf(p: Promise<unknown>): Promise<ApiError> {
-  try {
-    await p;
-  } catch (e) {
-    if (e instanceof ApiError) return e;
-    throw e;
-  }
-  throw new Error('expected an API error');
-}
 
 /** Plays the agent: reports every desired box as having reached its desired state. */
 async function agentConverges(): Promise<DesiredSet> {
@@ -56,15 +47,6 @@ async function agentConverges(): Promise<DesiredSet> {
   return set;
 }
 
-async function until<T>(fn: () => Promise<T>, ok: (v: T) => boolean, ms = 5000): Promise<T> {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await fn();
-    if (ok(v)) return v;
-    if (Date.now() > end) throw new Error(`condition not met; last value: ${JSON.stringify(v)}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 let fixture: TestControlPlane;
 

@@ -13,7 +13,7 @@ import { ROUTES, routeById } from '@devyard/api/routes';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { canonicalJson, GENESIS_HASH } from '@devyard/server/audit/audit-log';
 import type { ControlPlane } from '@devyard/server/control-plane';
-import { startTestControlPlane, type TestControlPlane } from './test-control-plane.js';
+import { startTestControlPlane, until, type TestControlPlane } from './test-control-plane.js';
 import { auditResult, auditTarget, UNAUDITED_OPERATIONS } from '@devyard/server/http/audit-hook';
 import { main } from '@devyard/cli/main';
 
@@ -34,15 +34,6 @@ async function raw(method: string, path: string, opts: { body?: unknown; headers
   return { status: res.status, headers: res.headers, text };
 }
 
-async function until<T>(fn: () => Promise<T>, ok: (v: T) => boolean, ms = 5000): Promise<T> {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await fn();
-    if (ok(v)) return v;
-    if (Date.now() > end) throw new Error(`condition not met; last value: ${JSON.stringify(v)}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 /** The entry of one request (the hook writes after the response, so poll briefly). */
 const byRequest = (requestId: string) => until(() => user.listAudit({ limit: 1000 }), (l) => l.some((e) => e.requestId === requestId)).then((l) => l.find((e) => e.requestId === requestId)!);
