@@ -9,7 +9,6 @@
  * the overlay and volume, launch, QMP, the guest agent's HELLO and one `true`. The driver adds what
  * a box needs on top (records, address allocation, TAP device, checksums, secrets, identity).
  */
-import { spawn } from 'node:child_process';
 import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -18,7 +17,8 @@ import { BuiltinImageStore } from '@devyard/agent/images/builtin-image-store';
 import { GuestChannel } from '@devyard/agent/runtime/microvm/guest-channel';
 import { MicrovmDriver } from '@devyard/agent/runtime/microvm/microvm-driver';
 import { QmpClient } from '@devyard/agent/runtime/microvm/qmp-client';
-import { hostTscKhz, qemuArgs, type QemuVmConfig } from '@devyard/agent/runtime/microvm/qemu-command';
+import { hostTscKhz, qemuArgs, waitForExit, type QemuVmConfig } from '@devyard/agent/runtime/microvm/qemu-command';
+import { runHostCommand } from '@devyard/agent/network/host-command-runner';
 import type { BoxRuntimeSpec } from '@devyard/agent/runtime/runtime-driver';
 import { pct } from './bench-support.js';
 
@@ -36,14 +36,6 @@ const OPS: Array<[Op, string]> = [
   ['resumePortable', 'resume → exec-ready, portable'],
   ['fork', 'fork a running VM → clone exec-ready'],
 ];
-
-const run = (cmd: string, args: string[]) =>
-  new Promise<void>((resolve, reject) => {
-    const c = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-    let err = '';
-    c.stderr.on('data', (b: Buffer) => (err += b.toString()));
-    c.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`${cmd} ${args.join(' ')}: ${err}`))));
-  });
 
 async function execTrue(channel: GuestChannel, argv = ['true']): Promise<void> {
   const p = await channel.exec({ argv, cwd: '/' });
@@ -66,7 +58,7 @@ class RawVm {
   ) {}
 
   async launch(incoming: boolean): Promise<void> {
-    await run('qemu-system-x86_64', qemuArgs({ ...this.cfg, incoming }));
+    await runHostCommand(['qemu-system-x86_64', ...qemuArgs({ ...this.cfg, incoming })]);
     this.qmp = await QmpClient.connect(this.cfg.qmpSocket);
   }
   async boot(): Promise<void> {
@@ -77,7 +69,7 @@ class RawVm {
   async pause(portable: boolean): Promise<void> {
     await this.qmp.execute('stop');
     await this.migrateOut();
-    if (portable) await run('bash', ['-c', `set -o pipefail; tar --sparse -C ${this.dir} -cf - mem | zstd -1 -T0 -q -f -o ${join(this.dir, 'mem.tar.zst')}`]);
+    if (portable) await runHostCommand(['bash', '-c', `set -o pipefail; tar --sparse -C ${this.dir} -cf - mem | zstd -1 -T0 -q -f -o ${join(this.dir, 'mem.tar.zst')}`]);
     await this.qmp.execute('quit').catch(() => undefined);
     this.channel.close();
     this.qmp.close();
@@ -97,7 +89,7 @@ class RawVm {
     }
   }
   async resume(portable: boolean, file = join(this.dir, 'state')): Promise<void> {
-    if (portable) await run('bash', ['-c', `set -o pipefail; zstd -dcq ${join(this.dir, 'mem.tar.zst')} | tar --sparse -xf - -C ${this.dir} mem`]);
+    if (portable) await runHostCommand(['bash', '-c', `set -o pipefail; zstd -dcq ${join(this.dir, 'mem.tar.zst')} | tar --sparse -xf - -C ${this.dir} mem`]);
     await this.launch(true);
     await this.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
     await this.qmp.execute('migrate-incoming', { uri: `exec:cat ${file}` });
@@ -132,14 +124,10 @@ class RawVm {
   }
 }
 
-/** Waits for the QEMU of a pid file to exit (a zombie waiting for init to reap it counts as gone). */
+/** Waits for the QEMU of a pid file to exit (the driver's wait: a zombie counts as gone). */
 async function waitGone(pidFile: string): Promise<void> {
   const pid = Number((await readFile(pidFile, 'utf8').catch(() => '0')).trim());
-  for (let i = 0; pid > 0 && i < 1000; i++) {
-    const state = (await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '')).replace(/^.*\) /s, '')[0];
-    if (!state || state === 'Z' || state === 'X') return;
-    await new Promise((r) => setTimeout(r, 5));
-  }
+  if (pid > 0) await waitForExit(pid, 5000);
 }
 
 export async function microvmBench(): Promise<string> {
@@ -238,9 +226,9 @@ export async function microvmBench(): Promise<string> {
         const vm = new RawVm(rdir, cfg);
         rawVms.push(vm);
         t = performance.now();
-        await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', cfg.rootDisk]);
-        await run('truncate', ['-s', String(1024 ** 3), cfg.volumeDisk]);
-        await run('mkfs.ext4', ['-q', '-F', cfg.volumeDisk]);
+        await runHostCommand(['qemu-img', 'create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', cfg.rootDisk]);
+        await runHostCommand(['truncate', '-s', String(1024 ** 3), cfg.volumeDisk]);
+        await runHostCommand(['mkfs.ext4', '-q', '-F', cfg.volumeDisk]);
         await vm.boot();
         r.boot.push(performance.now() - t);
         await execTrue(vm.channel, fill(touchMiB(mem)));
@@ -263,7 +251,7 @@ export async function microvmBench(): Promise<string> {
         await vm.qmp.execute('stop');
         await vm.migrateOut(join(fdir, 'state'));
         for (const [from, to] of [[cfg.memFile, 'mem'], [cfg.rootDisk, 'root.qcow2'], [cfg.volumeDisk, 'volume.ext4']] as const) {
-          await run('cp', ['--sparse=always', '--reflink=auto', from, join(fdir, to)]);
+          await runHostCommand(['cp', '--sparse=always', '--reflink=auto', from, join(fdir, to)]);
         }
         await vm.qmp.execute('cont');
         const clone: RawVm = new RawVm(fdir, { ...cfg, rootDisk: join(fdir, 'root.qcow2'), volumeDisk: join(fdir, 'volume.ext4'), memFile: join(fdir, 'mem'), agentSocket: join(fdir, 'agent.sock'), qmpSocket: join(fdir, 'qmp.sock'), pidFile: join(fdir, 'qemu.pid'), consoleLog: join(fdir, 'console.log') });

@@ -34,6 +34,8 @@ export interface BoxSetupRecord {
 
 /** Driver capabilities the provisioner needs beyond the common interface. */
 export interface ProvisioningDriver extends RuntimeDriver {
+  /** Runtimes offered when the driver routes to several (a node with sandbox and microvm); default [name]. */
+  readonly runtimes?: string[];
   /** Host paths of the box's disk state, for a host-side checkout. */
   boxHostPaths?(boxId: string): { workspace: string; owner: { uid: number; gid: number } };
   /** Renames the box's host name without restarting it. */

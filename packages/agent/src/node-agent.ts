@@ -203,7 +203,7 @@ export class NodeAgent {
       arch: arch() === 'x64' ? 'x86_64' : arch(),
       region: null,
       labels: this.opts.driver.nodeLabels?.() ?? {},
-      runtimes: (this.opts.driver as { runtimes?: string[] }).runtimes ?? [this.opts.driver.name],
+      runtimes: this.opts.driver.runtimes ?? [this.opts.driver.name],
       capacity: {
         cpuMillis: Math.round(cpus().length * 1000 * (this.opts.cpuOvercommit ?? 4)),
         memoryBytes: totalmem(),

@@ -31,14 +31,14 @@ export class HostCommandError extends Error {
 const SIGNALS: Record<string, number> = { SIGHUP: 1, SIGINT: 2, SIGQUIT: 3, SIGKILL: 9, SIGTERM: 15 };
 
 /** Runs `argv` and resolves with its output whatever its exit status. */
-export function runHostCommandRaw(argv: string[], opts: { input?: string; env?: NodeJS.ProcessEnv } = {}): Promise<HostCommandResult> {
+export function runHostCommandRaw(argv: string[], opts: { input?: string; env?: NodeJS.ProcessEnv; cwd?: string } = {}): Promise<HostCommandResult> {
   return new Promise((resolve, reject) => {
     const [cmd, ...args] = argv;
     if (cmd === undefined) {
       reject(new Error('empty command'));
       return;
     }
-    const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'], env: opts.env ?? process.env });
+    const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'], env: opts.env ?? process.env, ...(opts.cwd ? { cwd: opts.cwd } : {}) });
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     child.stdout.on('data', (b: Buffer) => out.push(b));
@@ -57,7 +57,7 @@ export function runHostCommandRaw(argv: string[], opts: { input?: string; env?: 
 }
 
 /** Runs `argv` and rejects with a {@link HostCommandError} when it exits non-zero. */
-export async function runHostCommand(argv: string[], opts: { input?: string; env?: NodeJS.ProcessEnv } = {}): Promise<string> {
+export async function runHostCommand(argv: string[], opts: { input?: string; env?: NodeJS.ProcessEnv; cwd?: string } = {}): Promise<string> {
   const result = await runHostCommandRaw(argv, opts);
   if (result.code !== 0) throw new HostCommandError(argv, result);
   return result.stdout;

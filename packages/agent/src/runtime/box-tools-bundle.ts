@@ -20,6 +20,8 @@ import { basename, dirname, join } from 'node:path';
 export const BOX_TOOLS_DIR = '/.devyard/tools';
 /** Directory of the wrappers inside a box, appended to every box's default PATH. */
 export const BOX_TOOLS_BIN = `${BOX_TOOLS_DIR}/bin`;
+/** The PATH of a box's processes when the box sets none, on every runtime. */
+export const BOX_DEFAULT_PATH = `/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${BOX_TOOLS_BIN}`;
 /** The shell of the wrappers: the host's static busybox, bound into every box. */
 const BOX_SHELL = '/.devyard/busybox';
 /** Bumped when the layout or the wrappers change, so existing bundles are rebuilt. */

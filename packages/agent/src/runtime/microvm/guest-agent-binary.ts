@@ -3,14 +3,11 @@
  * version: the binary is static so it runs in any initramfs, and naming it after the source hash
  * lets nodes with different agent versions share one cache directory.
  */
-import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { access, mkdir, readFile, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { promisify } from 'node:util';
-
-const execFileAsync = promisify(execFile);
+import { runHostCommandRaw } from '../../network/host-command-runner.js';
 
 /** The C source; the same relative path from src/runtime/microvm (vitest) and dist/runtime/microvm. */
 const SOURCE = fileURLToPath(new URL('../../../guest/devyard-guest-agent.c', import.meta.url));
@@ -30,14 +27,14 @@ async function exists(path: string): Promise<boolean> {
 async function compile(out: string): Promise<string> {
   const tmp = `${out}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
   try {
-    await execFileAsync('gcc', ['-static', '-O2', '-Wall', '-Wextra', '-o', tmp, SOURCE], { maxBuffer: 16 << 20 });
+    const r = await runHostCommandRaw(['gcc', '-static', '-O2', '-Wall', '-Wextra', '-o', tmp, SOURCE]);
+    if (r.code !== 0) throw new Error(r.stderr.trim() || `gcc exited ${r.code}`);
     // Rename last, so another process never runs a half-written binary.
     await rename(tmp, out);
     return out;
   } catch (err) {
     await rm(tmp, { force: true });
-    const stderr = (err as { stderr?: string }).stderr?.trim();
-    throw new Error(`compiling the guest agent failed: ${stderr || (err as Error).message}`);
+    throw new Error(`compiling the guest agent failed: ${(err as Error).message}`);
   }
 }
 

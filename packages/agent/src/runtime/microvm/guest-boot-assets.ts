@@ -10,15 +10,13 @@
  * Everything is built next to its final name and renamed into place, so a crash leaves no half
  * file under a name that is used.
  */
-import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { chmod, copyFile, cp, mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
+import { runHostCommand } from '../../network/host-command-runner.js';
 import { ensureGuestAgent } from './guest-agent-binary.js';
 
-const run = promisify(execFile);
 
 /** The Debian meta package whose dependency names the current cloud kernel. */
 const KERNEL_META_PACKAGE = 'linux-image-cloud-amd64';
@@ -74,10 +72,10 @@ export async function ensureGuestKernel(dir: string, log: (msg: string, fields?:
   if (have) return have;
   // The meta package depends on the versioned image package: download that one.
   // A fresh host may have no package lists yet: fetch them once and ask again.
-  const depends = () => run('apt-cache', ['depends', KERNEL_META_PACKAGE]).then((r) => r.stdout);
+  const depends = () => runHostCommand(['apt-cache', 'depends', KERNEL_META_PACKAGE]);
   const deps = await depends().catch(async () => {
     log('apt has no package lists yet: running apt-get update');
-    await run('apt-get', ['update', '-qq'], { maxBuffer: 16 << 20 });
+    await runHostCommand(['apt-get', 'update', '-qq']);
     return depends();
   });
   const pkg = /Depends:\s*(linux-image-\S+)/.exec(deps)?.[1];
@@ -87,10 +85,10 @@ export async function ensureGuestKernel(dir: string, log: (msg: string, fields?:
   try {
     log('fetching the microVM guest kernel', { package: pkg });
     // apt's sandbox user cannot write a root-owned directory; the download itself is verified by apt.
-    await run('apt-get', ['download', '-o', 'APT::Sandbox::User=root', pkg], { cwd: tmp, maxBuffer: 16 << 20 });
+    await runHostCommand(['apt-get', 'download', '-o', 'APT::Sandbox::User=root', pkg], { cwd: tmp });
     const deb = (await readdir(tmp)).find((n) => n.endsWith('.deb'));
     if (!deb) throw new Error(`apt-get download ${pkg} left no .deb`);
-    await run('dpkg-deb', ['-x', join(tmp, deb), join(tmp, 'x')]);
+    await runHostCommand(['dpkg-deb', '-x', join(tmp, deb), join(tmp, 'x')]);
     const release = (await readdir(join(tmp, 'x/lib/modules')))[0];
     if (!release) throw new Error(`${deb} has no lib/modules`);
     const dest = join(tmp, release);
@@ -123,7 +121,7 @@ export async function ensureGuestBootAssets(opts: GuestBootAssetsOptions): Promi
 
 async function moduleFile(modulesDir: string, name: string): Promise<string> {
   // Module files are named with underscores or dashes; search the tree once per name.
-  const { stdout } = await run('find', [modulesDir, '-name', `${name}.ko`, '-o', '-name', `${name.replace(/_/g, '-')}.ko`]);
+  const stdout = await runHostCommand(['find', modulesDir, '-name', `${name}.ko`, '-o', '-name', `${name.replace(/_/g, '-')}.ko`]);
   const file = stdout.split('\n').find(Boolean);
   if (!file) throw new Error(`kernel module ${name} not found under ${modulesDir}`);
   return file;
@@ -148,7 +146,7 @@ async function ensureInitramfs(dir: string, kernel: GuestKernel, agent: string, 
     await chmod(join(stage, 'bin/devyard-guest-agent'), 0o755);
     for (const [i, m] of modules.entries()) await copyFile(m, join(stage, 'lib/modules', `${GUEST_MODULES[i]}.ko`));
     // newc cpio, uncompressed: it is small (~4 MB) and TCG decompression would cost boot time.
-    await run('sh', ['-c', `cd "$1" && find . | "$2" cpio -o -H newc > "$3" 2>/dev/null`, 'sh', stage, busybox, tmp]);
+    await runHostCommand(['sh', '-c', `cd "$1" && find . | "$2" cpio -o -H newc > "$3" 2>/dev/null`, 'sh', stage, busybox, tmp]);
     await rename(tmp, out);
     return out;
   } finally {
@@ -170,8 +168,8 @@ async function ensureToolsDisk(dir: string, busybox: string, bundle: string): Pr
     await copyFile(busybox, join(stage, 'busybox'));
     await chmod(join(stage, 'busybox'), 0o755);
     await cp(bundle, join(stage, 'tools'), { recursive: true, verbatimSymlinks: true });
-    await run('truncate', ['-s', '256M', tmp]);
-    await run('mkfs.ext4', ['-q', '-F', '-E', 'root_owner=0:0', '-d', stage, tmp]);
+    await runHostCommand(['truncate', '-s', '256M', tmp]);
+    await runHostCommand(['mkfs.ext4', '-q', '-F', '-E', 'root_owner=0:0', '-d', stage, tmp]);
     await rename(tmp, out);
     return out;
   } finally {

@@ -24,19 +24,19 @@ import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import type { Duplex, Readable } from 'node:stream';
 import { spawn } from 'node:child_process';
-import { ensureBoxToolsBundle, BOX_TOOLS_BIN } from '../box-tools-bundle.js';
+import { ensureBoxToolsBundle, BOX_DEFAULT_PATH } from '../box-tools-bundle.js';
 import type { BoxRuntimeSpec, BoxSecret, ExecOptions, ExecProcess, RuntimeBoxStatus, RuntimeDriver } from '../runtime-driver.js';
 import { BridgeNetwork, type BridgeNetworkOptions } from '../../network/bridge-network.js';
+import { runHostCommand, runHostCommandRaw } from '../../network/host-command-runner.js';
 import { allocateAddress } from '../../network/ipv4-subnet.js';
 import { ensureGuestBootAssets, type GuestBootAssets } from './guest-boot-assets.js';
 import { GuestChannel } from './guest-channel.js';
 import { QmpClient } from './qmp-client.js';
-import { hostTscKhz, probeKvm, qemuArgs, qemuVersion, type Accel, type QemuVmConfig } from './qemu-command.js';
+import { hostTscKhz, probeKvm, qemuArgs, qemuVersion, waitForExit, type Accel, type QemuVmConfig } from './qemu-command.js';
 import { VmDiskStore } from './vm-disk-store.js';
 
 /** Where secrets appear in the guest (the same path as in a sandbox). */
 const SECRETS_DIR = '/run/devyard/secrets';
-const DEFAULT_PATH = `/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${BOX_TOOLS_BIN}`;
 const MiB = 1024 ** 2;
 
 /** How pause stores a VM. */
@@ -327,13 +327,8 @@ export class MicrovmDriver implements RuntimeDriver {
     // A paused box kept its TAP device; anything else gets a fresh one.
     if (!existsSync(`/sys/class/net/${this.network.vethName(rec.boxId)}`) || !incoming) await this.network.attachTap(rec.boxId);
     const args = qemuArgs(this.vmConfig(rec, incoming));
-    const { code, stderr } = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
-      const c = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'ignore', 'pipe'] });
-      let err = '';
-      c.stderr.on('data', (b: Buffer) => (err += b.toString()));
-      c.on('error', (e) => resolve({ code: -1, stderr: e.message }));
-      c.on('close', (c2) => resolve({ code: c2, stderr: err }));
-    });
+    // -daemonize: the command returns once QEMU runs (or failed to start, with its reason on stderr).
+    const { code, stderr } = await runHostCommandRaw(['qemu-system-x86_64', ...args]);
     if (code !== 0) throw new MicrovmError('BOOT_FAILED', `qemu exited ${code}: ${stderr.trim().split('\n').slice(-3).join(' | ')}`);
     return QmpClient.connect(join(dir, 'qmp.sock'));
   }
@@ -432,7 +427,7 @@ export class MicrovmDriver implements RuntimeDriver {
       } catch {
         /* gone already */
       }
-      await waitGone(pid, 5000);
+      await waitForExit(pid, 5000);
     }
     if (!opts.keepNic) await this.network.detach(boxId);
     for (const f of ['qmp.sock', 'agent.sock', 'qemu.pid']) await rm(join(this.boxDir(boxId), f), { force: true });
@@ -450,7 +445,7 @@ export class MicrovmDriver implements RuntimeDriver {
           const vm = await withTimeout(this.liveVm(boxId), opts.graceMs ?? 10_000);
           await withTimeout(vm.channel.quiesce(SECRETS_DIR), opts.graceMs ?? 10_000);
           await vm.qmp.execute('quit').catch(() => undefined);
-          await waitGone(pid, 5000);
+          await waitForExit(pid, 5000);
         } catch (e) {
           this.log('microvm stop: the guest did not flush, stopping it hard', { boxId, err: (e as Error).message });
         }
@@ -512,7 +507,7 @@ export class MicrovmDriver implements RuntimeDriver {
       // QEMU still maps it is fine: the space is freed with the mapping). tar --sparse skips the
       // file's holes (the RAM the guest never touched): reading them would cost ~1.4 s/GiB.
       try {
-        await runCommand('bash', ['-c', 'set -o pipefail; tar --sparse -C "$1" -cf - mem | zstd -1 -T0 -q -f -o "$2"', 'bash', dir, join(snap, 'mem.tar.zst')]);
+        await runHostCommand(['bash', '-c', 'set -o pipefail; tar --sparse -C "$1" -cf - mem | zstd -1 -T0 -q -f -o "$2"', 'bash', dir, join(snap, 'mem.tar.zst')]);
       } catch (e) {
         await vm.qmp.execute('cont').catch(() => undefined);
         await this.injectSecrets(boxId, vm.channel).catch(() => undefined);
@@ -556,6 +551,26 @@ export class MicrovmDriver implements RuntimeDriver {
   }
 
   /**
+   * The record of a box restored from another box's snapshot (a fork) or from another node's (a
+   * move): an address and MAC of its own here, and the guest's current ones remembered, so the
+   * restore reconfigures the guest.
+   */
+  private async restoredRecord(src: BoxRecord, boxId: string, over: Partial<BoxRecord>): Promise<BoxRecord> {
+    const rec: BoxRecord = {
+      ...src,
+      ...over,
+      boxId,
+      ip: await this.allocateIp(boxId),
+      mac: macFor(boxId),
+      guestIp: src.guestIp ?? src.ip,
+      guestMac: src.guestMac ?? src.mac,
+      expectRunning: false,
+    };
+    delete rec.failure;
+    return rec;
+  }
+
+  /**
    * Clones a running or paused VM (RAM, device state, root overlay and workspace volume) into a
    * new box and starts the clone with its own identity: host name, machine-id, MAC, address and
    * NIC. A running source is stopped only for the device-state write and the file copies.
@@ -590,19 +605,7 @@ export class MicrovmDriver implements RuntimeDriver {
         await copyFiles(join(srcDir, 'snapshot'), join(dst, 'snapshot'), [meta.stateFile, ...(meta.ramFile ? [meta.ramFile] : [])]);
         await copyFiles(srcDir, dst, [...(meta.ramFile ? [] : ['mem']), 'root.qcow2', 'volume.ext4']);
       }
-      const rec: BoxRecord = {
-        ...src,
-        boxId: spec.boxId,
-        name: spec.name,
-        env: spec.env,
-        ip: await this.allocateIp(spec.boxId),
-        mac: macFor(spec.boxId),
-        guestIp: src.guestIp ?? src.ip,
-        guestMac: src.guestMac ?? src.mac,
-        createdAt: new Date().toISOString(),
-        expectRunning: false,
-      };
-      delete rec.failure;
+      const rec = await this.restoredRecord(src, spec.boxId, { name: spec.name, env: spec.env, createdAt: new Date().toISOString() });
       await this.writeRecord(rec);
       return { rec, meta };
     });
@@ -670,19 +673,8 @@ export class MicrovmDriver implements RuntimeDriver {
         if (src.boxId !== spec.boxId) throw new MicrovmError('SNAPSHOT_INVALID', `the snapshot is of box ${src.boxId}, not ${spec.boxId}`);
         // The overlay names its base by absolute path: this node's base of the same image.
         const base = await this.disks.ensureBase(spec.imageRootfs, spec.imageDigest);
-        await runCommand('qemu-img', ['rebase', '-u', '-b', base, '-F', 'qcow2', join(tmp, 'root.qcow2')]);
-        const rec: BoxRecord = {
-          ...src,
-          imageRootfs: spec.imageRootfs,
-          imageDigest: spec.imageDigest,
-          env: spec.env,
-          ip: await this.allocateIp(spec.boxId),
-          mac: macFor(spec.boxId),
-          guestIp: src.guestIp ?? src.ip,
-          guestMac: src.guestMac ?? src.mac,
-          expectRunning: false,
-        };
-        delete rec.failure;
+        await runHostCommand(['qemu-img', 'rebase', '-u', '-b', base, '-F', 'qcow2', join(tmp, 'root.qcow2')]);
+        const rec = await this.restoredRecord(src, spec.boxId, { imageRootfs: spec.imageRootfs, imageDigest: spec.imageDigest, env: spec.env });
         await writeFile(join(tmp, 'box.json'), JSON.stringify(rec, null, 2));
         await rename(tmp, this.boxDir(spec.boxId));
       } finally {
@@ -742,7 +734,7 @@ export class MicrovmDriver implements RuntimeDriver {
     if (meta.ramFile) {
       // A portable snapshot: the RAM file comes back from its compressed copy (zstd checks it).
       await rm(join(dir, 'mem'), { force: true });
-      await runCommand('bash', ['-c', 'set -o pipefail; zstd -dcq "$1" | tar --sparse -xf - -C "$2" mem', 'bash', join(dir, 'snapshot', meta.ramFile), dir]).catch((e: Error) => {
+      await runHostCommand(['bash', '-c', 'set -o pipefail; zstd -dcq "$1" | tar --sparse -xf - -C "$2" mem', 'bash', join(dir, 'snapshot', meta.ramFile), dir]).catch((e: Error) => {
         throw new MicrovmError('SNAPSHOT_INVALID', `the snapshot's RAM file ${meta.ramFile} is corrupt or truncated: ${e.message}`);
       });
     }
@@ -848,7 +840,7 @@ export class MicrovmDriver implements RuntimeDriver {
     if (!rec) throw new MicrovmError('BOX_NOT_FOUND', `box ${boxId} does not exist`);
     const vm = await this.liveVm(boxId);
     const env: Record<string, string> = {
-      PATH: DEFAULT_PATH,
+      PATH: BOX_DEFAULT_PATH,
       HOME: '/root',
       HOSTNAME: rec.name,
       ...rec.env,
@@ -881,12 +873,12 @@ export class MicrovmDriver implements RuntimeDriver {
       const dir = this.boxDir(boxId);
       const mnt = join(dir, 'volume-mnt');
       await mkdir(mnt, { recursive: true });
-      await runCommand('mount', ['-o', 'loop,noatime', join(dir, 'volume.ext4'), mnt]);
+      await runHostCommand(['mount', '-o', 'loop,noatime', join(dir, 'volume.ext4'), mnt]);
       try {
         await mkdir(join(mnt, 'workspace'), { recursive: true, mode: 0o755 });
         return await fn({ workspace: join(mnt, 'workspace'), owner: { uid: 0, gid: 0 } });
       } finally {
-        await runCommand('umount', [mnt]);
+        await runHostCommand(['umount', mnt]);
         await rm(mnt, { recursive: true, force: true });
       }
     });
@@ -945,28 +937,9 @@ async function writeSnapshotMeta(dir: string, meta: SnapshotMeta): Promise<void>
   await rename(join(dir, 'meta.json.tmp'), join(dir, 'meta.json'));
 }
 
-/** Runs a host command, rejecting with its stderr. */
-function runCommand(cmd: string, args: string[]): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const c = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-    let err = '';
-    c.stderr.on('data', (b: Buffer) => (err += b.toString()));
-    c.on('error', reject);
-    c.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`${cmd} exited ${code}: ${err.trim()}`))));
-  });
-}
-
 /** Copies files keeping holes (RAM files and volumes are mostly sparse), reflinked where the filesystem can. */
 async function copyFiles(from: string, to: string, names: string[]): Promise<void> {
-  for (const n of names) {
-    await new Promise<void>((resolve, reject) => {
-      const c = spawn('cp', ['--sparse=always', '--reflink=auto', join(from, n), join(to, n)], { stdio: ['ignore', 'ignore', 'pipe'] });
-      let err = '';
-      c.stderr.on('data', (b: Buffer) => (err += b.toString()));
-      c.on('error', reject);
-      c.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`copying ${n}: ${err.trim()}`))));
-    });
-  }
+  for (const n of names) await runHostCommand(['cp', '--sparse=always', '--reflink=auto', join(from, n), join(to, n)]);
 }
 
 function checkBoxId(boxId: string): void {
@@ -986,24 +959,6 @@ export function machineIdFor(boxId: string): string {
 
 function shellQuote(s: string): string {
   return `'${s.replace(/'/g, `'\\''`)}'`;
-}
-
-/**
- * Waits until the process has exited. A daemonized QEMU is the child of the host's init, which may
- * take seconds to reap it: a zombie counts as gone (it holds no memory, files or devices).
- */
-async function waitGone(pid: number, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    let state: string;
-    try {
-      state = readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /s, '')[0] ?? '';
-    } catch {
-      return;
-    }
-    if (state === 'Z' || state === 'X') return;
-    await new Promise((r) => setTimeout(r, 5));
-  }
 }
 
 async function waitMigration(qmp: QmpClient, timeoutMs: number): Promise<void> {

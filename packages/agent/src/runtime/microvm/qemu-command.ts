@@ -9,6 +9,7 @@ import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import { runHostCommand } from '../../network/host-command-runner.js';
 
 /** Accelerator a VM runs under. */
 export type Accel = 'kvm' | 'tcg';
@@ -90,13 +91,7 @@ export function hostTscKhz(): number {
 
 /** `qemu-system-x86_64 --version`'s version, recorded in snapshots (a restore needs the same QEMU). */
 export async function qemuVersion(binary = 'qemu-system-x86_64'): Promise<string> {
-  const out = await new Promise<string>((resolve, reject) => {
-    const c = spawn(binary, ['--version'], { stdio: ['ignore', 'pipe', 'ignore'] });
-    let s = '';
-    c.stdout.on('data', (b: Buffer) => (s += b.toString()));
-    c.on('error', reject);
-    c.on('close', () => resolve(s));
-  });
+  const out = await runHostCommand([binary, '--version']);
   return /version\s+(\S+)/.exec(out)?.[1] ?? out.trim();
 }
 
@@ -145,5 +140,23 @@ export async function probeKvm(opts: { kernel: string; initramfs: string; workDi
     return { usable: true, reason: 'KVM probe boot finished' };
   } finally {
     await rm(log, { force: true });
+  }
+}
+
+/**
+ * Waits until the process has exited. A daemonized QEMU is the child of the host's init, which may
+ * take seconds to reap it: a zombie counts as gone (it holds no memory, files or devices).
+ */
+export async function waitForExit(pid: number, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    let state: string;
+    try {
+      state = readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /s, '')[0] ?? '';
+    } catch {
+      return;
+    }
+    if (state === 'Z' || state === 'X') return;
+    await new Promise((r) => setTimeout(r, 5));
   }
 }

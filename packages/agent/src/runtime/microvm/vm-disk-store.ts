@@ -8,14 +8,12 @@
  * The base disk must hold the image's own owners (root = 0), so mkfs.ext4 reads the tree from inside
  * a user namespace that maps the shifted range back to 0 — no copy of the tree is made.
  */
-import { execFile, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { chown, mkdir, open, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
-
-const run = promisify(execFile);
+import { runHostCommand } from '../../network/host-command-runner.js';
 
 /** Smallest virtual size of a box's root disk; an image's own size is doubled when larger. */
 const MIN_ROOT_BYTES = 4 * 1024 ** 3;
@@ -57,14 +55,14 @@ export class VmDiskStore {
     const raw = `${out}.${randomBytes(4).toString('hex')}.raw`;
     const tmp = `${out}.${randomBytes(4).toString('hex')}.tmp`;
     try {
-      const used = Number((await run('du', ['-sb', rootfs], { maxBuffer: 1 << 20 })).stdout.split('\t')[0]);
+      const used = Number((await runHostCommand(['du', '-sb', rootfs])).split('\t')[0]);
       const size = Math.max(MIN_ROOT_BYTES, Math.ceil((used * 2) / 2 ** 20) * 2 ** 20);
       await writeFile(raw, '');
-      await run('truncate', ['-s', String(size), raw]);
+      await runHostCommand(['truncate', '-s', String(size), raw]);
       this.opts.log?.('building a microVM base disk', { rootfs, sizeBytes: size });
       await this.mkfsFromShiftedTree(rootfs, raw);
       // qcow2 keeps only the written clusters: the base costs what the image holds, not its size.
-      await run('qemu-img', ['convert', '-O', 'qcow2', raw, tmp]);
+      await runHostCommand(['qemu-img', 'convert', '-O', 'qcow2', raw, tmp]);
       await rename(tmp, out);
       return out;
     } finally {
@@ -82,7 +80,7 @@ export class VmDiskStore {
   private async mkfsFromShiftedTree(rootfs: string, raw: string): Promise<void> {
     const shift = this.opts.uidShift;
     if (shift === 0) {
-      await run('mkfs.ext4', ['-q', '-F', '-d', rootfs, raw]);
+      await runHostCommand(['mkfs.ext4', '-q', '-F', '-d', rootfs, raw]);
       return;
     }
     await chown(raw, shift, shift);
@@ -123,7 +121,7 @@ export class VmDiskStore {
   /** Creates a box's root overlay on its image's base disk (replacing a stale one). */
   async createOverlay(base: string, path: string): Promise<void> {
     const tmp = `${path}.tmp`;
-    await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', tmp]);
+    await runHostCommand(['qemu-img', 'create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', tmp]);
     await rename(tmp, path);
   }
 
@@ -131,8 +129,8 @@ export class VmDiskStore {
   async createVolume(path: string, bytes: number): Promise<void> {
     const tmp = `${path}.tmp`;
     await writeFile(tmp, '');
-    await run('truncate', ['-s', String(bytes), tmp]);
-    await run('mkfs.ext4', ['-q', '-F', '-E', 'root_owner=0:0', tmp]);
+    await runHostCommand(['truncate', '-s', String(bytes), tmp]);
+    await runHostCommand(['mkfs.ext4', '-q', '-F', '-E', 'root_owner=0:0', tmp]);
     await rename(tmp, path);
   }
 }

@@ -30,7 +30,7 @@ import type {
   RuntimeBoxStatus,
   RuntimeDriver,
 } from '../runtime-driver.js';
-import { BOX_TOOLS_BIN, BOX_TOOLS_DIR, ensureBoxToolsBundle, type BoxTool } from '../box-tools-bundle.js';
+import { BOX_DEFAULT_PATH, BOX_TOOLS_BIN, BOX_TOOLS_DIR, ensureBoxToolsBundle, type BoxTool } from '../box-tools-bundle.js';
 import { BOX_SECRETS_MOUNT, BoxSecretsDir } from '../box-secrets-dir.js';
 import { spawnPipeExec, spawnPtyExec } from './box-exec-process.js';
 import { CgroupLayout, type CgroupMode } from './cgroup-layout.js';
@@ -95,7 +95,6 @@ export interface BoxHostPaths {
 
 const BOX_ID = /^[a-z0-9_]{1,40}$/;
 /** The image's own programs come first; the bundled tools only fill in what it lacks. */
-const DEFAULT_PATH = `/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${BOX_TOOLS_BIN}`;
 const BUSYBOX_IN_BOX = '/.devyard/busybox';
 /** Overlay work dir of a copy-on-write /workspace: next to its upper (same filesystem), in the volume. */
 const WORKSPACE_WORK = 'volume/.workspace-work';
@@ -472,7 +471,7 @@ export class SandboxDriver implements RuntimeDriver {
     if (await this.cgroups.isFrozen(boxId)) throw new SandboxError('BOX_PAUSED', `box ${boxId} is paused`);
     const rec = await this.readRecord(boxId);
     const env: Record<string, string> = {
-      PATH: DEFAULT_PATH,
+      PATH: BOX_DEFAULT_PATH,
       HOME: '/root',
       HOSTNAME: rec?.name ?? boxId,
       ...(rec?.env ?? {}),
@@ -709,7 +708,7 @@ export class SandboxDriver implements RuntimeDriver {
 
 /** A PATH set by a template or session still finds the bundled tools, after its own directories. */
 function withBoxTools(path: string | undefined): string {
-  if (!path) return DEFAULT_PATH;
+  if (!path) return BOX_DEFAULT_PATH;
   return path.split(':').includes(BOX_TOOLS_BIN) ? path : `${path}:${BOX_TOOLS_BIN}`;
 }
 
