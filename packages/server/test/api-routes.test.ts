@@ -14,6 +14,7 @@ import { problemOf, startTestControlPlane, until, type TestControlPlane } from '
 import type { DesiredSet } from '@devyard/api/node-schemas';
 import { verifyAccessToken } from '@devyard/api/access-tokens';
 import ssh2 from 'ssh2';
+import { newSshKeyPair } from '@devyard/server/services/ssh-key-pairs';
 
 const covered = new Set<string>();
 const cover = (...ids: string[]) => ids.forEach((id) => covered.add(id));
@@ -419,7 +420,7 @@ describe('access routes', () => {
   });
 
   it('registers, lists and removes SSH keys; one key belongs to one user; bad keys change nothing', async () => {
-    const pub = ssh2.utils.generateKeyPairSync('ed25519', { comment: 'dev@laptop' }).public;
+    const pub = newSshKeyPair('dev@laptop').publicKey;
     const k = await user.addSshKey(pub);
     expect(k.name).toBe('dev@laptop');
     expect(k.fingerprint).toMatch(/^SHA256:[A-Za-z0-9+/]{43}$/);
@@ -427,7 +428,7 @@ describe('access routes', () => {
     expect(await other.listSshKeys()).toEqual([]);
     const dup = await problemOf(other.addSshKey(pub));
     expect([dup.status, dup.code]).toEqual([409, 'conflict']);
-    const priv = ssh2.utils.generateKeyPairSync('ed25519').private;
+    const priv = newSshKeyPair().privateKey;
     expect((await problemOf(user.addSshKey(priv))).status).toBe(400);
     expect((await problemOf(user.addSshKey('ssh-ed25519 notbase64!!'))).status).toBe(400);
     expect((await raw('POST', '/v1/users/me/keys', { body: JSON.stringify({ publicKey: pub, extra: 1 }) })).status).toBe(400);
@@ -601,7 +602,10 @@ describe('secrets routes', () => {
     const sets: DesiredSet[] = [];
     const watching = (async () => {
       for await (const set of node.watchDesiredSet(boxNode, ac.signal)) sets.push(set);
-    })().catch(() => undefined);
+    })().catch((e: unknown) => {
+      // Ending the watch aborts it; any other end is the test's failure.
+      if (!ac.signal.aborted) throw e;
+    });
     await until(async () => sets.length, (n) => n > 0);
     await user.putSecret('user', 'PUSHED', 'pushed-value');
     const got = await until(async () => sets.at(-1)!, (s) => s.boxes.some((b) => b.boxId === boxId && b.secrets.some((x) => x.name === 'PUSHED')));
@@ -820,7 +824,8 @@ describe('identity and tenancy routes', () => {
     // Stopped boxes hold no memory; starting one counts again.
     await user.deleteQuota('user:quinn');
     await user.setQuota('user:quinn', { runningBoxes: 3 });
-    await q.boxVerb('q0', 'stop').catch(() => q.boxVerb('q1', 'stop'));
+    const created = results.flatMap((r) => (r.status === 'fulfilled' ? [r.value.name] : []));
+    await q.boxVerb(created[0]!, 'stop');
     await until(async () => (await converge(), q.listBoxes()), (bs) => bs.some((b) => b.phase === 'stopped' && b.owner === 'quinn'));
     await q.createBox({ name: 'q-extra', template: 'tiny', resources: small });
     const stopped = (await q.listBoxes()).find((b) => b.owner === 'quinn' && b.desiredState === 'stopped')!;

@@ -15,6 +15,8 @@ let dir: string;
 let cp: ControlPlane;
 let user: DevyardClient;
 let agentLoop: NodeJS.Timeout;
+/** Why the scripted agent's last pass failed, if it did: a wait that times out says so. */
+let agentError: unknown;
 
 const pool = () => cp.store.listBoxes({ owner: WARM_POOL_OWNER });
 async function until<T>(fn: () => Promise<T>, ok: (v: T) => boolean, ms = 10_000): Promise<T> {
@@ -22,7 +24,7 @@ async function until<T>(fn: () => Promise<T>, ok: (v: T) => boolean, ms = 10_000
   for (;;) {
     const v = await fn();
     if (ok(v)) return v;
-    if (Date.now() > end) throw new Error(`condition not met: ${JSON.stringify(v).slice(0, 500)}`);
+    if (Date.now() > end) throw new Error(`condition not met: ${JSON.stringify(v).slice(0, 500)}${agentError ? `; the scripted agent's last pass failed: ${String(agentError)}` : ''}`);
     await new Promise((r) => setTimeout(r, 25));
   }
 }
@@ -49,7 +51,7 @@ beforeAll(async () => {
       set.boxes.map((b) => ({ boxId: b.boxId, phase: b.desiredState, observedGeneration: b.generation, operationId: b.operationId, ip: null, error: null, message: '' })),
     );
   };
-  agentLoop = setInterval(() => void converge().catch(() => undefined), 20);
+  agentLoop = setInterval(() => void converge().then(() => (agentError = undefined), (e: unknown) => (agentError = e)), 20);
 });
 
 afterAll(async () => {

@@ -18,6 +18,7 @@ import type { AccessStore } from '../store/access-store.js';
 import type { Store } from '../store/store.js';
 import type { TenancyStore } from '../store/tenancy-store.js';
 import type { BoxService, Subject } from './box-service.js';
+import { hasWholeEd25519Key, newSshKeyPair, type SshKeyPair } from './ssh-key-pairs.js';
 
 export interface AccessServiceOptions {
   /** Lifetime of the agent tokens in a route table: how long gateways work on with the server down. */
@@ -32,11 +33,6 @@ export interface AccessServiceOptions {
 
 const ACCESS_SIGNING_KEY = 'access-token-signing';
 const GATEWAY_HOST_KEY = 'gateway-host-key';
-
-function newSshHostKey(): { privateKey: string; publicKey: string } {
-  const k = ssh2.utils.generateKeyPairSync('ed25519');
-  return { privateKey: k.private, publicKey: k.public };
-}
 
 /** `SHA256:…` as `ssh-keygen -l` prints it. */
 export function sshFingerprint(publicBlob: Buffer): string {
@@ -111,18 +107,23 @@ export class AccessService {
 
   // ---- host identities ----
 
-  /** Host keys of the given boxes, generating the missing ones (boxes created before this existed). */
-  private async hostKeys(boxIds: string[]): Promise<Map<string, { privateKey: string; publicKey: string }>> {
+  /** Host keys of the given boxes, generating the missing ones (boxes created before this existed) and replacing unloadable ones. */
+  private async hostKeys(boxIds: string[]): Promise<Map<string, SshKeyPair>> {
     const keys = await this.access.getHostKeys(boxIds);
     const missing = boxIds.filter((id) => !keys.has(id));
-    if (missing.length === 0) return keys;
-    for (const id of missing) await this.access.insertHostKeyIfAbsent(id, newSshHostKey());
-    for (const [id, k] of await this.access.getHostKeys(missing)) keys.set(id, k);
+    const broken = boxIds.filter((id) => keys.has(id) && !hasWholeEd25519Key(keys.get(id)!));
+    if (missing.length === 0 && broken.length === 0) return keys;
+    for (const id of missing) await this.access.insertHostKeyIfAbsent(id, newSshKeyPair());
+    for (const id of broken) await this.access.replaceHostKey(id, keys.get(id)!.privateKey, newSshKeyPair());
+    for (const [id, k] of await this.access.getHostKeys([...missing, ...broken])) keys.set(id, k);
     return keys;
   }
 
-  private async gatewayHostKey(): Promise<{ privateKey: string; publicKey: string }> {
-    return this.access.serverKey(GATEWAY_HOST_KEY, newSshHostKey, this.now());
+  private async gatewayHostKey(): Promise<SshKeyPair> {
+    const k = await this.access.serverKey(GATEWAY_HOST_KEY, newSshKeyPair, this.now());
+    if (hasWholeEd25519Key(k)) return k;
+    await this.access.replaceServerKey(GATEWAY_HOST_KEY, k.privateKey, newSshKeyPair(), this.now());
+    return this.access.serverKey(GATEWAY_HOST_KEY, newSshKeyPair, this.now());
   }
 
   private accessSigningKey(): Promise<{ privateKey: KeyObject; publicPem: string }> {

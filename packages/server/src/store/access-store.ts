@@ -55,6 +55,16 @@ export class AccessStore {
       .execute();
   }
 
+  /** Replaces a box's host key, unless it changed since `oldPrivateKey` was read. */
+  async replaceHostKey(boxId: string, oldPrivateKey: string, key: { privateKey: string; publicKey: string }, ex: Executor = this.db): Promise<void> {
+    await ex
+      .updateTable('box_host_keys')
+      .set({ private_key: key.privateKey, public_key: key.publicKey })
+      .where('box_id', '=', boxId)
+      .where('private_key', '=', oldPrivateKey)
+      .execute();
+  }
+
   async listPorts(boxIds: string[], ex: Executor = this.db): Promise<Array<{ boxId: string; port: number; visibility: string }>> {
     const out: Array<{ boxId: string; port: number; visibility: string }> = [];
     for (let i = 0; i < boxIds.length; i += 500) {
@@ -121,5 +131,15 @@ export class AccessStore {
       .execute();
     const row = await this.db.selectFrom('server_keys').selectAll().where('name', '=', name).executeTakeFirstOrThrow();
     return { privateKey: row.private_key, publicKey: row.public_key };
+  }
+
+  /** Replaces a server key, unless it changed since `oldPrivateKey` was read. */
+  async replaceServerKey(name: string, oldPrivateKey: string, key: { privateKey: string; publicKey: string }, now: number): Promise<void> {
+    await this.db
+      .updateTable('server_keys')
+      .set({ private_key: key.privateKey, public_key: key.publicKey, created_at: now })
+      .where('name', '=', name)
+      .where('private_key', '=', oldPrivateKey)
+      .execute();
   }
 }
