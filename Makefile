@@ -3,16 +3,13 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-# Host tools the sandbox runtime and the built-in images need; the box tools bundle (SFTP, rsync) is
-# built from openssh-sftp-server and rsync; `devyard ssh` runs the OpenSSH client. The microVM
-# runtime needs QEMU and qemu-img, e2fsprogs for its disks, gcc to build its guest agent and zstd
-# for portable snapshots.
-APT_PACKAGES := crun bubblewrap debootstrap busybox-static iproute2 nftables util-linux procps ca-certificates git openssh-sftp-server rsync openssh-client \
-  qemu-system-x86 qemu-utils e2fsprogs gcc libc6-dev zstd
-# Extra packages for the test suite only (headless Chromium drives the browser tests).
-APT_TEST_PACKAGES := curl docker-registry skopeo apache2-utils chromium
-# The gateway benchmark compares against OpenSSH's sshd.
-APT_BENCH_PACKAGES := openssh-server
+# Debian packages come from host-packages.json (each with the programs Devyard starts from it and
+# why): `runtime` for `make up`, plus `test` for `make test` and `bench` for `make bench`. Node.js
+# reads the list, since it is on the machine before anything is installed.
+host_packages = $(shell node -p 'Object.keys(require("./host-packages.json").$(1)).join(" ")')
+APT_PACKAGES := $(call host_packages,runtime)
+APT_TEST_PACKAGES := $(call host_packages,test)
+APT_BENCH_PACKAGES := $(call host_packages,bench)
 UP_ARGS ?=
 
 .PHONY: help deps apt-deps apt-test-deps apt-bench-deps npm-deps build up test bench lint clean
@@ -23,16 +20,12 @@ help:
 	@echo "make bench  run the benchmarks and write docs/benchmarks.md"
 	@echo "make lint   ESLint (incl. the import-direction rule) and the TypeScript build"
 
-apt-deps:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages: $$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
-
-apt-test-deps apt-bench-deps: PKGS = $(if $(filter apt-test-deps,$@),$(APT_TEST_PACKAGES),$(APT_BENCH_PACKAGES))
-apt-test-deps apt-bench-deps:
-	@missing=$$(for p in $(PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+# Installs whichever of the tier's packages are missing, in one apt-get run.
+apt-deps: PKGS = $(APT_PACKAGES)
+apt-test-deps: PKGS = $(APT_TEST_PACKAGES)
+apt-bench-deps: PKGS = $(APT_BENCH_PACKAGES)
+apt-deps apt-test-deps apt-bench-deps:
+	@missing=$$(for p in $(PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done | tr '\n' ' '); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

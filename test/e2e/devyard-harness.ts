@@ -56,6 +56,7 @@ export function newHarness(tag: string, octet: number): Harness {
 export async function startDaemon(h: Harness, args: string[], ready: RegExp, timeoutMs = 60_000): Promise<{ proc: ChildProcess; match: RegExpMatchArray }> {
   const logFile = join(h.dir, `${args[0]}-${++daemonCount}.log`);
   const fd = openSync(logFile, 'w');
+  // host-programs: none (this checkout's devyard CLI)
   const proc = spawn(BIN, args, { cwd: h.dir, env: h.env, stdio: ['ignore', fd, fd] });
   closeSync(fd);
   h.logs.push(logFile);
@@ -131,6 +132,7 @@ export interface CliResult {
 
 /** Runs the CLI the way a user does. */
 export function cli(h: Harness, args: string[], input?: string): CliResult {
+  // host-programs: none (this checkout's devyard CLI)
   const r = spawnSync(BIN, args, { cwd: h.dir, env: h.env, input, encoding: 'utf8', timeout: 240_000 });
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
@@ -141,6 +143,7 @@ export function cli(h: Harness, args: string[], input?: string): CliResult {
  */
 export function cliAsync(h: Harness, args: string[]): Promise<CliResult> {
   return new Promise((resolvePromise) => {
+    // host-programs: none (this checkout's devyard CLI)
     const child = spawn(BIN, args, { cwd: h.dir, env: h.env, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';

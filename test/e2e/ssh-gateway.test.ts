@@ -128,7 +128,7 @@ describe('SSH through the gateway of devyard up', { timeout: T }, () => {
     run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'third', '-f', third]);
     const viaStdin = cli(h, ['keys', 'add', '-', '--name', 'spare']);
     expect(viaStdin.stderr).toBe('devyard: error: stdin holds no public key\n'); // nothing on stdin
-    const added = JSON.parse(run(BIN, ['keys', 'add', '-', '--name', 'spare', '--json'], readFileSync(`${third}.pub`, 'utf8')).stdout) as { fingerprint: string };
+    const added = JSON.parse(cli(h, ['keys', 'add', '-', '--name', 'spare', '--json'], readFileSync(`${third}.pub`, 'utf8')).stdout) as { fingerprint: string };
     let list = JSON.parse(cliOk(h, ['keys', 'list', '--json'])) as Array<{ name: string; fingerprint: string }>;
     expect(list.map((k) => k.name).sort()).toEqual(['e2e', 'spare']);
     cliOk(h, ['keys', 'remove', added.fingerprint]);
@@ -183,7 +183,7 @@ describe('SSH through the gateway of devyard up', { timeout: T }, () => {
     expect(r.code, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/^Linux web /);
     expect(cli(h, ['ssh', BOX, '--', 'exit 5']).code).toBe(5);
-    expect(run(BIN, ['ssh', BOX, '--', 'cat'], 'from stdin\n')).toMatchObject({ code: 0, stdout: 'from stdin\n' });
+    expect(cli(h, ['ssh', BOX, '--', 'cat'], 'from stdin\n')).toMatchObject({ code: 0, stdout: 'from stdin\n' });
     const conn = await client.getBoxConnection(BOX);
     expect(readFileSync(join(h.dir, 'known_hosts'), 'utf8')).toContain(`devyard.${BOX} ${conn.hostKey.split(' ').slice(0, 2).join(' ')}`);
   });
@@ -258,6 +258,7 @@ describe('SSH through the gateway of devyard up', { timeout: T }, () => {
     }
 
     const [local, dead] = [await freePort(), await freePort()];
+    // host-programs: none (this checkout's devyard CLI)
     const pf = spawn(BIN, ['port-forward', BOX, `${local}:8080`, `${dead}:9`], { cwd: h.dir, env: h.env, stdio: ['ignore', 'pipe', 'pipe'] });
     daemons.push(pf);
     const w = watch(pf);

@@ -37,6 +37,7 @@ async function startAgent(): Promise<Agent> {
   server.listen(sock);
   await once(server, 'listening');
   const accepted = once(server, 'connection') as Promise<[Socket]>;
+  // host-programs: none (the guest agent, compiled by this test)
   const proc = spawn(bin, ['--unix', sock, '--root', '/'], { stdio: ['ignore', 'ignore', 'inherit'] });
   const [conn] = await accepted;
   const agent = { proc, server, channel: await GuestChannel.open(conn) };
@@ -268,6 +269,7 @@ describe('the guest channel against the real guest agent', () => {
     agentServer.listen(sockPath);
     await once(agentServer, 'listening');
     const accepted = once(agentServer, 'connection') as Promise<[Socket]>;
+    // host-programs: none (the guest agent, compiled by this test)
     const proc = spawn(bin, ['--unix', sockPath, '--root', '/'], { stdio: ['ignore', 'ignore', 'inherit'] });
     agentCount++;
     const [agentConn] = await accepted;

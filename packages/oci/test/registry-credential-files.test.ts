@@ -7,9 +7,9 @@ import { parseOciReference } from '@devyard/oci/oci-reference';
 import { RegistryClient } from '@devyard/oci/registry-client';
 import { registryCredentialFiles } from '@devyard/oci/registry-credential-files';
 import { OciLayoutBuilder, tarLayer } from './oci-layout-builder.js';
-import { registryToolsAvailable, TestRegistry } from './registry-test-host.js';
+import { TestRegistry } from './registry-test-host.js';
 
-describe.skipIf(!registryToolsAvailable)('registry credential files', () => {
+describe('registry credential files', () => {
   let registry: TestRegistry;
   let dir: string;
 

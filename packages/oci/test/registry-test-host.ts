@@ -3,7 +3,6 @@
  * layouts into it. Every process, port and directory it makes is released by `stop()`.
  */
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
-import { existsSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -11,9 +10,6 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 
 const run = promisify(execFile);
-
-/** Whether the registry tooling is installed (tests skip with a reason otherwise). */
-export const registryToolsAvailable = ['/usr/bin/docker-registry', '/usr/bin/skopeo', '/usr/bin/htpasswd'].every((p) => existsSync(p));
 
 /** A free loopback TCP port (released before use: good enough for tests on one machine). */
 export async function freePort(): Promise<number> {

@@ -15,6 +15,7 @@ import { copyFile, chmod, lchown, lstat, mkdir, readdir, readFile, rename, rm, s
 import { existsSync, readFileSync } from 'node:fs';
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
+import { explainSpawnError } from '../network/host-program-missing.js';
 import { treeDigest } from './tree-digest.js';
 
 /** Names of the images this store can build. */
@@ -152,6 +153,7 @@ export class BuiltinImageStore {
     await copyFile(busybox, join(rootfs, 'bin/busybox'));
     await chmod(join(rootfs, 'bin/busybox'), 0o755);
     // `busybox --list-full` gives each applet's canonical location (bin/sh, usr/bin/wget, …).
+    // host-programs: busybox
     const list = await capture(busybox, ['--list-full']);
     for (const applet of list.split('\n').filter(Boolean)) {
       if (applet === 'bin/busybox') continue;
@@ -226,7 +228,7 @@ function capture(cmd: string, args: string[]): Promise<string> {
     const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'inherit'] });
     let out = '';
     child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-    child.on('error', reject);
+    child.on('error', (e) => reject(explainSpawnError(cmd, e)));
     child.on('close', (code) => (code === 0 ? resolve(out) : reject(new Error(`${cmd} exited ${code}`))));
   });
 }
@@ -245,7 +247,7 @@ function streamCommand(cmd: string, args: string[], progress: (line: string) => 
     };
     child.stdout.on('data', onData);
     child.stderr.on('data', onData);
-    child.on('error', reject);
+    child.on('error', (e) => reject(explainSpawnError(cmd, e)));
     child.on('close', (code) =>
       code === 0 ? resolve() : reject(new Error(`${cmd} exited ${code}: ${tail.slice(-5).join(' | ')}`)),
     );

@@ -3,6 +3,7 @@
  * so callers see why a host operation failed instead of a bare exit code.
  */
 import { spawn } from 'node:child_process';
+import { explainSpawnError } from './host-program-missing.js';
 
 /** Result of a finished host command. */
 export interface HostCommandResult {
@@ -43,7 +44,7 @@ export function runHostCommandRaw(argv: string[], opts: { input?: string; env?: 
     const err: Buffer[] = [];
     child.stdout.on('data', (b: Buffer) => out.push(b));
     child.stderr.on('data', (b: Buffer) => err.push(b));
-    child.on('error', reject);
+    child.on('error', (e) => reject(explainSpawnError(cmd, e)));
     child.on('close', (code, signal) => {
       resolve({
         code: code ?? 128 + (signal ? (SIGNALS[signal] ?? 1) : 1),

@@ -118,6 +118,7 @@ export class CrunCli {
   async state(id: string): Promise<CrunContainer | null> {
     const fast = await this.stateFromFiles(id);
     if (fast !== undefined) return fast;
+    // host-programs: crun
     const r = await runHostCommandRaw([...this.base(), 'state', id]);
     if (r.code !== 0) return null;
     const s = JSON.parse(r.stdout) as { id: string; pid?: number; status: string; bundle: string };
@@ -151,6 +152,7 @@ export class CrunCli {
 
   /** Every container in crun's state directory. */
   async list(): Promise<CrunContainer[]> {
+    // host-programs: crun
     const out = await runHostCommand([...this.base(), 'list', '--format', 'json']);
     const items = JSON.parse(out.trim() || '[]') as Array<{ id: string; pid?: number; status: string; bundle: string }>;
     return items.map((s) => ({ id: s.id, pid: s.pid ?? 0, status: s.status, bundle: s.bundle }));
