@@ -12,11 +12,11 @@ APT_TEST_PACKAGES := $(call host_packages,test)
 APT_BENCH_PACKAGES := $(call host_packages,bench)
 UP_ARGS ?=
 
-.PHONY: help deps apt-deps apt-test-deps apt-bench-deps npm-deps build up test bench lint clean
+.PHONY: help deps apt-deps apt-test-deps apt-bench-deps npm-deps build up test test-unit test-host test-e2e bench lint clean
 
 help:
 	@echo "make up     install what is missing, build, and run Devyard on this machine"
-	@echo "make test   install what is missing and run the whole test suite"
+	@echo "make test   install what is missing and run the whole test suite (tiers: make test-unit, test-host, test-e2e)"
 	@echo "make bench  run the benchmarks and write docs/benchmarks.md"
 	@echo "make lint   ESLint (incl. the import-direction rule) and the TypeScript build"
 
@@ -49,6 +49,10 @@ up: build
 
 test: build apt-test-deps
 	npx vitest run
+
+# One tier of the suite (vitest.config.ts): unit, host or e2e.
+test-unit test-host test-e2e: build apt-test-deps
+	npx vitest run --project $(@:test-%=%)
 
 bench: build apt-bench-deps
 	npx tsc -b bench

@@ -5,16 +5,23 @@
  *   refs/<name>.json        name → digest of the last build
  *   tmp/<name>-<random>/    builds in progress; renamed into store/ only when complete
  *
+ * Building `base` means a debootstrap from the Debian mirror (about a minute). Its cleaned, unshifted
+ * result is kept once per host in `<hostCacheDir>/base-<key>-<time>/rootfs` (default
+ * /var/cache/devyard/images), like the microVM assets: another data dir of the host (a second
+ * agent, a fresh `devyard up`) copies it instead of bootstrapping again, until it is a week old and
+ * a new bootstrap brings the mirror's updates.
+ *
  * Box root runs as an unprivileged host uid range (user namespace), so every file of the stored
  * tree is owned by uid/gid + `uidShift` (chown at build time; modes re-applied afterwards because
  * chown clears setuid/setgid bits). Idmapped mounts would avoid the copy-time shift, but crun 1.8
  * cannot idmap the overlay root, so a shifted tree is what works here.
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { copyFile, chmod, lchown, lstat, mkdir, readdir, readFile, rename, rm, symlink, writeFile } from 'node:fs/promises';
 import { existsSync, readFileSync } from 'node:fs';
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
+import { runHostCommand } from '../network/host-command-runner.js';
 import { explainSpawnError } from '../network/host-program-missing.js';
 import { treeDigest } from './tree-digest.js';
 
@@ -41,11 +48,21 @@ export interface BuiltinImageStoreOptions {
   busyboxPath?: string;
   /** Debian mirror for `base` (default: from the host's apt sources). */
   debianMirror?: string;
+  /** Host-wide cache of the `base` bootstrap, shared by every data dir (default /var/cache/devyard/images). */
+  hostCacheDir?: string;
+  /** How old a cached bootstrap may be before a build bootstraps afresh (default 7 days). */
+  bootstrapMaxAgeMs?: number;
   /** Structured log sink. */
   log?: (msg: string, fields?: object) => void;
 }
 
+/** Where a host keeps its `base` bootstrap unless told otherwise. */
+export const DEFAULT_IMAGES_HOST_CACHE_DIR = '/var/cache/devyard/images';
+const DEBOOTSTRAP_ARGS = ['--variant=minbase', '--include=bash,git,curl,ca-certificates,procps', 'bookworm'];
+
 const KNOWN: BuiltinImageName[] = ['tiny', 'base'];
+/** Bootstraps under way in this process, by cache directory and key. */
+const bootstrapsInFlight = new Map<string, Promise<{ dir: string; builtAt: number }>>();
 
 /** Builds and caches the built-in images. */
 export class BuiltinImageStore {
@@ -166,14 +183,53 @@ export class BuiltinImageStore {
     for (const f of ['etc/hosts', 'etc/hostname', 'etc/resolv.conf', '.devyard/busybox']) await writeFile(join(rootfs, f), '');
   }
 
+  /** The `base` tree: a copy of the host's bootstrap. */
   private async buildBase(rootfs: string, progress: (line: string) => void): Promise<void> {
+    const bootstrap = await this.ensureBaseBootstrap(progress);
+    progress(`base: copying the host's bootstrap of ${new Date(bootstrap.builtAt).toISOString()} (${bootstrap.dir})`);
+    await runHostCommand(['cp', '-a', '--reflink=auto', '--', `${join(bootstrap.dir, 'rootfs')}/.`, rootfs]);
+  }
+
+  /**
+   * The host's cached `base` bootstrap, bootstrapping it first when there is none younger than
+   * the maximum age. One bootstrap at a time per process and cache entry.
+   */
+  ensureBaseBootstrap(progress: (line: string) => void = () => {}): Promise<{ dir: string; builtAt: number }> {
     const mirror = this.opts.debianMirror ?? hostDebianMirror();
+    const cacheRoot = this.opts.hostCacheDir ?? DEFAULT_IMAGES_HOST_CACHE_DIR;
+    const key = createHash('sha256').update(JSON.stringify([DEBOOTSTRAP_ARGS, mirror])).digest('hex').slice(0, 16);
+    const flight = `${cacheRoot}\0${key}`;
+    const inflight = bootstrapsInFlight.get(flight);
+    if (inflight) return inflight;
+    const job = (async () => {
+      const [fresh] = await cachedBootstraps(cacheRoot, key, this.opts.bootstrapMaxAgeMs ?? 7 * 24 * 3600_000);
+      if (fresh) return fresh;
+      await mkdir(cacheRoot, { recursive: true });
+      const builtAt = Date.now();
+      const tmp = join(cacheRoot, `.base-${key}-${randomBytes(6).toString('hex')}`);
+      const dir = join(cacheRoot, `base-${key}-${builtAt}`);
+      try {
+        await mkdir(join(tmp, 'rootfs'), { recursive: true, mode: 0o755 });
+        await this.bootstrapBase(join(tmp, 'rootfs'), mirror, progress);
+        await rename(tmp, dir);
+      } catch (err) {
+        await rm(tmp, { recursive: true, force: true });
+        throw err;
+      }
+      this.log('images: bootstrapped base for this host', { dir, ms: Date.now() - builtAt });
+      // Older bootstraps of the same key go once no copy from them can still be running.
+      for (const old of await cachedBootstraps(cacheRoot, key, Infinity)) {
+        if (old.builtAt < builtAt - 3600_000) await rm(old.dir, { recursive: true, force: true });
+      }
+      return { dir, builtAt };
+    })().finally(() => bootstrapsInFlight.delete(flight));
+    bootstrapsInFlight.set(flight, job);
+    return job;
+  }
+
+  private async bootstrapBase(rootfs: string, mirror: string, progress: (line: string) => void): Promise<void> {
     progress(`base: debootstrap bookworm from ${mirror}`);
-    await streamCommand(
-      'debootstrap',
-      ['--variant=minbase', '--include=bash,git,curl,ca-certificates,procps', 'bookworm', rootfs, mirror],
-      progress,
-    );
+    await streamCommand('debootstrap', [...DEBOOTSTRAP_ARGS, rootfs, mirror], progress);
     progress('base: cleaning');
     await streamCommand('chroot', [rootfs, 'apt-get', 'clean'], progress);
     await rm(join(rootfs, 'var/lib/apt/lists'), { recursive: true, force: true });
@@ -191,6 +247,17 @@ export class BuiltinImageStore {
     await mkdir(join(rootfs, '.devyard'), { recursive: true, mode: 0o755 });
     for (const f of ['etc/hosts', 'etc/hostname', 'etc/resolv.conf', '.devyard/busybox']) await writeFile(join(rootfs, f), '');
   }
+}
+
+/** The host's cached bootstraps for `key` younger than `maxAgeMs`, newest first. */
+async function cachedBootstraps(cacheRoot: string, key: string, maxAgeMs: number): Promise<Array<{ dir: string; builtAt: number }>> {
+  const names = await readdir(cacheRoot).catch(() => [] as string[]);
+  const prefix = `base-${key}-`;
+  return names
+    .filter((n) => n.startsWith(prefix))
+    .map((n) => ({ dir: join(cacheRoot, n), builtAt: Number(n.slice(prefix.length)) }))
+    .filter((b) => Number.isFinite(b.builtAt) && Date.now() - b.builtAt < maxAgeMs && existsSync(join(b.dir, 'rootfs')))
+    .sort((a, b) => b.builtAt - a.builtAt);
 }
 
 /** The Debian mirror of the host's apt sources (deb822 or one-line format). */

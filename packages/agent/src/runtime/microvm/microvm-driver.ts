@@ -24,15 +24,16 @@ import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import type { Duplex, Readable } from 'node:stream';
 import { spawn } from 'node:child_process';
-import { ensureBoxToolsBundle, BOX_DEFAULT_PATH } from '../box-tools-bundle.js';
+import { BOX_DEFAULT_PATH } from '../box-tools-bundle.js';
 import type { BoxRuntimeSpec, BoxSecret, ExecOptions, ExecProcess, RuntimeBoxStatus, RuntimeDriver } from '../runtime-driver.js';
 import { BridgeNetwork, type BridgeNetworkOptions } from '../../network/bridge-network.js';
 import { runHostCommand, runHostCommandRaw } from '../../network/host-command-runner.js';
 import { allocateAddress } from '../../network/ipv4-subnet.js';
-import { ensureGuestBootAssets, type GuestBootAssets } from './guest-boot-assets.js';
+import type { GuestBootAssets } from './guest-boot-assets.js';
 import { GuestChannel } from './guest-channel.js';
 import { QmpClient } from './qmp-client.js';
-import { hostTscKhz, probeKvm, qemuArgs, qemuVersion, waitForExit, type Accel, type QemuVmConfig } from './qemu-command.js';
+import { prepareMicrovmHost } from './microvm-host.js';
+import { hostTscKhz, qemuArgs, waitForExit, type Accel, type QemuVmConfig } from './qemu-command.js';
 import { VmDiskStore } from './vm-disk-store.js';
 
 /** Where secrets appear in the guest (the same path as in a sandbox). */
@@ -58,8 +59,8 @@ export interface MicrovmDriverOptions {
   /** Everything of the runtime lives below (see the layout above). */
   dataDir: string;
   /**
-   * Kernel, initramfs, tools disk and the KVM probe's answer (guest-boot-assets.ts): the same for
-   * every data dir of a host, so shared (default /var/cache/devyard/microvm).
+   * Kernel, initramfs, tools disk and the KVM probe's answer (microvm-host.ts): the same for every
+   * data dir of a host, so shared (default /var/cache/devyard/microvm).
    */
   assetsDir?: string;
   /** The VMs' network (its own bridge and subnet: default devyardvm0, 10.214.0.0/16). */
@@ -181,16 +182,10 @@ export class MicrovmDriver implements RuntimeDriver {
   async init(): Promise<void> {
     await mkdir(this.boxesDir, { recursive: true });
     await this.network.init();
-    const assetsDir = this.opts.assetsDir ?? '/var/cache/devyard/microvm';
-    const bundle = await ensureBoxToolsBundle({ dir: join(assetsDir, 'tools'), log: this.log });
-    this.assets = await ensureGuestBootAssets({ dir: assetsDir, busybox: this.opts.busybox, toolsBundle: bundle.dir, log: this.log });
-    this.qemuVer = await qemuVersion();
-    const forced = this.opts.accel ?? (process.env.DEVYARD_MICROVM_ACCEL as Accel | undefined);
-    if (forced === 'kvm' || forced === 'tcg') this.accelInfo = { accel: forced, reason: 'configured' };
-    else {
-      const probe = await cachedKvmProbe(assetsDir, this.assets, this.qemuVer);
-      this.accelInfo = probe.usable ? { accel: 'kvm', reason: probe.reason } : { accel: 'tcg', reason: `${probe.reason}; using TCG` };
-    }
+    const host = await prepareMicrovmHost({ assetsDir: this.opts.assetsDir, busybox: this.opts.busybox, accel: this.opts.accel, log: this.log });
+    this.assets = host.assets;
+    this.qemuVer = host.qemuVersion;
+    this.accelInfo = host.accel;
     this.log('microvm runtime ready', { accel: this.accelInfo.accel, why: this.accelInfo.reason, kernel: this.assets.kernel.release, qemu: this.qemuVer });
   }
 
@@ -910,26 +905,6 @@ export class MicrovmDriver implements RuntimeDriver {
     }
     return out;
   }
-}
-
-/**
- * The KVM probe's answer, kept for the host's boot (same kernel, QEMU and guest kernel): a host
- * where KVM hangs would otherwise cost every agent start the probe's timeout.
- */
-async function cachedKvmProbe(dir: string, assets: GuestBootAssets, qemu: string): Promise<{ usable: boolean; reason: string }> {
-  const bootId = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
-  const key = `${bootId}|${assets.kernel.release}|${qemu}`;
-  const file = join(dir, 'kvm-probe.json');
-  try {
-    const c = JSON.parse(await readFile(file, 'utf8')) as { key: string; usable: boolean; reason: string };
-    if (c.key === key) return { usable: c.usable, reason: `${c.reason} (probed earlier this boot)` };
-  } catch {
-    /* probe below */
-  }
-  const probe = await probeKvm({ kernel: assets.kernel.vmlinuz, initramfs: assets.initramfs, workDir: dir });
-  await writeFile(`${file}.${process.pid}`, JSON.stringify({ key, ...probe }));
-  await rename(`${file}.${process.pid}`, file);
-  return probe;
 }
 
 async function writeSnapshotMeta(dir: string, meta: SnapshotMeta): Promise<void> {
