@@ -33,16 +33,17 @@ export default defineConfig({
           name: 'unit',
           include: ['packages/*/src/**/*.test.ts', 'packages/*/test/**/*.test.ts', 'test/**/*.test.ts'],
           exclude: [...HOST_TESTS, ...E2E_TESTS, '**/node_modules/**'],
-          sequence: { groupOrder: 0 },
+          // Group 0 is where vitest puts serial files of projects without an order, after all others: start at 1.
+          sequence: { groupOrder: 1 },
         },
       },
       {
         extends: true,
-        test: { name: 'host', include: HOST_TESTS, globalSetup: ['test/setup/shared-assets.ts'], sequence: { groupOrder: 1 } },
+        test: { name: 'host', include: HOST_TESTS, globalSetup: ['test/setup/shared-assets.ts'], sequence: { groupOrder: 2 } },
       },
       {
         extends: true,
-        test: { name: 'e2e', include: E2E_TESTS, globalSetup: ['test/setup/shared-assets.ts'], sequence: { groupOrder: 2 } },
+        test: { name: 'e2e', include: E2E_TESTS, globalSetup: ['test/setup/shared-assets.ts'], sequence: { groupOrder: 3 } },
       },
     ],
   },
