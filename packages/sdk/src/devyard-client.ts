@@ -370,16 +370,18 @@ export class DevyardClient {
     await this.request('DELETE', `/v1/boxes/${encodeURIComponent(name)}/shares/${encodeURIComponent(team)}${this.ownerQuery(owner)}`);
   }
 
-  async listQuotas(): Promise<Quota[]> {
-    return (await this.get<{ items: Quota[] }>('/v1/quotas')).items;
+  /** Quotas that apply to you, or (operators) every quota of the organization named `org`. */
+  async listQuotas(org?: string): Promise<Quota[]> {
+    return (await this.get<{ items: Quota[] }>(`/v1/quotas${orgQuery(org)}`)).items;
   }
 
-  async setQuota(scope: string, limits: QuotaLimits): Promise<Quota> {
-    return (await this.request<Quota>('PUT', `/v1/quotas/${encodeURIComponent(scope)}`, { body: limits })).body;
+  /** Sets a quota in your organization, or (operators) in the organization named `org`. */
+  async setQuota(scope: string, limits: QuotaLimits, org?: string): Promise<Quota> {
+    return (await this.request<Quota>('PUT', `/v1/quotas/${encodeURIComponent(scope)}${orgQuery(org)}`, { body: limits })).body;
   }
 
-  async deleteQuota(scope: string): Promise<void> {
-    await this.request('DELETE', `/v1/quotas/${encodeURIComponent(scope)}`);
+  async deleteQuota(scope: string, org?: string): Promise<void> {
+    await this.request('DELETE', `/v1/quotas/${encodeURIComponent(scope)}${orgQuery(org)}`);
   }
 }
 
@@ -391,6 +393,8 @@ export interface AuditListQuery {
   afterSeq?: number;
   order?: 'asc' | 'desc';
 }
+
+const orgQuery = (org: string | undefined) => (org === undefined ? '' : `?org=${encodeURIComponent(org)}`);
 
 function auditQueryString(q: AuditListQuery & { format?: 'jsonl' }): string {
   const p = new URLSearchParams();

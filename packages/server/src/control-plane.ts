@@ -13,7 +13,7 @@ import { BoxReconciler, deadLocalHolder } from './loops/box-reconciler.js';
 import { WarmPoolFiller } from './loops/warm-pool-filler.js';
 import { AccessService } from './services/access-service.js';
 import { QuotaService } from './services/quota-service.js';
-import { TenancyService } from './services/tenancy-service.js';
+import { DEFAULT_ORG_QUOTA, TenancyService, type OrgPolicy } from './services/tenancy-service.js';
 import { TenancyStore } from './store/tenancy-store.js';
 import { BoxService } from './services/box-service.js';
 import { AccessStore } from './store/access-store.js';
@@ -52,6 +52,8 @@ export interface ControlPlaneOptions {
   secrets?: { kek?: string; tenancy?: Partial<SecretTenancy> };
   /** Sign-in through an OpenID Connect provider (issue 5; docs/identity.md). */
   oidc?: OidcOptions;
+  /** Who may create organizations and the quota each new one gets (default: operators; DEFAULT_ORG_QUOTA). */
+  orgs?: Partial<OrgPolicy>;
   /** Base URL browsers and CLIs reach this server at (default: the listen URL); the OIDC redirect URI derives from it. */
   publicUrl?: string;
 }
@@ -93,7 +95,7 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
   await templates.seedBuiltins();
   const tokens = await ensureBootstrapTokens(store, opts.dataDir, now());
   const tenancyStore = new TenancyStore(store.db);
-  const tenancy = new TenancyService(store, tenancyStore, now);
+  const tenancy = new TenancyService(store, tenancyStore, now, { creation: opts.orgs?.creation ?? 'operators', defaultQuota: opts.orgs?.defaultQuota ?? DEFAULT_ORG_QUOTA });
   const quotas = new QuotaService(store, tenancyStore);
   const boxes = new BoxService(store, feed, now, { tenancy: tenancyStore, quotas });
   const nodes = new NodeService(store, feed, now, opts.retry);

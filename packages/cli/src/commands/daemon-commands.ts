@@ -12,6 +12,7 @@ import { startGatewayChild, type GatewayChild } from '../gateway-child.js';
 import { startControlPlane } from '@devyard/server/control-plane';
 import { CliUsageError, configPath, writeConfig } from '../cli-config.js';
 import { addOidcFlags, oidcFromFlags } from './oidc-flags.js';
+import { addOrgPolicyFlags, orgPolicyFromFlags } from './org-policy-flags.js';
 
 type Logger = pino.Logger;
 
@@ -136,7 +137,7 @@ export function registerDaemonCommands(program: Command): void {
       const dataDir = resolve(o.dataDir);
       mkdirSync(dataDir, { recursive: true });
       const log = pino({ level: 'info' }, pino.destination({ dest: join(dataDir, 'devyard.log'), mkdir: true, sync: false }));
-      const cp = await startControlPlane({ dataDir: join(dataDir, 'server'), port: o.port, host: o.host, logger: log.child({ role: 'server' }), ...oidcFromFlags(o) }).catch((e: Error & { code?: string }) => {
+      const cp = await startControlPlane({ dataDir: join(dataDir, 'server'), port: o.port, host: o.host, logger: log.child({ role: 'server' }), ...oidcFromFlags(o), ...orgPolicyFromFlags(o) }).catch((e: Error & { code?: string }) => {
         if (e.code === 'EADDRINUSE') throw new Error(`port ${o.port} is in use: is another \`devyard up\` running? (choose another with --port)`);
         throw e;
       });
@@ -219,7 +220,7 @@ export function registerDaemonCommands(program: Command): void {
     .action(async (o) => {
       const log = pino({ level: 'info' });
       const dataDir = resolve(o.dataDir);
-      const cp = await startControlPlane({ dataDir, port: o.port, host: o.host, logger: log, ...oidcFromFlags(o) });
+      const cp = await startControlPlane({ dataDir, port: o.port, host: o.host, logger: log, ...oidcFromFlags(o), ...orgPolicyFromFlags(o) });
       log.info({ url: cp.url, adminTokenFile: join(dataDir, 'admin.token'), nodeTokenFile: join(dataDir, 'node.token') }, 'devyard server listening');
       onShutdown(() => cp.close());
     });
@@ -290,7 +291,7 @@ export function registerDaemonCommands(program: Command): void {
     });
 
   // Single sign-on (issue 5; docs/identity.md) is configured on whichever role runs the control plane.
-  for (const name of ['up', 'server']) addOidcFlags(program.commands.find((c) => c.name() === name)!);
+  for (const name of ['up', 'server']) addOrgPolicyFlags(addOidcFlags(program.commands.find((c) => c.name() === name)!));
 }
 
 export { configPath };

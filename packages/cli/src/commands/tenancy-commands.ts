@@ -189,12 +189,13 @@ export function registerTenancyCommands(program: Command): void {
       out(`${box} is shared with ${s.team} (${s.access})`);
     });
 
-  const quota = program.command('quota').description('quotas that apply to you, with current use (admins: set, remove)');
+  const quota = program.command('quota').description("quotas that apply to you, with current use (admins: team and user quotas; operators: organizations' quotas)");
   quota
     .command('show', { isDefault: true })
+    .option('--org <org>', "operators: every quota of another organization")
     .option('--json', 'print JSON')
     .action(async (o) => {
-      const list = await clientFromEnv().listQuotas();
+      const list = await clientFromEnv().listQuotas(o.org);
       if (o.json) return printJson(list);
       if (list.length === 0) return out('no quotas apply to you');
       const rows: string[][] = [];
@@ -210,6 +211,7 @@ export function registerTenancyCommands(program: Command): void {
     .option('--memory <GiB>', 'memory of running boxes, GiB')
     .option('--gpu <n>')
     .option('--storage <GiB>', 'disk of all boxes, GiB')
+    .option('--org <org>', 'operators: set it in another organization')
     .action(async (scope: string, o) => {
       const num = (v: string | undefined, f = 1) => {
         if (v === undefined) return undefined;
@@ -221,11 +223,12 @@ export function registerTenancyCommands(program: Command): void {
         Object.entries({ boxes: num(o.boxes), runningBoxes: num(o.running), cpuMillis: num(o.cpu, 1000), memoryBytes: num(o.memory, 1024 ** 3), gpu: num(o.gpu), diskBytes: num(o.storage, 1024 ** 3) }).filter(([, v]) => v !== undefined),
       );
       if (Object.keys(limits).length === 0) throw new CliUsageError('give at least one limit (--boxes, --running, --cpu, --memory, --gpu, --storage)');
-      await clientFromEnv().setQuota(scope, limits);
-      out(`quota of ${scope} set`);
+      await clientFromEnv().setQuota(scope, limits, o.org);
+      out(`quota of ${scope}${o.org ? ` in ${o.org}` : ''} set`);
     });
   quota
     .command('remove')
     .argument('<scope>')
-    .action(async (scope: string) => (await clientFromEnv().deleteQuota(scope), out(`quota of ${scope} removed`)));
+    .option('--org <org>', 'operators: remove it in another organization')
+    .action(async (scope: string, o) => (await clientFromEnv().deleteQuota(scope, o.org), out(`quota of ${scope}${o.org ? ` in ${o.org}` : ''} removed`)));
 }

@@ -101,11 +101,21 @@ export function createTenancyHandlers(d: HandlerDeps) {
       d.feed.emit('box', box);
       return undefined;
     },
-    listQuotas: async (ctx: HandlerContext) => ({ items: await d.quotas.forUser(ctx.subject.orgId, ctx.subject.name) }),
-    // Both quota writes need `org:admin`, which their routes declare (checked in create-app).
-    setQuota: async (ctx: HandlerContext) => d.quotas.set(ctx.subject.orgId, ctx.params.scope!, ctx.body as QuotaLimits, d.now()),
+    listQuotas: async (ctx: HandlerContext) => {
+      const org = ctx.query.org as string | undefined;
+      // An operator looking at an organization sees every quota in it; everyone else those that apply to them.
+      if (org !== undefined) return { items: await d.quotas.forOrg(await d.tenancy.quotaOrg(ctx.subject, 'org', org)) };
+      return { items: await d.quotas.forUser(ctx.subject.orgId, ctx.subject.name) };
+    },
+    // Both quota writes need `org:admin`, which their routes declare (checked in create-app); the
+    // organization-wide quota and other organizations' quotas are the operators' (quotaOrg).
+    setQuota: async (ctx: HandlerContext) => {
+      const orgId = await d.tenancy.quotaOrg(ctx.subject, ctx.params.scope!, ctx.query.org as string | undefined);
+      return d.quotas.set(orgId, ctx.params.scope!, ctx.body as QuotaLimits, d.now());
+    },
     deleteQuota: async (ctx: HandlerContext) => {
-      await d.quotas.remove(ctx.subject.orgId, ctx.params.scope!);
+      const orgId = await d.tenancy.quotaOrg(ctx.subject, ctx.params.scope!, ctx.query.org as string | undefined);
+      await d.quotas.remove(orgId, ctx.params.scope!);
       return undefined;
     },
   };

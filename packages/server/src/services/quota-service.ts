@@ -115,6 +115,22 @@ export class QuotaService {
     return scopes.map((s) => ({ scope: scopeName(s), limits: s.limits, usage: usageIn(boxes, s.owners) }));
   }
 
+  /** Every quota of an organization, with current use. */
+  async forOrg(orgId: string): Promise<Array<{ scope: string; limits: QuotaLimits; usage: Usage }>> {
+    const boxes = (await this.store.listBoxes({})).filter((b) => b.orgId === orgId);
+    const out: Array<{ scope: string; limits: QuotaLimits; usage: Usage }> = [];
+    for (const q of await this.tenancy.listQuotas(orgId)) {
+      let owners: Set<string> | null = null;
+      if (q.scopeType === 'user') owners = new Set([q.scopeId]);
+      if (q.scopeType === 'team') {
+        const team = await this.tenancy.getTeamByName(orgId, q.scopeId);
+        owners = team ? await this.teamOwners(team.id, this.store.db) : new Set();
+      }
+      out.push({ scope: scopeName({ type: q.scopeType as Scope['type'], id: q.scopeId }), limits: JSON.parse(q.limits) as QuotaLimits, usage: usageIn(boxes, owners) });
+    }
+    return out;
+  }
+
   /** Sets a quota; the scope's team or user must exist in the organization. */
   async set(orgId: string, scope: string, limits: QuotaLimits, now: number): Promise<{ scope: string; limits: QuotaLimits; usage: Usage }> {
     const [type, id] = parseScope(scope);

@@ -5,13 +5,14 @@
  * escalation.
  */
 import { randomBytes } from 'node:crypto';
+import type { QuotaLimits } from '@devyard/api/tenancy-schemas';
 import { DomainError } from '@devyard/core/domain-error';
 import { mayChangeMember, mayGrantRole, roleAllows, type OrgPermission, type OrgRole, type TeamRole } from '@devyard/core/rbac-policy';
 import { newId } from '../ids.js';
 import { hashToken } from '../token-hash.js';
 import type { TenancyStore, TokenRow, UserRow } from '../store/tenancy-store.js';
 import type { Store } from '../store/store.js';
-import type { Subject } from './box-service.js';
+import { DEFAULT_ORG_ID, type Subject } from './box-service.js';
 
 /** A personal or service-account token as the API shows it (never the secret itself). */
 export interface TokenView {
@@ -61,6 +62,27 @@ function invitationView(i: { id: string; role: string; created_by: string; creat
 
 const NAME = /^[a-z][a-z0-9-]{0,38}[a-z0-9]$|^[a-z]$/;
 
+/**
+ * The installation's operators: admins of the default organization (the one `devyard up` and the
+ * bootstrap token start in), and the control plane's own loops. They run nodes, create
+ * organizations and set each organization's allotment.
+ */
+export function isOperator(subject: Subject): boolean {
+  return subject.kind === 'system' || (subject.orgId === DEFAULT_ORG_ID && roleAllows(subject.role, 'org:admin'));
+}
+
+/** Who may create organizations, and what each new one may use until an operator says otherwise. */
+export interface OrgPolicy {
+  /** `operators` (default): organizations are an operator's decision; `anyone`: any signed-in user may create one and owns it. */
+  creation: 'operators' | 'anyone';
+  /** The organization-wide quota every new organization starts with. */
+  defaultQuota: QuotaLimits;
+}
+
+const GiB = 1024 ** 3;
+/** What a new organization may use by default: a team's worth of dev boxes, no GPUs. */
+export const DEFAULT_ORG_QUOTA: QuotaLimits = { boxes: 20, runningBoxes: 10, cpuMillis: 32_000, memoryBytes: 64 * GiB, gpu: 0, diskBytes: 500 * GiB };
+
 export class TenancyService {
   /** Called when a user joins or leaves a team or the organization (their boxes' secrets follow). */
   onMembershipChange: (orgId: string, userName: string) => void = () => undefined;
@@ -69,6 +91,7 @@ export class TenancyService {
     private readonly store: Store,
     private readonly tenancy: TenancyStore,
     private readonly now: () => number,
+    private readonly orgPolicy: OrgPolicy = { creation: 'operators', defaultQuota: DEFAULT_ORG_QUOTA },
   ) {}
 
   // ---- principals ----
@@ -202,13 +225,35 @@ export class TenancyService {
   async createOrg(subject: Subject, name: string) {
     const user = await this.requireUser(subject);
     if (subject.scopes && !subject.scopes.includes('write')) throw new DomainError('forbidden', 'a read-only token cannot create organizations', {});
+    if (this.orgPolicy.creation === 'operators' && !isOperator(subject)) {
+      throw new DomainError('forbidden', "organizations are created by the installation's operators (admins of the default organization): ask one to create it and invite you", {});
+    }
     const now = this.now();
     await this.store.transaction(async (tx) => {
       const id = newId('org');
       await this.tenancy.insertOrg({ id, name, created_at: now }, tx);
       await this.tenancy.setMember(id, user.id, 'owner', now, tx);
+      await this.tenancy.setQuota(id, 'org', 'org', JSON.stringify(this.orgPolicy.defaultQuota), now, tx);
     });
     return { name, role: 'owner' as OrgRole, createdAt: new Date(now).toISOString() };
+  }
+
+  /**
+   * The organization whose quota `scope` a caller changes: their own, or for an operator the one
+   * named. An organization's own quota is its allotment from the operators, so only they set it;
+   * its admins divide it among teams and users.
+   */
+  async quotaOrg(subject: Subject, scope: string, orgName?: string): Promise<string> {
+    if (orgName !== undefined) {
+      if (!isOperator(subject)) throw new DomainError('forbidden', "only the installation's operators manage other organizations' quotas", {});
+      const org = await this.tenancy.getOrgByName(orgName);
+      if (!org) throw new DomainError('not-found', `no organization "${orgName}"`, { org: orgName });
+      return org.id;
+    }
+    if (scope === 'org' && !isOperator(subject)) {
+      throw new DomainError('forbidden', "the organization's quota is set by the installation's operators; admins set team and user quotas within it", {});
+    }
+    return subject.orgId;
   }
 
   async members(subject: Subject) {
