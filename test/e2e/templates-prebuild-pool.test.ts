@@ -69,11 +69,13 @@ describe('templates from a devcontainer.json, a registry image, a repository, a 
   "forwardPorts": [3000],
   "onCreateCommand": "echo built-once > /workspace/.oncreate && ./build.sh",
   "postCreateCommand": "echo \\"claimed by $(hostname)\\" > /workspace/.postcreate",
-  "postStartCommand": "date > /tmp/started",
+  "postStartCommand": "ls /run/devyard/secrets > /workspace/.secrets-at-start; date > /tmp/started",
   "customizations": { "vscode": { "extensions": ["x.y"] } },
 }
 `,
     );
+    // An organization secret exists before the pool fills: pool boxes must not hold it.
+    expect(cli(h, ['secrets', 'set', 'POOL_PROBE', '--org', '--from-file', '-'], 'probe-value').code).toBe(0);
     const r = cli(h, ['templates', 'push', join(h.dir, 'project'), '--repository', `${git.daemonUrl}/app.git`, '--warm-pool', '2', '--json']);
     expect(r.code, r.stderr).toBe(0);
     const t = JSON.parse(r.stdout);
@@ -106,6 +108,9 @@ describe('templates from a devcontainer.json, a registry image, a repository, a 
     const post = await until(() => cli(h, ['exec', 'mine', '--', 'cat', '/workspace/.postcreate']).stdout, (s) => s.length > 0, 20_000);
     expect(post).toBe('claimed by mine\n');
     expect(cliOk(h, ['exec', 'mine', '--', 'hostname'])).toBe('mine\n');
+    // The pool box started (and ran the template's postStart) without secrets; they came with the claim.
+    expect(cliOk(h, ['exec', 'mine', '--', 'cat', '/workspace/.secrets-at-start'])).toBe('');
+    expect(cliOk(h, ['exec', 'mine', '--', 'cat', '/run/devyard/secrets/POOL_PROBE'])).toBe('probe-value');
   }, 60_000);
 
   it('boxes are copy-on-write clones: one box does not see another one\'s changes', async () => {

@@ -9,11 +9,14 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { startControlPlane, type ControlPlane } from '@devyard/server/control-plane';
-import { WARM_POOL_OWNER } from '@devyard/server/services/box-service';
+import { DEFAULT_ORG_ID, WARM_POOL_OWNER } from '@devyard/server/services/box-service';
+import { problemOf } from './test-control-plane.js';
 
 let dir: string;
 let cp: ControlPlane;
 let user: DevyardClient;
+let node: DevyardClient;
+let nodeId: string;
 let agentLoop: NodeJS.Timeout;
 /** Why the scripted agent's last pass failed, if it did: a wait that times out says so. */
 let agentError: unknown;
@@ -31,10 +34,10 @@ async function until<T>(fn: () => Promise<T>, ok: (v: T) => boolean, ms = 10_000
 
 beforeAll(async () => {
   dir = mkdtempSync(join(tmpdir(), 'devyard-pool-'));
-  cp = await startControlPlane({ dataDir: dir, poolSize: (t) => (t.name === 'tiny' ? 2 : 0) });
+  cp = await startControlPlane({ dataDir: dir, poolSize: (t) => (t.name === 'tiny' || t.name === 'btpl' ? 2 : 0) });
   user = new DevyardClient({ url: cp.url, token: cp.tokens.adminToken });
-  const node = new DevyardClient({ url: cp.url, token: cp.tokens.nodeToken });
-  const { nodeId } = await node.registerNode({
+  node = new DevyardClient({ url: cp.url, token: cp.tokens.nodeToken });
+  ({ nodeId } = await node.registerNode({
     name: 'n1',
     arch: 'x86_64',
     region: null,
@@ -43,7 +46,7 @@ beforeAll(async () => {
     capacity: { cpuMillis: 64_000, memoryBytes: 64 * 1024 ** 3, diskBytes: 1024 ** 4 },
     images: [],
     agentUrl: 'http://127.0.0.1:1',
-  });
+  }));
   const converge = async () => {
     const set = await node.getDesiredSet(nodeId);
     await node.reportStatus(
@@ -106,5 +109,31 @@ describe('warm pools', () => {
     await user.createTemplate({ name: 'tiny', image: 'tiny', runtime: 'sandbox', description: 'v2' });
     const fresh = await until(pool, (p) => p.length === 2 && p.every((b) => b.templateVersion === t.version + 1 && b.phase === 'running'));
     expect(fresh).toHaveLength(2);
+  });
+
+  it("a pool is its template's organization's: counted against its quota, claimed only by its members, holding no secrets until claimed", async () => {
+    // The default organization has a secret; another organization publishes a template with a pool.
+    await user.putSecret('org', 'A_SECRET', 'default-org-value');
+    await user.createOrg('tenant-b');
+    await user.setQuota('org', { boxes: 1 }, 'tenant-b');
+    const b = new DevyardClient({ url: cp.url, token: (await user.createToken({ name: 'in-b', org: 'tenant-b' })).token });
+    await b.putSecret('org', 'B_SECRET', 'tenant-b-value');
+    await b.createTemplate({ name: 'btpl', image: 'tiny', runtime: 'sandbox' });
+    const bPool = async () => (await pool()).filter((x) => x.templateName === 'btpl');
+    const [pooled] = await until(bPool, (p) => p.length === 1 && p[0]!.phase === 'running');
+    // The quota of 1 box holds the pool of 2 at one.
+    await new Promise((r) => setTimeout(r, 300));
+    expect(await bPool()).toHaveLength(1);
+    expect(pooled!.orgId).not.toBe(DEFAULT_ORG_ID);
+    expect(pooled!.orgId).toBe((await cp.store.getTemplate('btpl'))!.orgId);
+    const desired = async () => (await node.getDesiredSet(nodeId)).boxes.find((x) => x.boxId === pooled!.id)!;
+    expect(await desired()).toMatchObject({ pooled: true, secrets: [] });
+    // Not the default organization's to claim: the template does not even exist for it.
+    expect((await problemOf(user.createBox({ name: 'steal', template: 'btpl' }))).status).toBe(400);
+    // Claimed by tenant-b: the box and its secrets are tenant-b's, never the default organization's.
+    const claimed = await b.createBox({ name: 'mine-b', template: 'btpl' });
+    expect(claimed.id).toBe(pooled!.id);
+    const after = await until(desired, (x) => !x.pooled && x.secrets.length > 0);
+    expect(after.secrets).toEqual([{ name: 'B_SECRET', value: 'tenant-b-value' }]);
   });
 });

@@ -1,7 +1,9 @@
 /**
- * Warm pools (issue: templates and fast creates): per template, keep N boxes provisioned ahead so
- * that `create` only claims one. Pool boxes belong to the system subject `system:warm-pool` and
- * run the template's latest version; the filler creates what is missing, retires boxes of older
+ * Warm pools: per template, keep N boxes provisioned ahead so that `create` only claims one. Pool
+ * boxes belong to the system subject `system:warm-pool` in the template's organization (they count
+ * against its quota, only its members claim them, and they hold no secrets until claimed: the
+ * template's hooks that run in the pool are written by any template publisher) and run the
+ * template's latest version; the filler creates what is missing, retires boxes of older
  * versions and re-checks on every box or template change plus periodically. It only ever goes
  * through BoxService, so pool boxes are reconciled, scheduled and reported like any other box.
  */
@@ -12,6 +14,9 @@ import type { Store, TemplateRecord } from '../store/store.js';
 import { orgOfBox, type AuditLog } from '../audit/audit-log.js';
 
 export const WARM_POOL_SUBJECT: Subject = { name: WARM_POOL_OWNER, kind: 'system', orgId: DEFAULT_ORG_ID, role: 'owner', teamIds: [] };
+
+/** The pool's subject in an organization: pool boxes are created and retired in their template's. */
+const poolSubjectIn = (orgId: string): Subject => ({ ...WARM_POOL_SUBJECT, orgId });
 
 export interface WarmPoolOptions {
   /** Pool size of a template version (0: no pool). */
@@ -85,7 +90,7 @@ export class WarmPoolFiller {
       for (const extra of current.slice(size)) await this.retire(extra, `pool size is ${size}`, retired);
       for (let i = current.length; i < size; i++) {
         const name = `pool-${t.name}-${Date.now().toString(36)}${(this.seq++).toString(36)}`.slice(0, 40).replace(/-+$/, '');
-        const { box } = await this.boxes.create(WARM_POOL_SUBJECT, { name, template: t.name, templateVersion: t.version });
+        const { box } = await this.boxes.create(poolSubjectIn(t.orgId), { name, template: t.name, templateVersion: t.version });
         await this.record('createBox', box, { template: t.name, templateVersion: t.version });
       }
     }
@@ -98,7 +103,7 @@ export class WarmPoolFiller {
   private async retire(box: BoxRecord, reason: string, retired: Set<string>): Promise<void> {
     if (retired.has(box.id)) return;
     retired.add(box.id);
-    const deleted = await this.boxes.applyVerb(WARM_POOL_SUBJECT, box.name, 'delete');
+    const deleted = await this.boxes.applyVerb(poolSubjectIn(box.orgId), box.name, 'delete');
     await this.record('deleteBox', deleted, { reason });
   }
 

@@ -10,7 +10,7 @@ import { PutSecretRequestSchema, SecretNameSchema, parseSecretScope, type BoxSec
 import { DomainError } from '@devyard/core/domain-error';
 import type { ChangeFeed } from '../change-feed.js';
 import { newId } from '../ids.js';
-import { DEFAULT_ORG_ID, type Subject } from '../services/box-service.js';
+import { DEFAULT_ORG_ID, WARM_POOL_OWNER, type Subject } from '../services/box-service.js';
 import type { BoxRecord } from '../store/box-records.js';
 import type { SecretRow, SecretStore } from '../store/secret-store.js';
 import { isUniqueViolation, type Store } from '../store/store.js';
@@ -225,6 +225,12 @@ export class SecretService {
     };
     const teamsCache = new Map<string, string[]>();
     for (const b of boxes) {
+      // Unclaimed pool boxes hold nothing: their hooks are the template publisher's, and whose the
+      // box will be is not decided yet. The secrets arrive with the claim.
+      if (b.owner === WARM_POOL_OWNER) {
+        out.set(b.id, []);
+        continue;
+      }
       const orgId = this.tenancy.orgOfBox(b);
       const teamKey = `${orgId}\0${b.owner}`;
       if (!teamsCache.has(teamKey)) teamsCache.set(teamKey, [...(await this.tenancy.teamsOf(orgId, b.owner))].sort());

@@ -207,6 +207,8 @@ export class BoxService {
     }
     const candidates = (await this.store.listBoxes({ owner: WARM_POOL_OWNER }, tx)).filter(
       (b) =>
+        // A pool is its template's organization's: another organization never gets its boxes.
+        b.orgId === subject.orgId &&
         b.templateName === templateName &&
         b.templateVersion === templateVersion &&
         b.runtime === runtime &&
