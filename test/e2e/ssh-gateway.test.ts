@@ -128,7 +128,11 @@ describe('SSH through the gateway of devyard up', { timeout: T }, () => {
     run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'third', '-f', third]);
     const viaStdin = cli(h, ['keys', 'add', '-', '--name', 'spare']);
     expect(viaStdin.stderr).toBe('devyard: error: stdin holds no public key\n'); // nothing on stdin
-    const added = JSON.parse(cli(h, ['keys', 'add', '-', '--name', 'spare', '--json'], readFileSync(`${third}.pub`, 'utf8')).stdout) as { fingerprint: string };
+    // A public key alone proves nothing: without its private key (or ssh-agent) it is not registered.
+    const unproven = cli(h, ['keys', 'add', '-', '--name', 'spare'], readFileSync(`${third}.pub`, 'utf8'));
+    expect(unproven.code).not.toBe(0);
+    expect(unproven.stderr).toMatch(/could not sign the registration challenge with ssh-agent/);
+    const added = JSON.parse(cli(h, ['keys', 'add', '-', '--name', 'spare', '--identity', third, '--json'], readFileSync(`${third}.pub`, 'utf8')).stdout) as { fingerprint: string };
     let list = JSON.parse(cliOk(h, ['keys', 'list', '--json'])) as Array<{ name: string; fingerprint: string }>;
     expect(list.map((k) => k.name).sort()).toEqual(['e2e', 'spare']);
     cliOk(h, ['keys', 'remove', added.fingerprint]);

@@ -17,15 +17,29 @@ export const SshKeySchema = z
 
 export const SshKeyListSchema = z.object({ items: z.array(SshKeySchema) }).meta({ id: 'SshKeyList' });
 
+/** The `ssh-keygen -Y sign -n` namespace of the proof that a registered key is held by its registrant. */
+export const SSH_KEY_PROOF_NAMESPACE = 'devyard-ssh-key';
+
+export const SshKeyChallengeSchema = z
+  .object({
+    challenge: z.string().meta({ description: 'sign it with the key: `ssh-keygen -Y sign -n devyard-ssh-key -f KEY` (stdin: the challenge)' }),
+    namespace: z.literal(SSH_KEY_PROOF_NAMESPACE),
+    expiresAt: TimestampSchema,
+  })
+  .meta({ id: 'SshKeyChallenge' });
+
 export const AddSshKeyRequestSchema = z
   .object({
     publicKey: z.string().min(1).max(16_384).meta({ description: 'one OpenSSH public key line (the content of `~/.ssh/id_ed25519.pub`)' }),
     name: z.string().min(1).max(100).optional().meta({ description: 'label; defaults to the key comment' }),
+    challenge: z.string().min(1).max(1024).meta({ description: 'from `POST /v1/users/me/keys/challenge`, at most 5 minutes old' }),
+    signature: z.string().min(1).max(16_384).meta({ description: 'the challenge signed with the key: the armored output of `ssh-keygen -Y sign -n devyard-ssh-key`' }),
   })
   .strict();
 
 export type SshKey = z.infer<typeof SshKeySchema>;
 export type AddSshKeyRequest = z.infer<typeof AddSshKeyRequestSchema>;
+export type SshKeyChallenge = z.infer<typeof SshKeyChallengeSchema>;
 
 export const PortVisibilitySchema = z
   .enum(['private', 'org'])

@@ -30,6 +30,7 @@ import {
 import {
   AccessTokenSchema,
   AddSshKeyRequestSchema,
+  SshKeyChallengeSchema,
   BoxConnectionSchema,
   BoxPortListSchema,
   BoxPortSchema,
@@ -195,7 +196,8 @@ export const ROUTES = [
   { operationId: 'setBoxPort', method: 'PUT', path: '/v1/boxes/{name}/ports/{port}', summary: "Set who may open a port's preview: private (default) or org", tag: 'access', auth: 'user', permission: 'org:use', params: boxPort, query: ownerQuery, body: SetBoxPortRequestSchema, status: 200, response: BoxPortSchema },
   { operationId: 'resetBoxPort', method: 'DELETE', path: '/v1/boxes/{name}/ports/{port}', summary: 'Make a port private again', tag: 'access', auth: 'user', permission: 'org:use', params: boxPort, query: ownerQuery, status: 204 },
   { operationId: 'listSshKeys', method: 'GET', path: '/v1/users/me/keys', summary: 'Your registered SSH public keys', tag: 'access', auth: 'user', permission: 'org:read', status: 200, response: SshKeyListSchema },
-  { operationId: 'addSshKey', method: 'POST', path: '/v1/users/me/keys', summary: 'Register an SSH public key for the gateway', tag: 'access', auth: 'user', permission: 'org:use', body: AddSshKeyRequestSchema, status: 201, response: SshKeySchema },
+  { operationId: 'createSshKeyChallenge', method: 'POST', path: '/v1/users/me/keys/challenge', summary: 'A challenge to sign with an SSH key you are about to register (proof that you hold it)', tag: 'access', auth: 'user', permission: 'org:use', status: 201, response: SshKeyChallengeSchema },
+  { operationId: 'addSshKey', method: 'POST', path: '/v1/users/me/keys', summary: 'Register an SSH public key for the gateway, with a signature of a fresh challenge made with it', tag: 'access', auth: 'user', permission: 'org:use', body: AddSshKeyRequestSchema, status: 201, response: SshKeySchema },
   { operationId: 'removeSshKey', method: 'DELETE', path: '/v1/users/me/keys/{id}', summary: 'Remove one of your SSH keys (by id or fingerprint)', tag: 'access', auth: 'user', permission: 'org:use', params: keyId, status: 204 },
   { operationId: 'createAccessToken', method: 'POST', path: '/v1/access-tokens', summary: 'A short-lived signed token for a gateway (browser terminal, previews, `devyard ssh`)', tag: 'access', auth: 'user', permission: 'org:use', body: CreateAccessTokenRequestSchema, status: 201, response: AccessTokenSchema },
   { operationId: 'syncGateway', method: 'POST', path: '/v1/gateway/sync', summary: 'Gateway: register, report session activity and fetch the route table', tag: 'gateway', auth: 'gateway', body: GatewaySyncRequestSchema, status: 200, response: RouteTableSchema },

@@ -4,7 +4,7 @@
  * for the admin user. `close()` removes every box, host object and temp file it made.
  */
 import { execFileSync } from 'node:child_process';
-import { chmod, mkdtemp, readFile, rm } from 'node:fs/promises';
+import { chmod, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createSandboxNode, type SandboxNode } from '@devyard/agent/sandbox-node';
@@ -12,6 +12,7 @@ import type { Box } from '@devyard/api/box-schemas';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { startControlPlane, type ControlPlane } from '@devyard/server/control-plane';
 import { startGateway, type Gateway } from '@devyard/gateway/gateway-process';
+import { addKeyFile } from '../../server/test/ssh-key-proof-fixture.js';
 
 export interface AccessStack {
   dir: string;
@@ -55,7 +56,7 @@ export async function startAccessStack(tag: string, octet: number): Promise<Acce
   const client = new DevyardClient({ url: cp.url, token: cp.tokens.adminToken });
   const keyFile = join(dir, 'id_ed25519');
   execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'test@devyard', '-f', keyFile]);
-  await client.addSshKey(await readFile(`${keyFile}.pub`, 'utf8'));
+  await addKeyFile(client, keyFile);
   return {
     dir,
     cp,

@@ -12,6 +12,7 @@ import ssh2 from 'ssh2';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { openTunnel } from '@devyard/sdk/tunnel-client';
+import { addKeyFile } from '../../server/test/ssh-key-proof-fixture.js';
 import { startAccessStack, waitFor, type AccessStack } from './access-test-stack.js';
 
 interface Ran {
@@ -64,6 +65,14 @@ afterAll(async () => {
 }, 120_000);
 
 describe('SSH through the gateway (OpenSSH client)', () => {
+  it('an interactive shell names the box and the account it is signed in as; commands stay byte-exact', async () => {
+    const shell = await run('ssh', [...sshOpts(), '-tt', '-p', String(stack.gateway.endpoint.sshPort), 'dev@127.0.0.1'], { input: 'exit 4\n' });
+    expect(shell.code).toBe(4);
+    expect(shell.stdout + shell.stderr).toContain('devyard: box dev of admin, signed in as admin');
+    const cmd = await ssh('dev', 'true');
+    expect([cmd.stdout, cmd.stderr]).toEqual(['', '']);
+  });
+
   it('runs a command with its output and exit status; the host key stays trusted', async () => {
     const r = await ssh('dev', 'echo hi; echo err >&2; exit 3');
     expect(r.stdout).toBe('hi\n');
@@ -199,7 +208,7 @@ describe('another user', () => {
     const bob = new DevyardClient({ url: stack.cp.url, token: bobToken });
     const bobKey = join(stack.dir, 'bob_key');
     await run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', bobKey]);
-    await bob.addSshKey(await readFile(`${bobKey}.pub`, 'utf8'));
+    await addKeyFile(bob, bobKey);
     const asBob = (user: string) =>
       run('ssh', ['-F', '/dev/null', '-i', bobKey, '-o', 'IdentitiesOnly=yes', '-o', 'BatchMode=yes', '-o', `UserKnownHostsFile=${knownHosts}`, '-o', 'StrictHostKeyChecking=accept-new', '-o', 'LogLevel=ERROR', '-p', String(stack.gateway.endpoint.sshPort), `${user}@127.0.0.1`, 'cat /etc/hostname']);
     const denied = await asBob('dev.admin');

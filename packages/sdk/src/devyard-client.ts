@@ -5,7 +5,7 @@
 import type { Box, BoxEvent, CreateBoxRequest, ExecSession, ForkBoxRequest, ForkBoxResponse, MoveBoxRequest } from '@devyard/api/box-schemas';
 import type { BoxStatusReport, DesiredSet, PrebuildReport, Node, RegisterNodeRequest, RegisterNodeResponse } from '@devyard/api/node-schemas';
 import type { CreateTemplateRequest, Prebuild, Template } from '@devyard/api/template-schemas';
-import type { AccessToken, BoxConnection, BoxPort, PortVisibility, SshKey } from '@devyard/api/access-schemas';
+import type { AccessToken, BoxConnection, BoxPort, PortVisibility, SshKey, SshKeyChallenge } from '@devyard/api/access-schemas';
 import type { GatewaySyncRequest, RouteTable } from '@devyard/api/gateway-schemas';
 import type { SecretMetadata } from '@devyard/api/secret-schemas';
 import type { AuditEntry, AuditVerification } from '@devyard/api/audit-schemas';
@@ -41,16 +41,22 @@ export class DevyardClient {
   /** Sends a request; answers the parsed body, or throws ApiError with the server's problem. */
   async request<T>(method: string, path: string, opts: { body?: unknown; headers?: Record<string, string>; stream?: boolean; signal?: AbortSignal } = {}): Promise<{ body: T; res: Response }> {
     let res: Response;
-    try {
-      res = await fetch(this.url + path, {
-        method,
-        headers: this.headers({ ...(opts.body !== undefined ? { 'content-type': 'application/json' } : {}), ...opts.headers }),
-        body: opts.body !== undefined ? JSON.stringify(opts.body) : undefined,
-        signal: opts.signal ?? (opts.stream ? undefined : AbortSignal.timeout(this.timeoutMs)),
-      });
-    } catch (e) {
-      const cause = (e as { cause?: { code?: string } }).cause?.code ?? (e as Error).name;
-      throw new ApiError(0, 'unreachable', `cannot reach the Devyard server at ${this.url} (${cause}); is it running? (\`devyard up\`)`);
+    for (let attempt = 1; ; attempt++) {
+      try {
+        res = await fetch(this.url + path, {
+          method,
+          headers: this.headers({ ...(opts.body !== undefined ? { 'content-type': 'application/json' } : {}), ...opts.headers }),
+          body: opts.body !== undefined ? JSON.stringify(opts.body) : undefined,
+          signal: opts.signal ?? (opts.stream ? undefined : AbortSignal.timeout(this.timeoutMs)),
+        });
+        break;
+      } catch (e) {
+        const cause = (e as { cause?: { code?: string } }).cause?.code ?? (e as Error).name;
+        // A kept-alive connection the server closed while idle fails the request sent on it before
+        // the client saw the close; like browsers, send an idempotent request once more on a new one.
+        if (attempt === 1 && RETRYABLE_SOCKET_ERRORS.has(cause) && IDEMPOTENT.has(method.toUpperCase())) continue;
+        throw new ApiError(0, 'unreachable', `cannot reach the Devyard server at ${this.url} (${cause}); is it running? (\`devyard up\`)`);
+      }
     }
     if (!res.ok) {
       const text = await res.text();
@@ -208,8 +214,14 @@ export class DevyardClient {
     return (await this.get<{ items: SshKey[] }>('/v1/users/me/keys')).items;
   }
 
-  async addSshKey(publicKey: string, name?: string): Promise<SshKey> {
-    return (await this.request<SshKey>('POST', '/v1/users/me/keys', { body: { publicKey, ...(name ? { name } : {}) } })).body;
+  /** A challenge to sign with a key before registering it (`ssh-keygen -Y sign -n devyard-ssh-key`). */
+  async sshKeyChallenge(): Promise<SshKeyChallenge> {
+    return (await this.request<SshKeyChallenge>('POST', '/v1/users/me/keys/challenge')).body;
+  }
+
+  /** Registers a key with the proof that you hold it: a challenge and its signature made with the key. */
+  async addSshKey(publicKey: string, proof: { challenge: string; signature: string }, name?: string): Promise<SshKey> {
+    return (await this.request<SshKey>('POST', '/v1/users/me/keys', { body: { publicKey, ...proof, ...(name ? { name } : {}) } })).body;
   }
 
   async removeSshKey(idOrFingerprint: string): Promise<void> {
@@ -393,6 +405,11 @@ export interface AuditListQuery {
   afterSeq?: number;
   order?: 'asc' | 'desc';
 }
+
+/** Methods that mean the same when sent twice (RFC 9110 §9.2.2). */
+const IDEMPOTENT = new Set(['GET', 'HEAD', 'PUT', 'DELETE', 'OPTIONS']);
+/** How undici reports a connection that the server had closed. */
+const RETRYABLE_SOCKET_ERRORS = new Set(['UND_ERR_SOCKET', 'ECONNRESET', 'EPIPE']);
 
 const orgQuery = (org: string | undefined) => (org === undefined ? '' : `?org=${encodeURIComponent(org)}`);
 

@@ -15,6 +15,7 @@ import type { DesiredSet } from '@devyard/api/node-schemas';
 import { verifyAccessToken } from '@devyard/api/access-tokens';
 import ssh2 from 'ssh2';
 import { newSshKeyPair } from '@devyard/server/services/ssh-key-pairs';
+import { addKeyPair, proofForPair } from './ssh-key-proof-fixture.js';
 
 const covered = new Set<string>();
 const cover = (...ids: string[]) => ids.forEach((id) => covered.add(id));
@@ -420,24 +421,26 @@ describe('access routes', () => {
   });
 
   it('registers, lists and removes SSH keys; one key belongs to one user; bad keys change nothing', async () => {
-    const pub = newSshKeyPair('dev@laptop').publicKey;
-    const k = await user.addSshKey(pub);
+    const pair = newSshKeyPair('dev@laptop');
+    const pub = pair.publicKey;
+    const k = await addKeyPair(user, pair);
     expect(k.name).toBe('dev@laptop');
     expect(k.fingerprint).toMatch(/^SHA256:[A-Za-z0-9+/]{43}$/);
     expect((await user.listSshKeys()).map((x) => x.id)).toContain(k.id);
     expect(await other.listSshKeys()).toEqual([]);
-    const dup = await problemOf(other.addSshKey(pub));
+    // Even someone who holds the same key cannot register it a second time.
+    const dup = await problemOf(addKeyPair(other, pair));
     expect([dup.status, dup.code]).toEqual([409, 'conflict']);
-    const priv = newSshKeyPair().privateKey;
-    expect((await problemOf(user.addSshKey(priv))).status).toBe(400);
-    expect((await problemOf(user.addSshKey('ssh-ed25519 notbase64!!'))).status).toBe(400);
-    expect((await raw('POST', '/v1/users/me/keys', { body: JSON.stringify({ publicKey: pub, extra: 1 }) })).status).toBe(400);
+    const proof = await proofForPair(user, newSshKeyPair());
+    expect((await problemOf(user.addSshKey(newSshKeyPair().privateKey, proof))).status).toBe(400);
+    expect((await problemOf(user.addSshKey('ssh-ed25519 notbase64!!', proof))).status).toBe(400);
+    expect((await raw('POST', '/v1/users/me/keys', { body: JSON.stringify({ publicKey: pub, ...proof, extra: 1 }) })).status).toBe(400);
     expect((await user.listSshKeys()).length).toBe(1);
     expect((await problemOf(other.removeSshKey(k.id))).status).toBe(404);
     await user.removeSshKey(k.fingerprint);
     expect(await user.listSshKeys()).toEqual([]);
-    await user.addSshKey(pub, 'laptop');
-    cover('addSshKey', 'listSshKeys', 'removeSshKey');
+    await addKeyPair(user, pair, 'laptop');
+    cover('createSshKeyChallenge', 'addSshKey', 'listSshKeys', 'removeSshKey');
   });
 
   it('syncs gateways: route table with host keys, agent tokens and user keys; records activity; gateway-only', async () => {

@@ -16,6 +16,7 @@ import { ROUTES, type RouteDef } from '@devyard/api/routes';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { startControlPlane, type ControlPlane } from '@devyard/server/control-plane';
 import { newSshKeyPair } from '@devyard/server/services/ssh-key-pairs';
+import { addKeyPair, proofForPair } from './ssh-key-proof-fixture.js';
 import { ApiError } from '@devyard/sdk/api-error';
 
 const PERSONAS = ['owner', 'admin', 'template-admin', 'auditor', 'member', 'stranger'] as const;
@@ -88,10 +89,16 @@ const SETUP: Record<string, (p: Persona) => Promise<Call>> = {
   setBoxPort: async () => ({ path: `/v1/boxes/${await memberBox()}/ports/8080?owner=member`, body: { visibility: 'org' } }),
   resetBoxPort: async () => ({ path: `/v1/boxes/${await memberBox()}/ports/8080?owner=member` }),
   listSshKeys: async () => ({ path: '/v1/users/me/keys' }),
-  addSshKey: async () => ({ path: '/v1/users/me/keys', body: { publicKey: newSshKeyPair().publicKey } }),
+  createSshKeyChallenge: async () => ({ path: '/v1/users/me/keys/challenge' }),
+  // A registration with its proof (auditors may not ask for a challenge: theirs is refused first).
+  addSshKey: async (p) => {
+    const pair = newSshKeyPair();
+    const proof = await refusedOnlyTo('auditor', p, proofForPair(client(p), pair), { challenge: 'none', signature: 'none' });
+    return { path: '/v1/users/me/keys', body: { publicKey: pair.publicKey, ...proof } };
+  },
   removeSshKey: async (p) => {
     // Each persona removes a key of its own (auditors cannot add one: their removal is refused first).
-    const key = await refusedOnlyTo('auditor', p, client(p).addSshKey(newSshKeyPair().publicKey), { id: 'key_none' });
+    const key = await refusedOnlyTo('auditor', p, addKeyPair(client(p), newSshKeyPair()), { id: 'key_none' });
     return { path: `/v1/users/me/keys/${key.id}` };
   },
   createAccessToken: async () => ({ path: '/v1/access-tokens', body: {} }),
@@ -193,6 +200,7 @@ const EXPECTED: Record<string, Row> = {
   setBoxPort: BOX_USE,
   resetBoxPort: BOX_USE,
   listSshKeys: ALL,
+  createSshKeyChallenge: ORG_USE,
   addSshKey: ORG_USE,
   removeSshKey: ORG_USE,
   createAccessToken: ORG_USE,

@@ -20,6 +20,7 @@ import { cliScript } from '../cli-script.js';
 import { age, printJson, table } from '../output-format.js';
 import { configArg, mergeBlock, mergeKnownHosts, parsePortSpec, proxyCommand, renderBlock, type KnownHost } from '../ssh-config-block.js';
 import { waitForBox } from '../wait-for-box.js';
+import { signKeyChallenge } from '../ssh-key-proof.js';
 
 const NO_GATEWAY = 'no gateway is running for this server: start one with `devyard gateway --server URL --token-file <server data dir>/gateway.token` (`devyard up` runs one)';
 
@@ -306,16 +307,16 @@ async function portForward(name: string, specs: string[]): Promise<void> {
 
 // ---- registration ----
 
-function readPublicKey(file: string | undefined): { text: string; source: string } {
+function readPublicKey(file: string | undefined): { text: string; source: string; file?: string } {
   if (file === '-') return { text: readFileSync(0, 'utf8'), source: 'stdin' };
   if (file) {
     const text = readFileSync(file, 'utf8');
-    return { text, source: file };
+    return { text, source: file, file };
   }
   const dir = join(homedir(), '.ssh');
   for (const n of ['id_ed25519.pub', 'id_ecdsa.pub', 'id_rsa.pub']) {
     const f = join(dir, n);
-    if (existsSync(f)) return { text: readFileSync(f, 'utf8'), source: f };
+    if (existsSync(f)) return { text: readFileSync(f, 'utf8'), source: f, file: f };
   }
   throw new CliUsageError(`no public key found in ${dir} (id_ed25519.pub, id_ecdsa.pub, id_rsa.pub): create one with \`ssh-keygen -t ed25519\` or name a file`);
 }
@@ -342,19 +343,23 @@ export function registerAccessCommands(program: Command): void {
     .action(async (o) => listKeys(keysJson(o)));
   keys
     .command('add')
-    .description('register a public key (default: the first of ~/.ssh/id_ed25519.pub, id_ecdsa.pub, id_rsa.pub; - reads stdin)')
+    .description('register a public key (default: the first of ~/.ssh/id_ed25519.pub, id_ecdsa.pub, id_rsa.pub; - reads stdin), signing a server challenge with it to prove you hold it')
     .argument('[file]', 'public key file, or - for stdin')
     .option('--name <name>', 'label (default: the key comment)')
+    .option('--identity <file>', 'private key to sign with (default: the file without .pub, else ssh-agent)')
     .option('--json', 'print the key as JSON')
     .action(async (file: string | undefined, o) => {
-      const { text, source } = readPublicKey(file);
+      const { text, source, file: publicKeyFile } = readPublicKey(file);
       const line = text
         .split('\n')
         .map((l) => l.trim())
         .filter((l) => l && !l.startsWith('#'))
         .join('\n');
       if (!line) throw new CliUsageError(`${source} holds no public key`);
-      const key = await clientFromEnv().addSshKey(line, o.name);
+      const client = clientFromEnv();
+      const { challenge } = await client.sshKeyChallenge();
+      const signature = signKeyChallenge(challenge, line, { identity: o.identity, publicKeyFile });
+      const key = await client.addSshKey(line, { challenge, signature }, o.name);
       if (keysJson(o)) return printJson(key);
       process.stdout.write(`added SSH key ${key.name} (${key.fingerprint}) from ${source}\n`);
     });

@@ -141,7 +141,7 @@ export class SshFrontDoor {
         accept?.();
       } else reject?.();
     });
-    const run = (channel: ssh2.ServerChannel, argv: string[], opts: { tty: boolean; cwd?: string }) => {
+    const run = (channel: ssh2.ServerChannel, argv: string[], opts: { tty: boolean; cwd?: string; greet?: boolean }) => {
       void (async () => {
         const fail = (message: string) => {
           channel.stderr.write(`${message}\r\n`);
@@ -151,6 +151,9 @@ export class SshFrontDoor {
         try {
           const box = await resolveBox();
           if (!box) return fail(`devyard: no box "${name}" (or you may not connect to it); see \`devyard list\``);
+          // An interactive shell says whose box it is and who is signed in, so someone who reaches
+          // an account that is not theirs (a key registered to another user) sees it at once.
+          if (opts.greet) channel.stderr.write(`devyard: box ${box.name} of ${box.owner}, signed in as ${peer.subject}\r\n`);
           const handle = this.opts.sessions.commandWhenRunning(
             box,
             peer.subject!,
@@ -167,7 +170,7 @@ export class SshFrontDoor {
         }
       })();
     };
-    session.on('shell', (accept) => run(accept(), shellArgv(), { tty: true, cwd: '/workspace' }));
+    session.on('shell', (accept) => run(accept(), shellArgv(), { tty: true, cwd: '/workspace', greet: true }));
     // Commands start in the home directory, as with sshd (scp and rsync paths are relative to it).
     session.on('exec', (accept, _reject, info) => run(accept(), shellArgv(info.command), { tty: !!pty, cwd: '/root' }));
     session.on('subsystem', (accept, reject, info) => {

@@ -200,6 +200,7 @@ export function createHandlers(d: HandlerDeps): Handlers {
       return undefined;
     },
     listSshKeys: async (ctx) => ({ items: await d.access.listKeys(ctx.subject) }),
+    createSshKeyChallenge: async (ctx) => d.access.keyChallenge(ctx.subject),
     addSshKey: async (ctx) => d.access.addKey(ctx.subject, ctx.body as AddSshKeyRequest),
     removeSshKey: async (ctx) => {
       await d.access.removeKey(ctx.subject, ctx.params.id!);

@@ -3,9 +3,9 @@
  * tokens for gateways, and the gateway sync (registration, activity, route table) and wake calls.
  * The access rules themselves are core's access-policy, shared with the gateways.
  */
-import { createHash, createPrivateKey, generateKeyPairSync, type KeyObject } from 'node:crypto';
+import { createHash, createHmac, createPrivateKey, generateKeyPairSync, randomBytes, timingSafeEqual, type KeyObject } from 'node:crypto';
 import ssh2 from 'ssh2';
-import type { AccessToken, AddSshKeyRequest, BoxConnection, BoxPort, GatewayEndpoint, PortVisibility, SshKey } from '@devyard/api/access-schemas';
+import { SSH_KEY_PROOF_NAMESPACE, type AccessToken, type AddSshKeyRequest, type BoxConnection, type BoxPort, type GatewayEndpoint, type PortVisibility, type SshKey, type SshKeyChallenge } from '@devyard/api/access-schemas';
 import { signAccessToken } from '@devyard/api/access-tokens';
 import type { GatewaySyncRequest, RouteTable } from '@devyard/api/gateway-schemas';
 import { signSessionToken } from '@devyard/api/session-tokens';
@@ -19,6 +19,7 @@ import type { Store } from '../store/store.js';
 import type { TenancyStore } from '../store/tenancy-store.js';
 import type { BoxService, Subject } from './box-service.js';
 import { hasWholeEd25519Key, newSshKeyPair, type SshKeyPair } from './ssh-key-pairs.js';
+import { SshSignatureError, verifySshFileSignature } from './ssh-signature.js';
 
 export interface AccessServiceOptions {
   /** Lifetime of the agent tokens in a route table: how long gateways work on with the server down. */
@@ -33,6 +34,10 @@ export interface AccessServiceOptions {
 
 const ACCESS_SIGNING_KEY = 'access-token-signing';
 const GATEWAY_HOST_KEY = 'gateway-host-key';
+const KEY_CHALLENGE_SECRET = 'ssh-key-challenge-secret';
+/** How long a key registration challenge may be signed and used. */
+const KEY_CHALLENGE_TTL_MS = 5 * 60_000;
+const b64url = (b: Buffer | string) => Buffer.from(b).toString('base64url');
 
 /** `SHA256:…` as `ssh-keygen -l` prints it. */
 export function sshFingerprint(publicBlob: Buffer): string {
@@ -85,8 +90,44 @@ export class AccessService {
     }));
   }
 
+  /**
+   * A challenge for registering a key: signed by the server (no state to keep), naming the user
+   * and an expiry, so a signature made for one user's registration is worth nothing to another.
+   */
+  async keyChallenge(subject: Subject): Promise<SshKeyChallenge> {
+    const expiresAt = this.now() + KEY_CHALLENGE_TTL_MS;
+    const body = b64url(JSON.stringify({ sub: subject.name, exp: expiresAt, nonce: randomBytes(16).toString('hex') }));
+    return { challenge: `devyard-ssh-key.${body}.${await this.challengeMac(body)}`, namespace: SSH_KEY_PROOF_NAMESPACE, expiresAt: new Date(expiresAt).toISOString() };
+  }
+
+  private async challengeMac(body: string): Promise<string> {
+    const secret = await this.access.serverKey(KEY_CHALLENGE_SECRET, () => ({ privateKey: randomBytes(32).toString('hex'), publicKey: '' }), this.now());
+    return createHmac('sha256', Buffer.from(secret.privateKey, 'hex')).update(body).digest('base64url');
+  }
+
+  /** Refuses a challenge this server did not issue to `subject`, or one that expired. */
+  private async checkChallenge(subject: Subject, challenge: string): Promise<void> {
+    const refuse = (why: string) => new DomainError('invalid-input', `${why}; get a new one (POST /v1/users/me/keys/challenge, or \`devyard keys add\`)`, { field: 'challenge' });
+    const [prefix, body, mac, ...rest] = challenge.split('.');
+    if (prefix !== 'devyard-ssh-key' || !body || !mac || rest.length) throw refuse('not a key challenge of this server');
+    const want = Buffer.from(await this.challengeMac(body));
+    if (want.length !== Buffer.from(mac).length || !timingSafeEqual(want, Buffer.from(mac))) throw refuse('not a key challenge of this server');
+    const claims = JSON.parse(Buffer.from(body, 'base64url').toString()) as { sub: string; exp: number };
+    if (claims.sub !== subject.name) throw refuse('the challenge was issued to another user');
+    if (claims.exp <= this.now()) throw refuse('the challenge has expired');
+  }
+
   async addKey(subject: Subject, req: AddSshKeyRequest): Promise<SshKey> {
     const k = parsePublicKey(req.publicKey);
+    // Registration proves possession: the gateway knows a user by their key alone, so a key
+    // registered by someone who does not hold it would hand its owner's connections to them.
+    await this.checkChallenge(subject, req.challenge);
+    try {
+      verifySshFileSignature(req.signature, req.challenge, SSH_KEY_PROOF_NAMESPACE, k.blob);
+    } catch (e) {
+      if (!(e instanceof SshSignatureError)) throw e;
+      throw new DomainError('invalid-input', `no proof that you hold this key: ${e.message}`, { field: 'signature' });
+    }
     const row = {
       id: newId('key'),
       subject: subject.name,
