@@ -6,8 +6,31 @@ export const OidcLoginQuerySchema = z.object({
     .string()
     .max(2048)
     .optional()
-    .meta({ description: 'loopback URL of a waiting `devyard login` (http://127.0.0.1:PORT/… or http://localhost:PORT/…) to deliver the token to; without it the token is shown on a page' }),
+    .meta({ description: 'loopback URL of a waiting `devyard login` (http://127.0.0.1:PORT/… or http://localhost:PORT/…) to send a one-time code to; without it the token is shown on a page' }),
+  cli_challenge: z
+    .string()
+    .max(128)
+    .optional()
+    .meta({ description: "with `cli`: base64url SHA-256 of the CLI's own verifier (PKCE S256, RFC 7636); the code sent to the loopback URL is only redeemed with that verifier" }),
 });
+
+/** `devyard login` redeems the one-time code its loopback listener received. */
+export const OidcRedeemRequestSchema = z
+  .object({
+    code: z.string().min(1).max(256),
+    verifier: z.string().min(43).max(128).meta({ description: 'the PKCE verifier whose S256 challenge started the sign-in' }),
+  })
+  .strict();
+
+export const OidcLoginTokenSchema = z
+  .object({
+    token: z.string().meta({ description: 'login token (`dy_u_…`), shown once' }),
+    user: z.string(),
+    expiresAt: z.string().meta({ description: 'ISO 8601' }),
+  })
+  .meta({ id: 'OidcLoginToken' });
+
+export type OidcLoginToken = z.infer<typeof OidcLoginTokenSchema>;
 
 /** The provider's authorization response (RFC 6749 §4.1.2; `iss` per RFC 9207). */
 export const OidcCallbackQuerySchema = z.object({

@@ -69,7 +69,7 @@ import {
 } from './tenancy-schemas.js';
 import { GatewaySyncRequestSchema, RouteTableSchema, WakeBoxRequestSchema } from './gateway-schemas.js';
 import { AuditListSchema, AuditQuerySchema, AuditVerificationSchema } from './audit-schemas.js';
-import { OidcCallbackQuerySchema, OidcLoginQuerySchema } from './oidc-schemas.js';
+import { OidcCallbackQuerySchema, OidcLoginQuerySchema, OidcLoginTokenSchema, OidcRedeemRequestSchema } from './oidc-schemas.js';
 import { PutSecretRequestSchema, SecretListSchema, SecretMetadataSchema, SecretParamsSchema } from './secret-schemas.js';
 
 export interface RouteDef {
@@ -130,8 +130,9 @@ export const ROUTES = [
   { operationId: 'healthz', method: 'GET', path: '/healthz', summary: 'Liveness and store health', tag: 'system', auth: 'none', status: 200, response: z.object({ status: z.literal('ok') }) },
   { operationId: 'openapi', method: 'GET', path: '/v1/openapi.json', summary: 'This OpenAPI document', tag: 'system', auth: 'none', status: 200 },
   // ---- OIDC sign-in (issue 5): browser redirects, not JSON calls (docs/identity.md) ----
-  { operationId: 'oidcLogin', method: 'GET', path: '/v1/auth/oidc/login', summary: 'Browser redirect: start signing in at the OpenID provider (302 to it); ?cli= names the loopback URL of a waiting `devyard login`', tag: 'identity', auth: 'none', query: OidcLoginQuerySchema, status: 302 },
-  { operationId: 'oidcCallback', method: 'GET', path: '/v1/auth/oidc/callback', summary: "Browser redirect: the provider's answer; 302 to the CLI's loopback URL with a login token, or a page showing it once; 400 for unknown, expired or replayed sign-ins", tag: 'identity', auth: 'none', query: OidcCallbackQuerySchema, status: 302 },
+  { operationId: 'oidcLogin', method: 'GET', path: '/v1/auth/oidc/login', summary: 'Browser redirect: start signing in at the OpenID provider (302 to it); ?cli= names the loopback URL of a waiting `devyard login`, with ?cli_challenge= (its PKCE S256 challenge)', tag: 'identity', auth: 'none', query: OidcLoginQuerySchema, status: 302 },
+  { operationId: 'oidcCallback', method: 'GET', path: '/v1/auth/oidc/callback', summary: "Browser redirect: the provider's answer; 302 to the CLI's loopback URL with a one-time code, or a page showing the login token once; 400 for unknown, expired or replayed sign-ins", tag: 'identity', auth: 'none', query: OidcCallbackQuerySchema, status: 302 },
+  { operationId: 'redeemOidcLogin', method: 'POST', path: '/v1/auth/oidc/token', summary: "The CLI redeems the one-time code of its sign-in with its PKCE verifier: the login token (once; the code lives 2 minutes)", tag: 'identity', auth: 'none', body: OidcRedeemRequestSchema, status: 200, response: OidcLoginTokenSchema },
   {
     operationId: 'createBox',
     method: 'POST',

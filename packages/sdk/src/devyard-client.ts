@@ -9,6 +9,7 @@ import type { AccessToken, BoxConnection, BoxPort, PortVisibility, SshKey, SshKe
 import type { GatewaySyncRequest, RouteTable } from '@devyard/api/gateway-schemas';
 import type { SecretMetadata } from '@devyard/api/secret-schemas';
 import type { AuditEntry, AuditVerification } from '@devyard/api/audit-schemas';
+import type { OidcLoginToken } from '@devyard/api/oidc-schemas';
 import type { BoxShare, CreatedInvitation, CreatedToken, Invitation, Me, Member, Quota, QuotaLimits, Team, Token } from '@devyard/api/tenancy-schemas';
 import type { OrgRole } from '@devyard/core/rbac-policy';
 import { ApiError } from './api-error.js';
@@ -212,6 +213,11 @@ export class DevyardClient {
 
   async listSshKeys(): Promise<SshKey[]> {
     return (await this.get<{ items: SshKey[] }>('/v1/users/me/keys')).items;
+  }
+
+  /** `devyard login`: redeems the one-time code of a sign-in with the verifier that started it. */
+  async redeemOidcLogin(code: string, verifier: string): Promise<OidcLoginToken> {
+    return (await this.request<OidcLoginToken>('POST', '/v1/auth/oidc/token', { body: { code, verifier } })).body;
   }
 
   /** A challenge to sign with a key before registering it (`ssh-keygen -Y sign -n devyard-ssh-key`). */

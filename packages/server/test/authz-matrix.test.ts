@@ -69,6 +69,7 @@ const SETUP: Record<string, (p: Persona) => Promise<Call>> = {
   healthz: async () => ({ path: '/healthz' }),
   oidcLogin: async () => ({ path: '/v1/auth/oidc/login' }),
   oidcCallback: async () => ({ path: '/v1/auth/oidc/callback?code=x&state=y' }),
+  redeemOidcLogin: async () => ({ path: '/v1/auth/oidc/token', body: { code: 'x', verifier: 'v'.repeat(43) } }),
   openapi: async () => ({ path: '/v1/openapi.json' }),
   createBox: async () => ({ path: '/v1/boxes', body: { name: uniq('new'), template: 'tiny', resources: { cpu: '10m', memory: '16MiB' } } }),
   listBoxes: async () => ({ path: '/v1/boxes' }),
@@ -183,6 +184,7 @@ const EXPECTED: Record<string, Row> = {
   // Sign-in needs no token; without a configured provider both answer 404 for everyone alike.
   oidcLogin: E(404, 404, 404, 404, 404, 404),
   oidcCallback: E(404, 404, 404, 404, 404, 404),
+  redeemOidcLogin: E(404, 404, 404, 404, 404, 404),
   createBox: ORG_USE,
   listBoxes: ALL,
   getBox: BOX_READ,

@@ -6,12 +6,13 @@
  * non-loopback CLI URLs, unknown, replayed, expired and foreign-browser states, a provider error,
  * and a tampered code — none of which creates anything.
  */
+import { createHash } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startControlPlane, type ControlPlane } from '@devyard/server/control-plane';
-import { FLOW_TTL_MS, parseCliCallback } from '@devyard/server/identity/oidc-login';
+import { CLI_CODE_TTL_MS, FLOW_TTL_MS, parseCliCallback } from '@devyard/server/identity/oidc-login';
 import { TenancyStore } from '@devyard/server/store/tenancy-store';
 import { HttpBrowser, startTestIdp, type TestIdp } from './oidc-test-provider.js';
 
@@ -30,7 +31,13 @@ let pub: ControlPlane;
 let clockOffset = 0;
 const CLI = 'http://127.0.0.1:45678/devyard-login/cb';
 
-const loginUrl = (server: ControlPlane, cli?: string) => `${server.url}/v1/auth/oidc/login${cli ? `?cli=${encodeURIComponent(cli)}` : ''}`;
+/** The CLI's own PKCE pair: the challenge goes into the sign-in link, the verifier redeems the code. */
+const VERIFIER = 'v'.repeat(20) + Math.random().toString(36).slice(2).padEnd(30, 'x');
+const CHALLENGE = createHash('sha256').update(VERIFIER).digest('base64url');
+const loginUrl = (server: ControlPlane, cli?: string, challenge: string | null = CHALLENGE) =>
+  `${server.url}/v1/auth/oidc/login${cli ? `?cli=${encodeURIComponent(cli)}${challenge === null ? '' : `&cli_challenge=${challenge}`}` : ''}`;
+const redeem = (server: ControlPlane, code: string, verifier = VERIFIER) =>
+  fetch(`${server.url}/v1/auth/oidc/token`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ code, verifier }) });
 const toCli = (url: string) => url.startsWith('http://127.0.0.1:45678/');
 const toCallback = (url: string) => url.includes('/v1/auth/oidc/callback');
 
@@ -44,13 +51,20 @@ async function api(server: ControlPlane, token: string, path: string) {
   return { status: res.status, body: (await res.json()) as Record<string, unknown> };
 }
 
-/** Signs in through the whole flow with a CLI URL and answers the token the CLI would receive. */
+/** Signs in through the whole flow with a CLI URL: the code the loopback listener gets, redeemed with the verifier. */
 async function cliSignIn(login: string, browser = new HttpBrowser(), server = cp) {
   const hop = await browser.signIn(loginUrl(server, CLI), { login, stop: toCli });
   expect(hop.status, hop.body).toBe(302);
   const to = new URL(hop.location!);
   expect(`${to.origin}${to.pathname}`).toBe(CLI);
-  return { token: to.searchParams.get('token')!, user: to.searchParams.get('user')!, browser };
+  // Only a one-time code travels to the loopback URL, never the token.
+  expect(to.searchParams.get('token')).toBeNull();
+  expect(hop.location).not.toContain('dy_u_');
+  const res = await redeem(server, to.searchParams.get('code')!);
+  expect(res.status).toBe(200);
+  const body = (await res.json()) as { token: string; user: string };
+  expect(body.user).toBe(to.searchParams.get('user'));
+  return { token: body.token, user: body.user, browser };
 }
 
 beforeAll(async () => {
@@ -95,6 +109,16 @@ describe('the loopback CLI URL', () => {
     expect(page.status).toBe(400);
     expect(page.body).toContain('Sign-in failed');
     expect(page.body).toContain('loopback');
+    expect(cp.oidc!.pendingCount).toBe(before);
+  });
+
+  it('refuses a CLI sign-in without the CLI\'s PKCE challenge, or with a malformed one', async () => {
+    const before = cp.oidc!.pendingCount;
+    for (const challenge of [null, 'short', `${CHALLENGE}!`]) {
+      const res = await fetch(loginUrl(cp, CLI, challenge), { redirect: 'manual', headers: { accept: 'application/json' } });
+      expect(res.status, String(challenge)).toBe(400);
+      expect(((await res.json()) as { errors: Array<{ field: string }> }).errors[0]!.field).toBe('cli_challenge');
+    }
     expect(cp.oidc!.pendingCount).toBe(before);
   });
 });
@@ -232,7 +256,7 @@ describe('refused callbacks create nothing', () => {
     const cookies = browser.cookies(callback);
     const ok = await browser.request(callback);
     expect(ok.status).toBe(302);
-    expect(ok.location).toContain('token=dy_u_');
+    expect(ok.location).toContain('code=');
     await nothingCreated(async () => {
       // Even with the flow's cookie put back, the same state and code are refused.
       for (const [k, v] of Object.entries(cookies)) browser.setCookie(callback, k, v);
@@ -303,5 +327,42 @@ describe('without a provider configured', () => {
 
   it('refuses a non-https issuer off loopback at start-up', async () => {
     await expect(startControlPlane({ dataDir: join(dir, 'd'), oidc: { issuer: 'http://idp.example.com', clientId: 'x' } })).rejects.toThrow(/https/);
+  });
+});
+
+describe('the one-time code sent to the loopback URL', () => {
+  /** A sign-in up to the redirect to the loopback URL: what a process listening there would catch. */
+  async function caughtCode(login: string) {
+    const hop = await new HttpBrowser().signIn(loginUrl(cp, CLI), { login, stop: toCli });
+    return new URL(hop.location!).searchParams.get('code')!;
+  }
+
+  it('is worth nothing without the verifier: a wrong one spends it, and no token is issued', async () => {
+    const code = await caughtCode('sub-alice');
+    const tokens = await count(cp, 'api_tokens');
+    const stolen = await redeem(cp, code, 'x'.repeat(43));
+    expect(stolen.status).toBe(400);
+    expect(JSON.stringify(await stolen.json())).not.toContain('dy_u_');
+    // The legitimate CLI comes second: the code is spent, and the user signs in again.
+    expect((await redeem(cp, code)).status).toBe(400);
+    expect(await count(cp, 'api_tokens')).toBe(tokens);
+  });
+
+  it('is redeemed once, within two minutes', async () => {
+    const code = await caughtCode('sub-alice');
+    const ok = await redeem(cp, code);
+    expect(ok.status).toBe(200);
+    expect(((await ok.json()) as { token: string }).token).toMatch(/^dy_u_/);
+    expect((await redeem(cp, code)).status).toBe(400);
+    const late = await caughtCode('sub-alice');
+    clockOffset = CLI_CODE_TTL_MS + 1000;
+    try {
+      expect((await redeem(cp, late)).status).toBe(400);
+    } finally {
+      clockOffset = 0;
+    }
+    const audit = await cp.audit.list({ orgId: 'org_default', limit: 1000 });
+    expect(audit.filter((e) => e.action === 'redeemOidcLogin' && e.result === 'denied').length).toBeGreaterThanOrEqual(2);
+    expect(audit.find((e) => e.action === 'redeemOidcLogin' && e.result === 'ok')).toMatchObject({ actor: 'alice' });
   });
 });

@@ -1,11 +1,13 @@
 /**
  * `devyard login`: sign in through the server's OpenID provider in a browser and keep the token in
- * the CLI configuration (the file `devyard up` writes). The browser hands the token back to a
- * listener on 127.0.0.1 that lives only for the sign-in; `--token` stores a token obtained another
- * way (the sign-in page, `devyard tokens create`).
+ * the CLI configuration (the file `devyard up` writes). The browser hands a one-time code back to a
+ * listener on 127.0.0.1 that lives only for the sign-in, and the CLI redeems it for the token with
+ * the PKCE verifier it started the sign-in with (so a code caught by another local process is
+ * worth nothing); `--token` stores a token obtained another way (the sign-in page, `devyard tokens
+ * create`).
  */
 import { spawn } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { accessSync, constants } from 'node:fs';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import { delimiter, join } from 'node:path';
@@ -76,12 +78,15 @@ async function whoAmI(url: string, token: string): Promise<string | undefined> {
   }
 }
 
-/** Waits on a one-off loopback listener for the redirect that carries the token. */
+/** Waits on a one-off loopback listener for the redirect that carries the one-time code, and redeems it. */
 async function browserLogin(server: string, o: { browser: boolean }): Promise<{ token: string; user: string }> {
-  // An unguessable path: a web page that guesses the port still cannot plant a token of its choosing.
+  // An unguessable path: a web page that guesses the port still cannot plant a code of its choosing.
   const path = `/devyard-login/${randomBytes(16).toString('hex')}`;
-  let settle!: { resolve: (v: { token: string; user: string }) => void; reject: (e: Error) => void };
-  const done = new Promise<{ token: string; user: string }>((resolve, reject) => (settle = { resolve, reject }));
+  // PKCE (RFC 7636) between this CLI and the server: only the holder of the verifier redeems the code.
+  const verifier = randomBytes(32).toString('base64url');
+  const challenge = createHash('sha256').update(verifier).digest('base64url');
+  let settle!: { resolve: (v: { code: string; user: string }) => void; reject: (e: Error) => void };
+  const done = new Promise<{ code: string; user: string }>((resolve, reject) => (settle = { resolve, reject }));
   done.catch(() => {}); // a timeout or Ctrl-C before anyone awaits is still reported, by the await below
   const listener = createServer((req: IncomingMessage, res: ServerResponse) => {
     const url = new URL(req.url ?? '/', 'http://127.0.0.1');
@@ -90,21 +95,21 @@ async function browserLogin(server: string, o: { browser: boolean }): Promise<{ 
       res.end(page(title, text));
     };
     if (req.method !== 'GET' || url.pathname !== path) return answer(404, 'Not found', 'This is the Devyard CLI waiting for a sign-in.');
-    const token = url.searchParams.get('token');
+    const code = url.searchParams.get('code');
     const error = url.searchParams.get('error');
-    if (token) {
+    if (code) {
       const user = url.searchParams.get('user') ?? '';
-      answer(200, 'Signed in to Devyard', `${user ? `Signed in as ${user}. ` : ''}The CLI has your token; you can close this tab.`);
-      settle.resolve({ token, user });
+      answer(200, 'Signed in to Devyard', `${user ? `Signed in as ${user}. ` : ''}The CLI is finishing the sign-in; you can close this tab.`);
+      settle.resolve({ code, user });
     } else {
-      const msg = error ? `${error}${url.searchParams.get('error_description') ? `: ${url.searchParams.get('error_description')}` : ''}` : 'no token in the answer';
+      const msg = error ? `${error}${url.searchParams.get('error_description') ? `: ${url.searchParams.get('error_description')}` : ''}` : 'no sign-in code in the answer';
       answer(400, 'Sign-in failed', `${msg}. Run devyard login again.`);
       settle.reject(new Error(`sign-in failed: ${msg}`));
     }
   });
   await new Promise<void>((resolve, reject) => listener.once('error', reject).listen(0, '127.0.0.1', () => resolve()));
   const port = (listener.address() as { port: number }).port;
-  const loginUrl = `${server}/v1/auth/oidc/login?cli=${encodeURIComponent(`http://127.0.0.1:${port}${path}`)}`;
+  const loginUrl = `${server}/v1/auth/oidc/login?cli=${encodeURIComponent(`http://127.0.0.1:${port}${path}`)}&cli_challenge=${challenge}`;
   const timer = setTimeout(() => settle.reject(new Error('timed out waiting for the browser to finish signing in; run devyard login again')), WAIT_MS);
   const interrupt = () => settle.reject(new Error('sign-in cancelled'));
   process.once('SIGINT', interrupt);
@@ -118,7 +123,13 @@ async function browserLogin(server: string, o: { browser: boolean }): Promise<{ 
             `(With the browser on another machine, open ${server}/v1/auth/oidc/login there and run the\n \`devyard login --server ${server} --token …\` command the page shows.)\n\n`,
     );
     process.stdout.write('Waiting for the sign-in to finish (Ctrl-C to cancel)…\n');
-    return await done;
+    const { code } = await done;
+    try {
+      const r = await new DevyardClient({ url: server, timeoutMs: 15_000 }).redeemOidcLogin(code, verifier);
+      return { token: r.token, user: r.user };
+    } catch (e) {
+      throw new CliUsageError(`the server did not complete the sign-in: ${(e as Error).message}`);
+    }
   } finally {
     clearTimeout(timer);
     process.off('SIGINT', interrupt);

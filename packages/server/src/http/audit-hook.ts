@@ -18,8 +18,11 @@ import { DEFAULT_ORG_ID, type Subject } from '../services/box-service.js';
 import type { Store } from '../store/store.js';
 import { hashToken } from '../token-hash.js';
 
-/** High-frequency machine routes that are never recorded per call (see above). */
-export const UNAUDITED_OPERATIONS: ReadonlySet<string> = new Set(['reportStatus', 'heartbeatNode', 'syncGateway']);
+/**
+ * Routes not recorded here: the high-frequency machine routes (see above), and the CLI's sign-in
+ * redemption, which the sign-in records itself under the user's name (here it would be anonymous).
+ */
+export const UNAUDITED_OPERATIONS: ReadonlySet<string> = new Set(['reportStatus', 'heartbeatNode', 'syncGateway', 'redeemOidcLogin']);
 
 const MUTATING = new Set(['POST', 'PUT', 'PATCH', 'DELETE']);
 

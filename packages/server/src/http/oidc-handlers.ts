@@ -52,7 +52,7 @@ function failed(ctx: HandlerContext, e: unknown): never | FastifyReply {
     .send(page('Sign-in failed', `<p>${escapeHtml(p.detail)}</p>${hint}`));
 }
 
-export function createOidcHandlers(oidc: OidcLogin | undefined): Pick<Handlers, 'oidcLogin' | 'oidcCallback'> {
+export function createOidcHandlers(oidc: OidcLogin | undefined): Pick<Handlers, 'oidcLogin' | 'oidcCallback' | 'redeemOidcLogin'> {
   const configured = () => {
     if (!oidc) throw new DomainError('not-found', 'single sign-on is not configured on this server (devyard server --oidc-issuer …); use an API token instead');
     return oidc;
@@ -61,7 +61,7 @@ export function createOidcHandlers(oidc: OidcLogin | undefined): Pick<Handlers, 
   return {
     oidcLogin: async (ctx) => {
       try {
-        const start = await configured().start(ctx.query.cli as string | undefined);
+        const start = await configured().start(ctx.query.cli as string | undefined, ctx.query.cli_challenge as string | undefined);
         setCookie(ctx.reply, secure(), start.cookie.name, start.cookie.value, start.cookie.maxAgeSeconds);
         return ctx.reply.header('cache-control', 'no-store').redirect(start.authorizationUrl, 302);
       } catch (e) {
@@ -75,8 +75,9 @@ export function createOidcHandlers(oidc: OidcLogin | undefined): Pick<Handlers, 
         setCookie(ctx.reply, secure(), r.cookieName, '', 0);
         void ctx.reply.header('cache-control', 'no-store').header('referrer-policy', 'no-referrer');
         if (r.cli) {
-          const to = new URL(r.cli);
-          to.searchParams.set('token', r.token);
+          // Only a one-time code reaches the loopback URL; the CLI redeems it with its verifier.
+          const to = new URL(r.cli.url);
+          to.searchParams.set('code', r.cli.code);
           to.searchParams.set('user', r.user);
           return ctx.reply.redirect(to.href, 302);
         }
@@ -97,6 +98,12 @@ export function createOidcHandlers(oidc: OidcLogin | undefined): Pick<Handlers, 
       } catch (e) {
         return failed(ctx, e);
       }
+    },
+    redeemOidcLogin: async (ctx) => {
+      const body = ctx.body as { code: string; verifier: string };
+      const r = await configured().redeem(body.code, body.verifier, { requestId: String(ctx.req.id), source: ctx.req.ip });
+      void ctx.reply.header('cache-control', 'no-store');
+      return { token: r.token, user: r.user, expiresAt: new Date(r.expiresAt).toISOString() };
     },
   };
 }

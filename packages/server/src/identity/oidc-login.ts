@@ -8,6 +8,11 @@
  * The pending flows (state → PKCE verifier, nonce, where to deliver the token) live in this
  * process's memory: they last minutes and are used once, so a restart mid-sign-in only costs the
  * user a retry, and nothing about a half-finished sign-in ever reaches the store.
+ *
+ * `devyard login` receives the result on a loopback listener, and any local process could listen on
+ * a loopback port or craft a sign-in link naming its own: so the browser carries only a one-time
+ * code there, redeemed within two minutes with the CLI's own PKCE verifier (whose S256 challenge
+ * started the sign-in). The login token is issued at redemption, to the holder of the verifier.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import * as client from 'openid-client';
@@ -65,8 +70,8 @@ export interface OidcLoginResult {
   firstLogin: boolean;
   /** When the token expires (epoch ms). */
   expiresAt: number;
-  /** The CLI's loopback URL to deliver the token to, if the sign-in came from `devyard login`. */
-  cli?: string;
+  /** The CLI's loopback URL to send the one-time code to, if the sign-in came from `devyard login`. */
+  cli?: { url: string; code: string };
   /** Name of the flow's browser cookie, to clear. */
   cookieName: string;
 }
@@ -75,7 +80,21 @@ interface PendingFlow {
   verifier: string;
   nonce: string;
   browserKey: string;
-  cli?: string;
+  cli?: { url: string; challenge: string };
+  expiresAt: number;
+}
+
+/** A finished CLI sign-in waiting for the CLI to redeem its code. */
+interface Redeemable {
+  user: UserRow;
+  challenge: string;
+  expiresAt: number;
+}
+
+/** A redeemed CLI sign-in. */
+export interface OidcCliToken {
+  token: string;
+  user: string;
   expiresAt: number;
 }
 
@@ -85,6 +104,10 @@ export const LOGIN_ORG_ID = 'org_default';
 export const LOGIN_TOKEN_TTL_SECONDS = 12 * 3600;
 /** How long a started sign-in may take. */
 export const FLOW_TTL_MS = 10 * 60_000;
+/** How long the CLI has to redeem its one-time code. */
+export const CLI_CODE_TTL_MS = 2 * 60_000;
+/** A PKCE S256 challenge: base64url of 32 bytes. */
+const S256_CHALLENGE = /^[A-Za-z0-9_-]{43}$/;
 /** Bound on pending flows: starting one needs no credentials, so memory must not grow with requests. */
 const MAX_PENDING = 2000;
 /** Name prefix of the cookie binding a flow to the browser that started it. */
@@ -116,6 +139,7 @@ function invalid(message: string, details: Record<string, unknown> = {}): Domain
 
 export class OidcLogin {
   private readonly pending = new Map<string, PendingFlow>();
+  private readonly redeemable = new Map<string, Redeemable>();
   private config?: Promise<client.Configuration>;
   private readonly issuerUrl: URL;
 
@@ -171,16 +195,26 @@ export class OidcLogin {
     return this.config;
   }
 
-  /** Starts a sign-in; `cli` is the loopback URL of a waiting `devyard login`, if any. */
-  async start(cli: string | undefined): Promise<OidcLoginStart> {
-    const cliUrl = cli === undefined ? undefined : parseCliCallback(cli).href;
+  /**
+   * Starts a sign-in; `cli` is the loopback URL of a waiting `devyard login`, if any, and
+   * `cliChallenge` the S256 challenge of its verifier (required with `cli`).
+   */
+  async start(cli: string | undefined, cliChallenge?: string): Promise<OidcLoginStart> {
+    let cliFlow: PendingFlow['cli'];
+    if (cli !== undefined) {
+      const url = parseCliCallback(cli).href;
+      if (cliChallenge === undefined || !S256_CHALLENGE.test(cliChallenge)) {
+        throw invalid('a CLI sign-in needs cli_challenge: the base64url SHA-256 of the verifier the CLI redeems its code with (PKCE S256)', { field: 'cli_challenge' });
+      }
+      cliFlow = { url, challenge: cliChallenge };
+    } else if (cliChallenge !== undefined) throw invalid('cli_challenge goes with cli', { field: 'cli_challenge' });
     const config = await this.configuration();
     const verifier = client.randomPKCECodeVerifier();
     const state = client.randomState();
     const nonce = client.randomNonce();
     const browserKey = randomBytes(18).toString('base64url');
     this.prune();
-    this.pending.set(state, { verifier, nonce, browserKey, cli: cliUrl, expiresAt: this.deps.now() + FLOW_TTL_MS });
+    this.pending.set(state, { verifier, nonce, browserKey, cli: cliFlow, expiresAt: this.deps.now() + FLOW_TTL_MS });
     const url = client.buildAuthorizationUrl(config, {
       redirect_uri: this.redirectUri,
       scope: (this.opts.scopes ?? ['openid', 'profile', 'email']).join(' '),
@@ -269,8 +303,16 @@ export class OidcLogin {
     if (!(await this.deps.tenancy.principal(user, LOGIN_ORG_ID))) {
       throw new DomainError('forbidden', `the Devyard user "${user.name}" is not a member of the organization; ask an admin to add them`, { user: user.name });
     }
-    const token = await this.deps.tenancy.issueLoginToken(user, LOGIN_ORG_ID, LOGIN_TOKEN_TTL_SECONDS);
     const firstLogin = Number(user.created_at) >= before;
+    let cli: OidcLoginResult['cli'];
+    let token = '';
+    if (flow.cli) {
+      // The token is issued when the CLI redeems the code with its verifier, not here.
+      const code = randomBytes(24).toString('base64url');
+      this.prune();
+      this.redeemable.set(code, { user, challenge: flow.cli.challenge, expiresAt: this.deps.now() + CLI_CODE_TTL_MS });
+      cli = { url: flow.cli.url, code };
+    } else token = await this.deps.tenancy.issueLoginToken(user, LOGIN_ORG_ID, LOGIN_TOKEN_TTL_SECONDS);
     await this.deps.audit?.({
       orgId: LOGIN_ORG_ID,
       actor: user.name,
@@ -281,7 +323,25 @@ export class OidcLogin {
       source: request.source ?? null,
       detail: { issuer: idClaims.iss, firstLogin, cli: flow.cli !== undefined },
     });
-    return { token, user: user.name, firstLogin, expiresAt: this.deps.now() + LOGIN_TOKEN_TTL_SECONDS * 1000, cli: flow.cli, cookieName };
+    return { token, user: user.name, firstLogin, expiresAt: this.deps.now() + LOGIN_TOKEN_TTL_SECONDS * 1000, cli, cookieName };
+  }
+
+  /**
+   * The CLI redeems its one-time code with its PKCE verifier: the login token, once. An unknown,
+   * expired or spent code, or a wrong verifier (the code is spent then too), is refused (400).
+   */
+  async redeem(code: string, verifier: string, request: { requestId?: string; source?: string } = {}): Promise<OidcCliToken> {
+    const entry = this.redeemable.get(code);
+    this.redeemable.delete(code);
+    const refuse = async (why: string) => {
+      await this.deps.audit?.({ orgId: LOGIN_ORG_ID, actor: 'anonymous', action: 'redeemOidcLogin', target: null, result: 'denied', requestId: request.requestId ?? null, source: request.source ?? null, detail: { reason: why } });
+      return invalid(`${why}; run \`devyard login\` again`, { field: 'code' });
+    };
+    if (!entry || entry.expiresAt <= this.deps.now()) throw await refuse('this sign-in code is unknown, expired or already used');
+    if (createHash('sha256').update(verifier).digest('base64url') !== entry.challenge) throw await refuse('the verifier does not match the sign-in that produced this code');
+    const token = await this.deps.tenancy.issueLoginToken(entry.user, LOGIN_ORG_ID, LOGIN_TOKEN_TTL_SECONDS);
+    await this.deps.audit?.({ orgId: LOGIN_ORG_ID, actor: entry.user.name, action: 'redeemOidcLogin', target: `user/${entry.user.name}`, result: 'ok', requestId: request.requestId ?? null, source: request.source ?? null, detail: {} });
+    return { token, user: entry.user.name, expiresAt: this.deps.now() + LOGIN_TOKEN_TTL_SECONDS * 1000 };
   }
 
   /** Number of sign-ins started and not yet finished or expired (for tests and metrics). */
@@ -292,11 +352,13 @@ export class OidcLogin {
 
   private prune(): void {
     const now = this.deps.now();
-    for (const [k, f] of this.pending) if (f.expiresAt <= now) this.pending.delete(k);
-    // Oldest first (insertion order): under a flood the newest sign-ins keep working.
-    for (const k of this.pending.keys()) {
-      if (this.pending.size < MAX_PENDING) break;
-      this.pending.delete(k);
+    for (const map of [this.pending, this.redeemable] as Array<Map<string, { expiresAt: number }>>) {
+      for (const [k, f] of map) if (f.expiresAt <= now) map.delete(k);
+      // Oldest first (insertion order): under a flood the newest sign-ins keep working.
+      for (const k of map.keys()) {
+        if (map.size < MAX_PENDING) break;
+        map.delete(k);
+      }
     }
   }
 }
