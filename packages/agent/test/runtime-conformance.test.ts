@@ -15,6 +15,7 @@ import { BuiltinImageStore, type BuiltImage } from '@devyard/agent/images/builti
 import type { BoxRuntimeSpec, ExecProcess, RuntimeDriver } from '@devyard/agent/runtime/runtime-driver';
 import { MicrovmDriver } from '@devyard/agent/runtime/microvm/microvm-driver';
 import { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
+import { INTERNET, startOutsideWorld } from './outside-world.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -278,13 +279,18 @@ describe.each(Object.keys(RUNTIMES))('runtime conformance: %s', (runtime) => {
     await rt.driver.destroy('c_peer');
   });
 
-  test('a host TCP server on the bridge gateway is reachable (egress works)', async () => {
+  test('egress reaches the internet; the host on the bridge address is not a destination', async () => {
     const gw = runtime === 'sandbox' ? (rt.driver as SandboxDriver).network.gateway : (rt.driver as MicrovmDriver).network.gateway;
-    const server = createServer((s) => s.end('egress-ok\n'));
+    const world = await startOutsideWorld(`c${suffix}${runtime === 'sandbox' ? 's' : 'v'}`, [INTERNET], 8080);
+    const server = createServer((s) => s.end('host-reached\n'));
     await new Promise<void>((r) => server.listen(0, gw, r));
     const port = (server.address() as { port: number }).port;
-    const r = await run(rt.driver, 'c_main', ['sh', '-c', `nc -w 3 ${gw} ${port} </dev/null`]);
-    server.close();
-    expect(r.out).toBe('egress-ok\n');
+    try {
+      expect((await run(rt.driver, 'c_main', ['sh', '-c', `nc -w 3 ${INTERNET} 8080 </dev/null`])).out).toBe(`hello ${INTERNET}\n`);
+      expect((await run(rt.driver, 'c_main', ['sh', '-c', `nc -w 2 ${gw} ${port} </dev/null`])).out).toBe('');
+    } finally {
+      server.close();
+      world.close();
+    }
   });
 });

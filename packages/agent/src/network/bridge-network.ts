@@ -1,13 +1,24 @@
 /**
  * The node's box network: one Linux bridge with the gateway address, one host-owned network
- * namespace per box joined to the bridge through a veth pair, NAT egress through an nftables
- * masquerade rule in a table of our own, and no traffic between boxes (isolated bridge ports, plus
- * a drop rule for traffic routed back onto the bridge).
+ * namespace per box joined to the bridge through a veth pair (or a microVM's TAP device), and NAT
+ * egress through an nftables masquerade rule in a table of our own.
+ *
+ * What a box may reach, by default (a Kubernetes default-deny for everything but the internet):
+ * - the internet, and the host's DNS resolvers on port 53;
+ * - not the host itself (any of its addresses; ICMP echo only, so a box can tell the link is up),
+ *   not another box (isolated bridge ports, and a drop for traffic routed back onto the bridge),
+ *   not another bridge of this host (the sandbox and microVM networks), not a private, shared,
+ *   link-local (cloud metadata), loopback or multicast address, and no IPv6;
+ * - nothing from elsewhere opens a connection to a box (the gateway reaches boxes through the
+ *   node agent, inside their namespaces).
+ * Every box port only sends frames with its own MAC and IPv4 address (a bridge-family table):
+ * a microVM guest, root in its own kernel, could otherwise spoof another box's address.
  *
  * The namespaces are created by host root, so a box's root (mapped to an unprivileged uid) has no
  * CAP_NET_ADMIN over its own interfaces: it can neither change its address nor its routes.
  */
 import { createHash } from 'node:crypto';
+import { isIP } from 'node:net';
 import { existsSync } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
 import { runHostCommand, runHostCommandRaw } from './host-command-runner.js';
@@ -25,6 +36,8 @@ export interface BridgeNetworkOptions {
   netnsPrefix?: string;
   /** Prefix of host veth names (prefix + hash, ≤ 15 chars), default `dy`. */
   vethPrefix?: string;
+  /** The resolver configuration boxes get theirs from, default `/etc/resolv.conf`. */
+  resolvConfPath?: string;
 }
 
 /** Box network attachment details, used to write the box's /etc files. */
@@ -33,6 +46,15 @@ export interface BoxNetworkAttachment {
   netnsPath: string;
   /** The box's address. */
   ip: string;
+}
+
+/** Destinations a box never reaches (RFC 6890 special-purpose ranges: private, shared, loopback, link-local, multicast, reserved). */
+export const BLOCKED_DESTINATIONS = ['0.0.0.0/8', '10.0.0.0/8', '100.64.0.0/10', '127.0.0.0/8', '169.254.0.0/16', '172.16.0.0/12', '192.0.0.0/24', '192.168.0.0/16', '198.18.0.0/15', '224.0.0.0/4', '240.0.0.0/4'];
+
+/** A stable locally administered MAC per box (its veth's or its microVM's NIC). */
+export function boxMac(boxId: string): string {
+  const h = createHash('sha256').update(boxId).digest();
+  return ['52', '54', ...[h[0]!, h[1]!, h[2]!, h[3]!].map((b) => b.toString(16).padStart(2, '0'))].join(':');
 }
 
 /** Manages the bridge, NAT and per-box network namespaces. */
@@ -47,6 +69,7 @@ export class BridgeNetwork {
   private readonly netnsPrefix: string;
   private readonly vethPrefix: string;
   private readonly cidr: string;
+  private readonly resolvConfPath: string;
 
   constructor(opts: BridgeNetworkOptions = {}) {
     this.bridge = opts.bridge ?? 'devyard0';
@@ -56,6 +79,7 @@ export class BridgeNetwork {
     this.nftTable = opts.nftTable ?? 'devyard';
     this.netnsPrefix = opts.netnsPrefix ?? 'dy-';
     this.vethPrefix = opts.vethPrefix ?? 'dy';
+    this.resolvConfPath = opts.resolvConfPath ?? '/etc/resolv.conf';
     if (this.bridge.length > 15) throw new Error(`bridge name too long: ${this.bridge}`);
     if (this.vethPrefix.length > 3) throw new Error(`veth prefix too long: ${this.vethPrefix}`);
   }
@@ -95,31 +119,98 @@ export class BridgeNetwork {
         `link set ${this.bridge} up\n`,
     });
     await writeFile('/proc/sys/net/ipv4/ip_forward', '1\n');
-    // Recreate our table atomically: "add table" makes the delete succeed on a first run.
+    // The routing table is recreated atomically ("add table" makes the delete succeed on a first
+    // run); the port table keeps its sets, so boxes that outlive an agent restart stay registered.
     const br = JSON.stringify(this.bridge);
+    const resolvers = await this.resolverAddresses();
+    const t = this.nftTable;
     await runHostCommand(['nft', '-f', '-'], {
       input: [
-        `add table inet ${this.nftTable}`,
-        `delete table inet ${this.nftTable}`,
-        `table inet ${this.nftTable} {`,
+        `add table inet ${t}`,
+        `delete table inet ${t}`,
+        `table inet ${t} {`,
+        `  set resolvers { type ipv4_addr; ${resolvers.length ? `elements = { ${resolvers.join(', ')} }` : ''} }`,
         `  chain postrouting {`,
         `    type nat hook postrouting priority srcnat; policy accept;`,
         `    ip saddr ${this.cidr} oifname != ${br} masquerade`,
+        `  }`,
+        `  chain input {`,
+        `    type filter hook input priority filter; policy accept;`,
+        `    iifname ${br} ct state established,related accept`,
+        `    iifname ${br} icmp type echo-request accept`,
+        `    iifname ${br} drop`,
         `  }`,
         `  chain forward {`,
         `    type filter hook forward priority filter; policy accept;`,
         // Boxes must not reach each other through the host's routing either.
         `    iifname ${br} oifname ${br} drop`,
+        `    iifname ${br} ct state established,related accept`,
+        `    iifname ${br} ip daddr @resolvers meta l4proto { tcp, udp } th dport 53 accept`,
+        `    iifname ${br} ip daddr { ${BLOCKED_DESTINATIONS.join(', ')} } drop`,
+        `    iifname ${br} meta nfproto ipv6 drop`,
+        `    oifname ${br} ct state established,related accept`,
+        `    oifname ${br} drop`,
         `  }`,
         `}`,
+        `add table bridge ${t}`,
+        `add set bridge ${t} ports { type ifname; }`,
+        `add set bridge ${t} port_ip { type ifname . ipv4_addr; }`,
+        `add set bridge ${t} port_mac { type ifname . ether_addr; }`,
+        `add chain bridge ${t} prerouting { type filter hook prerouting priority filter; policy accept; }`,
+        `add chain bridge ${t} box_port`,
+        `flush chain bridge ${t} prerouting`,
+        `flush chain bridge ${t} box_port`,
+        `add rule bridge ${t} prerouting iifname @ports jump box_port`,
+        `add rule bridge ${t} box_port iifname . ether saddr != @port_mac drop`,
+        `add rule bridge ${t} box_port ether type ip iifname . ip saddr != @port_ip drop`,
+        `add rule bridge ${t} box_port ether type arp iifname . arp saddr ip != @port_ip drop`,
+        `add rule bridge ${t} box_port ether type != { ip, arp } drop`,
         '',
       ].join('\n'),
     });
   }
 
+  /** The host's IPv4 DNS resolvers that boxes use (their resolv.conf), reachable on port 53. */
+  private async resolverAddresses(): Promise<string[]> {
+    return (await this.resolvConf())
+      .split('\n')
+      .filter((l) => l.startsWith('nameserver '))
+      .map((l) => l.slice(11).trim())
+      .filter((a) => isIP(a) === 4);
+  }
+
+  /**
+   * Lets a port of the bridge carry frames from `mac` and `ip` only. Registered before the port
+   * joins the bridge, so it never carries an unchecked frame.
+   */
+  private async registerPort(port: string, ip: string, mac: string): Promise<void> {
+    const t = this.nftTable;
+    await runHostCommand(['nft', '-f', '-'], {
+      input: [`add element bridge ${t} port_ip { "${port}" . ${ip} }`, `add element bridge ${t} port_mac { "${port}" . ${mac} }`, `add element bridge ${t} ports { "${port}" }`, ''].join('\n'),
+    });
+  }
+
+  /** Forgets a port's addresses (its device is gone or going). */
+  private async unregisterPort(port: string): Promise<void> {
+    const t = this.nftTable;
+    const lines: string[] = [];
+    for (const set of ['port_ip', 'port_mac']) {
+      const r = await runHostCommandRaw(['nft', '-j', 'list', 'set', 'bridge', t, set]);
+      if (r.code !== 0) continue;
+      const parsed = JSON.parse(r.stdout) as { nftables: Array<{ set?: { elem?: Array<{ concat: [string, string] }> } }> };
+      for (const e of parsed.nftables.flatMap((x) => x.set?.elem ?? [])) {
+        if (e.concat[0] === port) lines.push(`delete element bridge ${t} ${set} { "${port}" . ${e.concat[1]} }`);
+      }
+    }
+    const inPorts = await runHostCommandRaw(['nft', 'get', 'element', 'bridge', t, 'ports', `{ "${port}" }`]);
+    if (inPorts.code === 0) lines.push(`delete element bridge ${t} ports { "${port}" }`);
+    if (lines.length) await runHostCommand(['nft', '-f', '-'], { input: `${lines.join('\n')}\n` });
+  }
+
   /** Removes the bridge and the NAT table (uninstall and tests); boxes must be gone already. */
   async teardown(): Promise<void> {
     await runHostCommandRaw(['nft', 'delete', 'table', 'inet', this.nftTable]);
+    await runHostCommandRaw(['nft', 'delete', 'table', 'bridge', this.nftTable]);
     if (existsSync(`/sys/class/net/${this.bridge}`)) {
       await runHostCommandRaw(['ip', 'link', 'del', this.bridge]);
     }
@@ -139,9 +230,11 @@ export class BridgeNetwork {
   async configure(boxId: string, ip: string): Promise<void> {
     const ns = this.netnsName(boxId);
     const veth = this.vethName(boxId);
+    const mac = boxMac(boxId);
+    await runHostCommand(['ip', 'link', 'add', veth, 'type', 'veth', 'peer', 'name', 'eth0', 'address', mac, 'netns', ns]);
+    await this.registerPort(veth, ip, mac);
     await runHostCommand(['ip', '-batch', '-'], {
       input:
-        `link add ${veth} type veth peer name eth0 netns ${ns}\n` +
         `link set ${veth} master ${this.bridge}\n` +
         `link set dev ${veth} type bridge_slave isolated on learning on\n` +
         `link set ${veth} up\n`,
@@ -164,14 +257,17 @@ export class BridgeNetwork {
 
   /**
    * Creates the box's TAP device (a microVM's NIC) on the bridge, isolated and named like a
-   * sandbox's veth, so the same NAT, drop rule and {@link detach} apply; replaces a stale one.
+   * sandbox's veth, so the same NAT, drop rules and {@link detach} apply; replaces a stale one.
+   * The guest may only send from `mac` and `ip`.
    */
-  async attachTap(boxId: string): Promise<string> {
+  async attachTap(boxId: string, ip: string, mac: string): Promise<string> {
     const tap = this.vethName(boxId);
     if (existsSync(`/sys/class/net/${tap}`)) await runHostCommandRaw(['ip', 'link', 'del', tap]);
+    await this.unregisterPort(tap);
+    await runHostCommand(['ip', 'tuntap', 'add', 'dev', tap, 'mode', 'tap']);
+    await this.registerPort(tap, ip, mac);
     await runHostCommand(['ip', '-batch', '-'], {
       input:
-        `tuntap add dev ${tap} mode tap\n` +
         `link set ${tap} master ${this.bridge}\n` +
         `link set dev ${tap} type bridge_slave isolated on learning on\n` +
         `link set ${tap} up\n`,
@@ -197,13 +293,14 @@ export class BridgeNetwork {
       // The pair normally dies with the namespace; a leftover host end means a half-done attach.
       await runHostCommandRaw(['ip', 'link', 'del', veth]);
     }
+    await this.unregisterPort(veth);
   }
 
   /** Contents of a box's /etc/resolv.conf: the host's nameservers, minus loopback ones. */
   async resolvConf(): Promise<string> {
     let text = '';
     try {
-      text = await readFile('/etc/resolv.conf', 'utf8');
+      text = await readFile(this.resolvConfPath, 'utf8');
     } catch {
       text = '';
     }

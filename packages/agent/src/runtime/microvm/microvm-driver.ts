@@ -26,7 +26,7 @@ import type { Duplex, Readable } from 'node:stream';
 import { spawn } from 'node:child_process';
 import { BOX_DEFAULT_PATH } from '../box-tools-bundle.js';
 import type { BoxRuntimeSpec, BoxSecret, ExecOptions, ExecProcess, RuntimeBoxStatus, RuntimeDriver } from '../runtime-driver.js';
-import { BridgeNetwork, type BridgeNetworkOptions } from '../../network/bridge-network.js';
+import { boxMac, BridgeNetwork, type BridgeNetworkOptions } from '../../network/bridge-network.js';
 import { runHostCommand, runHostCommandRaw } from '../../network/host-command-runner.js';
 import { allocateAddress } from '../../network/ipv4-subnet.js';
 import type { GuestBootAssets } from './guest-boot-assets.js';
@@ -261,7 +261,7 @@ export class MicrovmDriver implements RuntimeDriver {
       memoryMiB: Math.max(128, Math.floor(spec.resources.memoryBytes / MiB)),
       env: spec.env,
       ip: existing?.ip ?? (await this.allocateIp(spec.boxId)),
-      mac: existing?.mac ?? macFor(spec.boxId),
+      mac: existing?.mac ?? boxMac(spec.boxId),
       createdAt: existing?.createdAt ?? new Date().toISOString(),
       ...(existing?.failure ? { failure: existing.failure } : {}),
     };
@@ -320,7 +320,7 @@ export class MicrovmDriver implements RuntimeDriver {
     for (const f of ['qmp.sock', 'agent.sock', 'qemu.pid']) await rm(join(dir, f), { force: true });
     if (!this.dns) this.dns = (await this.network.resolvConf()).split('\n').filter((l) => l.startsWith('nameserver ')).map((l) => l.slice(11)).join(',');
     // A paused box kept its TAP device; anything else gets a fresh one.
-    if (!existsSync(`/sys/class/net/${this.network.vethName(rec.boxId)}`) || !incoming) await this.network.attachTap(rec.boxId);
+    if (!existsSync(`/sys/class/net/${this.network.vethName(rec.boxId)}`) || !incoming) await this.network.attachTap(rec.boxId, rec.ip, rec.mac);
     const args = qemuArgs(this.vmConfig(rec, incoming));
     // -daemonize: the command returns once QEMU runs (or failed to start, with its reason on stderr).
     const { code, stderr } = await runHostCommandRaw(['qemu-system-x86_64', ...args]);
@@ -556,7 +556,7 @@ export class MicrovmDriver implements RuntimeDriver {
       ...over,
       boxId,
       ip: await this.allocateIp(boxId),
-      mac: macFor(boxId),
+      mac: boxMac(boxId),
       guestIp: src.guestIp ?? src.ip,
       guestMac: src.guestMac ?? src.mac,
       expectRunning: false,
@@ -919,12 +919,6 @@ async function copyFiles(from: string, to: string, names: string[]): Promise<voi
 
 function checkBoxId(boxId: string): void {
   if (!/^[a-zA-Z0-9_-]{1,64}$/.test(boxId)) throw new MicrovmError('INVALID_BOX_ID', `invalid box id: ${boxId}`);
-}
-
-/** A stable locally administered MAC per box. */
-function macFor(boxId: string): string {
-  const h = createHash('sha256').update(boxId).digest();
-  return ['52', '54', h[0]!, h[1]!, h[2]!, h[3]!].map((b) => (typeof b === 'string' ? b : b.toString(16).padStart(2, '0'))).join(':');
 }
 
 /** A stable machine-id per box (32 hex). */
