@@ -152,10 +152,11 @@ export function scanFile(file: string, text = readFileSync(file, 'utf8')): { use
     ts.forEachChild(fn, visit);
     return found;
   };
-  /** The identifier an expression names, through `!`, `...` and parentheses. */
+  /** The identifier an expression names, through `!`, `...`, parentheses and element access. */
   const identifierOf = (expr: ts.Expression | undefined): string | undefined => {
     let e = expr;
-    while (e && (ts.isNonNullExpression(e) || ts.isSpreadElement(e) || ts.isParenthesizedExpression(e))) e = e.expression;
+    // `argv[0]!` of a wrapper `(...argv) => spawn(argv[0]!, …)` names the parameter too.
+    while (e && (ts.isNonNullExpression(e) || ts.isSpreadElement(e) || ts.isParenthesizedExpression(e) || ts.isElementAccessExpression(e))) e = e.expression;
     return e && ts.isIdentifier(e) ? e.text : undefined;
   };
   // Wrappers pass a parameter on as the program; their callers name it. Repeat for wrappers of wrappers.
