@@ -199,16 +199,16 @@ export class DevyardClient {
     return this.get<BoxConnection>(`/v1/boxes/${encodeURIComponent(name)}/connection`);
   }
 
-  async listBoxPorts(name: string): Promise<BoxPort[]> {
-    return (await this.get<{ items: BoxPort[] }>(`/v1/boxes/${encodeURIComponent(name)}/ports`)).items;
+  async listBoxPorts(name: string, owner?: string): Promise<BoxPort[]> {
+    return (await this.get<{ items: BoxPort[] }>(`/v1/boxes/${encodeURIComponent(name)}/ports${this.ownerQuery(owner)}`)).items;
   }
 
-  async setBoxPort(name: string, port: number, visibility: PortVisibility): Promise<BoxPort> {
-    return (await this.request<BoxPort>('PUT', `/v1/boxes/${encodeURIComponent(name)}/ports/${port}`, { body: { visibility } })).body;
+  async setBoxPort(name: string, port: number, visibility: PortVisibility, owner?: string): Promise<BoxPort> {
+    return (await this.request<BoxPort>('PUT', `/v1/boxes/${encodeURIComponent(name)}/ports/${port}${this.ownerQuery(owner)}`, { body: { visibility } })).body;
   }
 
-  async resetBoxPort(name: string, port: number): Promise<void> {
-    await this.request('DELETE', `/v1/boxes/${encodeURIComponent(name)}/ports/${port}`);
+  async resetBoxPort(name: string, port: number, owner?: string): Promise<void> {
+    await this.request('DELETE', `/v1/boxes/${encodeURIComponent(name)}/ports/${port}${this.ownerQuery(owner)}`);
   }
 
   async listSshKeys(): Promise<SshKey[]> {

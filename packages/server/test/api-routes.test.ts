@@ -803,7 +803,13 @@ describe('identity and tenancy routes', () => {
     expect((await bob.getBox('shared', 'alice')).owner).toBe('alice');
     expect((await bob.listBoxes()).map((b) => b.name)).toContain('shared');
     expect((await problemOf(bob.boxVerb('shared', 'stop', undefined, 'alice'))).status).toBe(403);
+    // Connecting is not publishing: a connect-only share lists the ports but cannot open them to the organization.
+    expect(await bob.listBoxPorts('shared', 'alice')).toEqual([]);
+    expect((await problemOf(bob.setBoxPort('shared', 8080, 'org', 'alice'))).status).toBe(403);
+    expect((await problemOf(bob.resetBoxPort('shared', 8080, 'alice'))).status).toBe(403);
+    expect(await alice.listBoxPorts('shared')).toEqual([]);
     await alice.setBoxShare('shared', 'web', 'manage');
+    expect((await bob.setBoxPort('shared', 8080, 'org', 'alice')).visibility).toBe('org');
     expect((await bob.boxVerb('shared', 'stop', undefined, 'alice')).desiredState).toBe('stopped');
     await alice.removeBoxShare('shared', 'web');
     expect((await problemOf(bob.getBox('shared', 'alice'))).status).toBe(404);
@@ -845,7 +851,8 @@ describe('sign-in routes', () => {
   it('answer 404 when no identity provider is configured (the flow itself: oidc-login.test.ts)', async () => {
     expect((await raw('GET', '/v1/auth/oidc/login?cli=http://127.0.0.1:9/cb', { token: null })).status).toBe(404);
     expect((await raw('GET', '/v1/auth/oidc/callback?code=x&state=y', { token: null })).status).toBe(404);
-    cover('oidcLogin', 'oidcCallback');
+    expect((await raw('POST', '/v1/auth/oidc/token', { token: null, body: JSON.stringify({ code: 'x', verifier: 'v'.repeat(43) }) })).status).toBe(404);
+    cover('oidcLogin', 'oidcCallback', 'redeemOidcLogin');
   });
 });
 

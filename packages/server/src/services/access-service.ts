@@ -230,15 +230,20 @@ export class AccessService {
     return (await this.access.listPorts([box.id])).map((p) => ({ port: p.port, visibility: p.visibility as PortVisibility, previewUrl: this.previewUrl(endpoint, box.name, p.port) }));
   }
 
+  /**
+   * Changes who may open a port's preview. Making a port visible to the organization publishes
+   * what the box serves there, so it takes managing the box: a connect-only share may use the box
+   * and list its ports, not widen who else reaches them.
+   */
   async setPort(subject: Subject, name: string, port: number, visibility: PortVisibility, owner?: string): Promise<BoxPort> {
-    const box = await this.connectable(subject, name, owner);
+    const box = await this.boxes.get(subject, name, { owner, need: 'manage' });
     if (visibility === 'private') await this.access.deletePort(box.id, port);
     else await this.access.setPort(box.id, port, visibility, this.now());
     return { port, visibility, previewUrl: this.previewUrl(await this.gatewayEndpoint(), box.name, port) };
   }
 
   async resetPort(subject: Subject, name: string, port: number, owner?: string): Promise<void> {
-    const box = await this.connectable(subject, name, owner);
+    const box = await this.boxes.get(subject, name, { owner, need: 'manage' });
     await this.access.deletePort(box.id, port);
   }
 
