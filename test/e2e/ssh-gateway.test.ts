@@ -116,6 +116,8 @@ describe('SSH through the gateway of devyard up', { timeout: T }, () => {
     expect(daemonOutput(h)).toMatch(/Gateway\s+http:\/\/127\.0\.0\.1:\d+/);
     expect(daemonOutput(h)).toContain(`ssh -p ${h.sshPort} NAME@127.0.0.1`);
     expect(daemonOutput(h)).toContain('devyard ssh demo');
+    // Previews on hosts of their own, a site apart from the gateway's 127.0.0.1.
+    expect(daemonOutput(h)).toMatch(/Previews\s+http:\/\/PORT--NAME\.localhost:\d+\//);
   });
 
   it('registers the default public key and lists it', () => {
@@ -282,10 +284,14 @@ describe('SSH through the gateway of devyard up', { timeout: T }, () => {
     expect(link).toMatch(/&next=%2Fboxes%2Fweb%2Fterminal$/);
     const signIn = await fetch(link, { redirect: 'manual' });
     expect(signIn.status).toBe(303);
+    expect(signIn.headers.get('location')).toBe(`/boxes/${BOX}/terminal`);
     const cookie = signIn.headers.get('set-cookie')!.split(';')[0]!;
+    expect(signIn.headers.get('set-cookie')).toContain(`Path=/boxes/${BOX}/terminal`);
     const page = await fetch(`${h.gatewayUrl}/boxes/${BOX}/terminal`, { headers: { cookie } });
     expect(page.status).toBe(200);
     expect(await page.text()).toContain('terminal');
+    // The link worked once.
+    expect((await fetch(link, { redirect: 'manual' })).status).toBe(401);
 
     const shared = cliOk(h, ['ports', 'share', BOX, '8080', '--org']);
     expect(shared).toMatch(/shared with the organization: http:\/\/8080--web\.localhost:\d+\/\n$/);

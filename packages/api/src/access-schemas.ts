@@ -3,7 +3,7 @@
  * connection details (its SSH host identity and where the gateway listens).
  */
 import { z } from 'zod';
-import { TimestampSchema } from './common-schemas.js';
+import { NameSchema, TimestampSchema } from './common-schemas.js';
 
 export const SshKeySchema = z
   .object({
@@ -45,7 +45,9 @@ export const PortVisibilitySchema = z
   .enum(['private', 'org'])
   .meta({ description: 'private: only users who may connect to the box; org: every signed-in user of the organization' });
 
-export const BoxPortSchema = z.object({ port: z.number().int(), visibility: PortVisibilitySchema, previewUrl: z.string().nullable() }).meta({ id: 'BoxPort' });
+export const BoxPortSchema = z
+  .object({ port: z.number().int(), visibility: PortVisibilitySchema, previewUrl: z.string().nullable().meta({ description: "the preview's own host; null when no gateway with a preview domain runs" }) })
+  .meta({ id: 'BoxPort' });
 export const BoxPortListSchema = z.object({ items: z.array(BoxPortSchema) }).meta({ id: 'BoxPortList' });
 export const SetBoxPortRequestSchema = z.object({ visibility: PortVisibilitySchema }).strict();
 export const PortParamSchema = z.coerce.number().int().min(1).max(65535);
@@ -65,9 +67,25 @@ export const GatewayEndpointSchema = z
 
 export type GatewayEndpoint = z.infer<typeof GatewayEndpointSchema>;
 
+export const SignInRequestSchema = z
+  .object({
+    box: NameSchema.meta({ description: 'the box, as the user addresses it in the browser' }),
+    port: z.number().int().min(1).max(65535).optional().meta({ description: "the port whose preview to open; without it, the box's terminal" }),
+  })
+  .strict()
+  .meta({ id: 'SignInRequest' });
+
 export const CreateAccessTokenRequestSchema = z
-  .object({ ttlSeconds: z.number().int().min(30).max(12 * 3600).default(600).meta({ description: 'lifetime; at most 12 hours' }) })
+  .object({
+    ttlSeconds: z.number().int().min(30).max(12 * 3600).default(600).meta({ description: 'lifetime; at most 12 hours (not for sign-in links)' }),
+    signIn: SignInRequestSchema.optional().meta({
+      description:
+        "a browser sign-in link's token instead of a bearer token: for the terminal of a box (the caller must be allowed to connect to it) or the preview of one of its ports; valid for 60 seconds and one use, it becomes a browser session that opens only that",
+    }),
+  })
   .strict();
+
+export type SignInRequest = z.infer<typeof SignInRequestSchema>;
 
 export const AccessTokenSchema = z
   .object({

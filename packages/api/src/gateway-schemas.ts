@@ -63,6 +63,17 @@ export const RouteTableSchema = z
 
 export const WakeBoxRequestSchema = z.object({ subject: z.string().min(1) }).strict();
 
+export const RedeemSignInRequestSchema = z.object({ token: z.string().min(1).max(8192).meta({ description: "the token of a browser sign-in link, as the browser brought it" }) }).strict();
+
+export const BrowserSessionSchema = z
+  .object({
+    token: z.string().meta({ description: 'session token for the browser cookie: same user and scope as the link, valid for hours' }),
+    expiresAt: z.number().int().meta({ description: 'ms since epoch' }),
+  })
+  .meta({ id: 'BrowserSession' });
+
+export type BrowserSession = z.infer<typeof BrowserSessionSchema>;
+
 export type GatewaySyncRequest = z.infer<typeof GatewaySyncRequestSchema>;
 export type RouteBox = z.infer<typeof RouteBoxSchema>;
 export type RouteTable = z.infer<typeof RouteTableSchema>;

@@ -67,7 +67,7 @@ import {
   TeamListSchema,
   TokenListSchema,
 } from './tenancy-schemas.js';
-import { GatewaySyncRequestSchema, RouteTableSchema, WakeBoxRequestSchema } from './gateway-schemas.js';
+import { BrowserSessionSchema, GatewaySyncRequestSchema, RedeemSignInRequestSchema, RouteTableSchema, WakeBoxRequestSchema } from './gateway-schemas.js';
 import { AuditListSchema, AuditQuerySchema, AuditVerificationSchema } from './audit-schemas.js';
 import { OidcCallbackQuerySchema, OidcLoginQuerySchema, OidcLoginTokenSchema, OidcRedeemRequestSchema } from './oidc-schemas.js';
 import { PutSecretRequestSchema, SecretListSchema, SecretMetadataSchema, SecretParamsSchema } from './secret-schemas.js';
@@ -203,6 +203,7 @@ export const ROUTES = [
   { operationId: 'createAccessToken', method: 'POST', path: '/v1/access-tokens', summary: 'A short-lived signed token for a gateway (browser terminal, previews, `devyard ssh`)', tag: 'access', auth: 'user', permission: 'org:use', body: CreateAccessTokenRequestSchema, status: 201, response: AccessTokenSchema },
   { operationId: 'syncGateway', method: 'POST', path: '/v1/gateway/sync', summary: 'Gateway: register, report session activity and fetch the route table', tag: 'gateway', auth: 'gateway', body: GatewaySyncRequestSchema, status: 200, response: RouteTableSchema },
   { operationId: 'wakeBox', method: 'POST', path: '/v1/gateway/boxes/{id}/wake', summary: 'Gateway: start or resume a box for a user who connects to it', tag: 'gateway', auth: 'gateway', params: boxId, body: WakeBoxRequestSchema, status: 202, response: BoxSchema },
+  { operationId: 'redeemSignIn', method: 'POST', path: '/v1/gateway/sign-ins', summary: 'Gateway: redeem a browser sign-in link (once: a second redemption, through any gateway, is refused) for a browser session token of the same scope', tag: 'gateway', auth: 'gateway', body: RedeemSignInRequestSchema, status: 200, response: BrowserSessionSchema },
   { operationId: 'getMe', method: 'GET', path: '/v1/users/me', summary: 'Who you are: user, organization, role, teams, this token', tag: 'tenancy', auth: 'user', permission: 'org:read', status: 200, response: MeSchema },
   { operationId: 'listTokens', method: 'GET', path: '/v1/tokens', summary: 'Your API tokens (never their secrets)', tag: 'tenancy', auth: 'user', permission: 'org:read', status: 200, response: TokenListSchema },
   { operationId: 'createToken', method: 'POST', path: '/v1/tokens', summary: 'A personal API token, shown once (stored hashed), with expiry and scopes', tag: 'tenancy', auth: 'user', permission: 'org:read', body: CreateTokenRequestSchema, status: 201, response: CreatedTokenSchema },

@@ -14,6 +14,10 @@ export interface GatewayChildOptions {
   host: string;
   sshPort: number;
   httpPort: number;
+  /** `--public-url` of the gateway (default: its listen address). */
+  publicUrl?: string;
+  /** `--preview-domain`: a domain, null for none, undefined for the gateway's default. */
+  previewDomain?: string | null;
   /** Receives the child's JSON log lines as they are. */
   logLine: (line: string) => void;
   /** Told when the child died and is being restarted. */
@@ -23,22 +27,24 @@ export interface GatewayChildOptions {
 }
 
 export interface GatewayChild {
-  /** Where the gateway listens, from its "gateway ready" log line. */
-  endpoint: { url: string; sshHost: string; sshPort: number };
+  /** Where the gateway listens and its preview domain (null: none), from its "gateway ready" log line. */
+  endpoint: { url: string; sshHost: string; sshPort: number; previewDomain: string | null };
   stop(): Promise<void>;
 }
 
-function launch(o: GatewayChildOptions, sshPort: number, httpPort: number): { proc: ChildProcess; ready: Promise<{ url: string; ssh: string }> } {
+function launch(o: GatewayChildOptions, sshPort: number, httpPort: number): { proc: ChildProcess; ready: Promise<{ url: string; ssh: string; previews: string | null }> } {
   const args = [o.script ?? cliScript(), 'gateway', '--server', o.serverUrl, '--token-file', o.tokenFile, '--host', o.host, '--ssh-port', String(sshPort), '--http-port', String(httpPort)];
+  if (o.publicUrl !== undefined) args.push('--public-url', o.publicUrl);
+  if (o.previewDomain !== undefined) args.push('--preview-domain', o.previewDomain ?? 'none');
   const proc = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'pipe', 'ipc'] });
   let last = '';
-  const ready = new Promise<{ url: string; ssh: string }>((resolve, reject) => {
+  const ready = new Promise<{ url: string; ssh: string; previews: string | null }>((resolve, reject) => {
     createInterface({ input: proc.stderr! }).on('line', (line) => {
       o.logLine(line);
       if (line.trim()) last = line.trim();
       try {
-        const rec = JSON.parse(line) as { msg?: string; http?: string; ssh?: string };
-        if (rec.msg === 'gateway ready' && rec.http && rec.ssh) resolve({ url: rec.http, ssh: rec.ssh });
+        const rec = JSON.parse(line) as { msg?: string; http?: string; ssh?: string; previews?: string | null };
+        if (rec.msg === 'gateway ready' && rec.http && rec.ssh) resolve({ url: rec.http, ssh: rec.ssh, previews: rec.previews ?? null });
       } catch {
         // Not JSON: a one-line error the CLI printed before exiting.
       }
@@ -53,7 +59,7 @@ export async function startGatewayChild(o: GatewayChildOptions): Promise<Gateway
   let { proc, ready } = launch(o, o.sshPort, o.httpPort);
   const first = await ready;
   const [sshHost, sshPortText] = [first.ssh.slice(0, first.ssh.lastIndexOf(':')), first.ssh.slice(first.ssh.lastIndexOf(':') + 1)];
-  const endpoint = { url: first.url, sshHost, sshPort: Number(sshPortText) };
+  const endpoint = { url: first.url, sshHost, sshPort: Number(sshPortText), previewDomain: first.previews };
   const httpPort = Number(new URL(first.url).port);
   const supervise = (p: ChildProcess) => {
     p.once('exit', (code, signal) => {

@@ -146,12 +146,14 @@ describe('gateway links', () => {
     expect(tunnelUrl({ ...gw, url: 'https://gw.example.com/' }, '/v1/boxes/web/tcp/80')).toBe('wss://gw.example.com/v1/boxes/web/tcp/80');
   });
 
-  it('signs in to the terminal, a host-form preview, or a path-form preview', () => {
+  it('signs in to the terminal, or to a preview on its own host', () => {
     expect(browserLink(gw, 'dy_a+b', 'web')).toBe('http://127.0.0.1:7100/__devyard/auth?token=dy_a%2Bb&next=%2Fboxes%2Fweb%2Fterminal');
     expect(browserLink(gw, 't', 'web', 3000)).toBe('http://3000--web.localhost:7100/__devyard/auth?token=t&next=%2F');
     expect(browserLink({ ...gw, url: 'https://gw.example.com', previewDomain: 'preview.example.com' }, 't', 'web', 3000)).toBe(
       'https://3000--web.preview.example.com/__devyard/auth?token=t&next=%2F',
     );
-    expect(browserLink({ ...gw, previewDomain: null }, 't', 'web', 3000)).toBe('http://127.0.0.1:7100/__devyard/auth?token=t&next=%2Fp%2Fweb%2F3000%2F');
+    expect(browserLink({ ...gw, url: 'https://example.com/devyard/' }, 't', 'web')).toBe('https://example.com/devyard/__devyard/auth?token=t&next=%2Fdevyard%2Fboxes%2Fweb%2Fterminal');
+    // Never under the gateway's origin: a gateway without a preview domain serves no previews.
+    expect(() => browserLink({ ...gw, previewDomain: null }, 't', 'web', 3000)).toThrow(/serves no previews: start it with --preview-domain/);
   });
 });

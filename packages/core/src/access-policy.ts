@@ -47,3 +47,22 @@ export function parsePreviewHost(host: string, domain: string): { port: number; 
   const port = Number(m[1]);
   return port >= 1 && port <= 65535 ? { port, box: m[2]! } : null;
 }
+
+/**
+ * What one browser credential (a sign-in link, the cookie it becomes) opens: the terminal of one
+ * box, or the preview of one port of one box. Box names are as the user addresses them in the URL
+ * (`/boxes/<box>/terminal`, `<port>--<box>.<domain>`); the gateway resolves them for the token's
+ * subject on every request, as it does for bearer tokens.
+ */
+export type BrowserScope = { kind: 'terminal'; box: string } | { kind: 'preview'; box: string; port: number };
+
+/** Whether a credential of scope `held` opens `wanted`: only the very thing it was issued for. */
+export function scopeCovers(held: BrowserScope, wanted: BrowserScope): boolean {
+  if (held.kind === 'terminal') return wanted.kind === 'terminal' && held.box === wanted.box;
+  return wanted.kind === 'preview' && held.box === wanted.box && held.port === wanted.port;
+}
+
+/** The path of a box's browser terminal; its session cookie is scoped to it (and to `/ws` below it). */
+export function terminalPath(box: string): string {
+  return `/boxes/${box}/terminal`;
+}

@@ -6,8 +6,8 @@
 import { createPublicKey, type KeyObject } from 'node:crypto';
 import ssh2 from 'ssh2';
 import type { GatewayEndpoint } from '@devyard/api/access-schemas';
-import type { BoxActivity, RouteBox, RouteTable } from '@devyard/api/gateway-schemas';
-import { verifyAccessToken, type AccessClaims } from '@devyard/api/access-tokens';
+import type { BoxActivity, BrowserSession, RouteBox, RouteTable } from '@devyard/api/gateway-schemas';
+import { verifyAccessToken, type AccessClaims, type AccessTokenUse } from '@devyard/api/access-tokens';
 import { gatewayAccess, mayConnect, mayOpenPort } from '@devyard/core/access-policy';
 import type { BoxAccess } from '@devyard/core/rbac-policy';
 
@@ -17,6 +17,8 @@ export interface GatewayControlPlane {
   syncGateway(req: { gatewayId: string; endpoint: GatewayEndpoint; activity: BoxActivity[] }): Promise<RouteTable>;
   /** Starts or resumes a box for a user; answers the box's new state. */
   wakeBox(boxId: string, subject: string): Promise<{ phase: string; desiredState: string }>;
+  /** Redeems a browser sign-in link, once across all gateways, for the session token of its cookie. */
+  redeemSignIn(token: string): Promise<BrowserSession>;
 }
 
 /** A registered user key, parsed once per table. */
@@ -166,10 +168,15 @@ export class RouteCache {
     return k ? { subject: k.subject, key: k.key } : undefined;
   }
 
-  /** Verifies a server-signed access token; its claims, or null. */
-  verifyAccessToken(token: string): AccessClaims | null {
+  /** Verifies a server-signed access token of the given use (a CLI bearer token by default); its claims, or null. */
+  verifyAccessToken(token: string, use: AccessTokenUse = 'access'): AccessClaims | null {
     if (!this.accessKey) return null;
-    return verifyAccessToken(token, this.accessKey, this.now());
+    return verifyAccessToken(token, this.accessKey, this.now(), use);
+  }
+
+  /** Redeems a sign-in link at the server (which records it, so it works once, anywhere). */
+  redeemSignIn(token: string): Promise<BrowserSession> {
+    return this.opts.control.redeemSignIn(token);
   }
 
   private membership(subject: string, orgId: string) {

@@ -6,7 +6,7 @@ import type { Box, BoxEvent, CreateBoxRequest, ExecSession, ForkBoxRequest, Fork
 import type { BoxStatusReport, DesiredSet, PrebuildReport, Node, RegisterNodeRequest, RegisterNodeResponse } from '@devyard/api/node-schemas';
 import type { CreateTemplateRequest, Prebuild, Template } from '@devyard/api/template-schemas';
 import type { AccessToken, BoxConnection, BoxPort, PortVisibility, SshKey, SshKeyChallenge } from '@devyard/api/access-schemas';
-import type { GatewaySyncRequest, RouteTable } from '@devyard/api/gateway-schemas';
+import type { BrowserSession, GatewaySyncRequest, RouteTable } from '@devyard/api/gateway-schemas';
 import type { SecretMetadata } from '@devyard/api/secret-schemas';
 import type { AuditEntry, AuditVerification } from '@devyard/api/audit-schemas';
 import type { OidcLoginToken } from '@devyard/api/oidc-schemas';
@@ -238,6 +238,11 @@ export class DevyardClient {
     return (await this.request<AccessToken>('POST', '/v1/access-tokens', { body: ttlSeconds ? { ttlSeconds } : {} })).body;
   }
 
+  /** The token of a browser sign-in link: a box's terminal, or with `port` that port's preview (one use, a minute). */
+  async createSignInToken(box: string, port?: number): Promise<AccessToken> {
+    return (await this.request<AccessToken>('POST', '/v1/access-tokens', { body: { signIn: { box, ...(port !== undefined ? { port } : {}) } } })).body;
+  }
+
   // ---- secrets (values are write-only: nothing here reads one back) ----
 
   /** Sets a secret; scope is `org`, `user`, `team:<team>` or `template:<template>`. */
@@ -262,6 +267,11 @@ export class DevyardClient {
   /** Gateway only: start or resume a box for a connecting user. */
   async wakeBox(boxId: string, subject: string): Promise<Box> {
     return (await this.request<Box>('POST', `/v1/gateway/boxes/${encodeURIComponent(boxId)}/wake`, { body: { subject } })).body;
+  }
+
+  /** Gateway only: redeem a browser sign-in link (once) for the session token of its cookie. */
+  async redeemSignIn(token: string): Promise<BrowserSession> {
+    return (await this.request<BrowserSession>('POST', '/v1/gateway/sign-ins', { body: { token } })).body;
   }
 
   // ---- audit log (issue 5) ----

@@ -481,6 +481,39 @@ describe('access routes', () => {
     cover('createAccessToken');
   });
 
+  it('issues sign-in links for one terminal or preview, each redeemed once for a browser session of the same scope', async () => {
+    const key = (await gateway.syncGateway({ gatewayId: 'g1', endpoint: gatewayEndpoint, activity: [] })).accessTokenKey;
+    const link = await user.createSignInToken('acc');
+    const claims = verifyAccessToken(link.token, key, Date.now(), 'sign-in');
+    expect(claims).toMatchObject({ sub: 'admin', use: 'sign-in', scope: { kind: 'terminal', box: 'acc' } });
+    expect(claims!.exp - claims!.iat).toBe(60_000);
+    expect(Date.parse(link.expiresAt)).toBe(claims!.exp);
+    // A link is no bearer token, and a bearer token is no link.
+    expect(verifyAccessToken(link.token, key, Date.now())).toBeNull();
+    expect(verifyAccessToken((await user.createAccessToken(60)).token, key, Date.now(), 'sign-in')).toBeNull();
+    // A terminal link needs a box the caller may connect to; a preview's box is resolved by the gateway, for the viewer.
+    expect((await problemOf(other.createSignInToken('acc'))).status).toBe(404);
+    const preview = await other.createSignInToken('acc', 8080);
+    expect(verifyAccessToken(preview.token, key, Date.now(), 'sign-in')?.scope).toEqual({ kind: 'preview', box: 'acc', port: 8080 });
+    expect((await raw('POST', '/v1/access-tokens', { body: JSON.stringify({ signIn: { box: 'acc', port: 0 } }) })).status).toBe(400);
+    expect((await raw('POST', '/v1/access-tokens', { body: JSON.stringify({ signIn: { box: '../x' } }) })).status).toBe(400);
+
+    const session = await gateway.redeemSignIn(link.token);
+    const s = verifyAccessToken(session.token, key, Date.now(), 'session');
+    expect(s).toMatchObject({ sub: 'admin', use: 'session', scope: { kind: 'terminal', box: 'acc' } });
+    expect(session.expiresAt - Date.now()).toBeGreaterThan(7.9 * 3600_000);
+    expect(s!.jti).not.toBe(claims!.jti);
+    // Once, whichever gateway asks; and only links are redeemed.
+    const again = await problemOf(gateway.redeemSignIn(link.token));
+    expect([again.status, again.message]).toEqual([401, expect.stringContaining('used already')]);
+    expect((await problemOf(gateway.redeemSignIn(session.token))).status).toBe(401);
+    expect((await problemOf(gateway.redeemSignIn((await user.createAccessToken(60)).token))).status).toBe(401);
+    expect((await problemOf(gateway.redeemSignIn(`${preview.token.slice(0, -4)}AAAA`))).status).toBe(401);
+    expect((await problemOf(user.redeemSignIn(preview.token))).status).toBe(403);
+    expect((await gateway.redeemSignIn(preview.token)).token).toMatch(/^dya_/);
+    cover('redeemSignIn');
+  });
+
   it('sets port visibility for the owner only and shows preview URLs', async () => {
     const p = await user.setBoxPort('acc', 8080, 'org');
     expect(p).toEqual({ port: 8080, visibility: 'org', previewUrl: 'http://8080--acc.localhost:7100/' });

@@ -445,7 +445,7 @@ export function registerAccessCommands(program: Command): void {
 
   program
     .command('open')
-    .description("open the box's terminal in a browser, or the preview of a port (prints the sign-in link)")
+    .description("open the box's terminal in a browser, or the preview of a port on its own host (prints a one-use sign-in link)")
     .argument('<name>')
     .option('--port <port>', 'open the preview of this port instead', (v) => {
       const n = Number(v);
@@ -454,12 +454,14 @@ export function registerAccessCommands(program: Command): void {
     })
     .action(async (name: string, o) => {
       const client = clientFromEnv();
-      const conn = await client.getBoxConnection(name);
-      const tok = await client.createAccessToken(8 * 3600);
-      const link = browserLink(requireGateway(tok.gateway ?? conn.gateway), tok.token, name, o.port as number | undefined);
+      const port = o.port as number | undefined;
+      // A link for exactly this terminal or preview, one use within a minute (the server checks that
+      // you may connect to the box for a terminal; the gateway checks a preview when it is opened).
+      const tok = await client.createSignInToken(name, port);
+      const link = browserLink(requireGateway(tok.gateway), tok.token, name, port);
       process.stdout.write(`${link}\n`);
       if (process.stdout.isTTY) {
-        process.stderr.write('(a sign-in link valid for 8 hours: do not share it)\n');
+        process.stderr.write('(a sign-in link for one use within a minute; the browser session it opens lasts 8 hours)\n');
         if (spawnSync('sh', ['-c', 'command -v xdg-open'], { stdio: 'ignore' }).status === 0) {
           spawn('xdg-open', [link], { stdio: 'ignore', detached: true }).on('error', () => {}).unref();
         }
@@ -477,7 +479,7 @@ export function registerAccessCommands(program: Command): void {
       if (list.length === 0) {
         return void process.stdout.write(`no shared ports on ${name}: every port is private (preview one with \`devyard open ${name} --port N\`, share it with \`devyard ports share ${name} N\`)\n`);
       }
-      process.stdout.write(`${table(['PORT', 'VISIBILITY', 'PREVIEW'], list.map((p) => [p.port, p.visibility, p.previewUrl ?? '- (no gateway running)']))}\n`);
+      process.stdout.write(`${table(['PORT', 'VISIBILITY', 'PREVIEW'], list.map((p) => [p.port, p.visibility, p.previewUrl ?? '- (no gateway serves previews)']))}\n`);
     });
   const portArg = (v: string) => {
     const n = Number(v);

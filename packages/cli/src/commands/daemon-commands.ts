@@ -119,6 +119,15 @@ function onShutdown(fn: () => Promise<void>, note = 'boxes keep running; start a
   process.on('SIGTERM', () => handler('SIGTERM'));
 }
 
+const PREVIEW_DOMAIN_HELP =
+  'previews at <port>--<box>.<domain>, a site apart from the gateway (e.g. gateway devyard.example.com, previews under preview.example-boxes.com; the gateway refuses to start otherwise); "none" serves no previews; default localhost for a gateway at a loopback IP address';
+
+/** `--preview-domain`: a domain, "none" (null: no previews) or absent (the gateway's default). */
+function previewDomainFlag(v: string | undefined): string | null | undefined {
+  if (v === undefined) return undefined;
+  return v === 'none' || v === '' ? null : v;
+}
+
 export function registerDaemonCommands(program: Command): void {
   runtimeOptions(program
     .command('up'))
@@ -132,6 +141,8 @@ export function registerDaemonCommands(program: Command): void {
     .option('--prebuild-check-ms <ms>', 'how often tracked refs are checked for new commits to prebuild', (v) => Number(v), 60_000)
     .option('--ssh-port <port>', 'gateway SSH port (0 picks one)', portOption, 2222)
     .option('--gateway-port <port>', 'gateway HTTP port: browser terminal, previews, CLI tunnels (0 picks one)', portOption, 7100)
+    .option('--gateway-url <url>', 'base URL browsers and the CLI reach the gateway at (default http://HOST:GATEWAY-PORT)')
+    .option('--preview-domain <domain>', PREVIEW_DOMAIN_HELP)
     .action(async (o) => {
       requireRoot('devyard up');
       const dataDir = resolve(o.dataDir);
@@ -154,6 +165,8 @@ export function registerDaemonCommands(program: Command): void {
           host: o.host,
           sshPort: o.sshPort,
           httpPort: o.gatewayPort,
+          publicUrl: o.gatewayUrl as string | undefined,
+          previewDomain: previewDomainFlag(o.previewDomain as string | undefined),
           logLine: (line) => line.trim() && log.info({ role: 'gateway', line }, 'gateway log'),
           onRestart: (why) => log.warn({ role: 'gateway' }, why),
         });
@@ -162,7 +175,7 @@ export function registerDaemonCommands(program: Command): void {
         await cp.close();
         log.flush();
         const m = (e as Error).message;
-        throw new Error(/in use/.test(m) ? `${m.replace(/--http-port/, '--gateway-port')}` : `the gateway did not start: ${m}`);
+        throw new Error(/in use/.test(m) ? `${m.replace(/--http-port/, '--gateway-port')}` : `the gateway did not start: ${m.replace(/--public-url/g, '--gateway-url')}`);
       }
       const gw = { ...gateway.endpoint };
       const sshPortFlag = gw.sshPort === 22 ? '' : `-p ${gw.sshPort} `;
@@ -187,6 +200,9 @@ export function registerDaemonCommands(program: Command): void {
           `  Token     ${cp.tokens.adminToken}`,
           `  CLI       configured in ${cfgFile} (or set DEVYARD_URL and DEVYARD_TOKEN)`,
           `  Gateway   ${gw.url}   (browser terminal: devyard open NAME)`,
+          gw.previewDomain
+            ? `  Previews  ${new URL(gw.url).protocol}//PORT--NAME.${gw.previewDomain}${new URL(gw.url).port ? `:${new URL(gw.url).port}` : ''}/   (a site of their own: devyard open NAME --port PORT)`
+            : '  Previews  off (no --preview-domain)',
           `  SSH       ssh ${sshPortFlag}NAME@${gw.sshHost}   (after \`devyard keys add\`), or: devyard ssh NAME`,
           `  Data      ${dataDir}   (log: ${join(dataDir, 'devyard.log')})`,
           '',
@@ -257,7 +273,7 @@ export function registerDaemonCommands(program: Command): void {
     .option('--http-port <port>', 'HTTP port (0 picks one)', portOption, 7100)
     .option('--public-url <url>', 'base URL browsers and the CLI reach the HTTP port at (default http://HOST:PORT)')
     .option('--ssh-public-host <host>', 'host name users give ssh (default: the public URL\'s host)')
-    .option('--preview-domain <domain>', 'previews at <port>--<box>.<domain> ("none": under /p/<box>/<port>/; default localhost for a loopback URL)')
+    .option('--preview-domain <domain>', PREVIEW_DOMAIN_HELP)
     .action(async (o) => {
       let token = process.env.DEVYARD_GATEWAY_TOKEN?.trim();
       if (o.tokenFile) {
@@ -269,7 +285,7 @@ export function registerDaemonCommands(program: Command): void {
       }
       if (!token) throw new CliUsageError('the gateway needs its token: --token-file <server data dir>/gateway.token, or DEVYARD_GATEWAY_TOKEN');
       const log = pino({ level: 'info' }, pino.destination(2));
-      const previewDomain = o.previewDomain === undefined ? undefined : o.previewDomain === 'none' || o.previewDomain === '' ? null : (o.previewDomain as string);
+      const previewDomain = previewDomainFlag(o.previewDomain as string | undefined);
       // startGateway logs "gateway ready" with both endpoints once the ports are bound and the route table is in.
       const gateway = await startGatewayOn(
         {

@@ -1,12 +1,17 @@
 /**
  * The browser terminal: one HTML page with xterm.js that speaks the exec protocol
  * (`@devyard/api/exec-protocol`) with the gateway over a WebSocket: binary frames with a channel
- * byte for bytes, JSON text frames for resize and exit.
+ * byte for bytes, JSON text frames for resize and exit. The page carries the CSRF token the
+ * WebSocket must present besides the cookie, which only a page of the gateway's origin can read.
  */
 const escapeHtml = (s: string) => s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 
-export function terminalPage(box: string): string {
+export function terminalPage(box: string, csrf: string, subject: string): string {
   const name = escapeHtml(box);
+  // Whose session this is, in plain sight: a link someone else sent signs the browser in as them.
+  const who = escapeHtml(subject);
+  // JSON of base64url text: nothing in it can close the script element.
+  const config = JSON.stringify({ csrf });
   return `<!doctype html>
 <html lang="en">
 <head>
@@ -20,12 +25,13 @@ export function terminalPage(box: string): string {
 </style>
 </head>
 <body>
-<div id="bar">${name} · <span id="status">connecting…</span></div>
+<div id="bar">${name} · signed in as <span id="subject">${who}</span> · <span id="status">connecting…</span></div>
 <div id="term"></div>
 <script src="/__devyard/assets/xterm.js"></script>
 <script src="/__devyard/assets/addon-fit.js"></script>
 <script>
 (() => {
+  const config = ${config};
   const term = new Terminal({ cursorBlink: true, fontSize: 14, scrollback: 5000 });
   const fit = new FitAddon.FitAddon();
   term.loadAddon(fit);
@@ -33,7 +39,7 @@ export function terminalPage(box: string): string {
   fit.fit();
   const status = document.getElementById('status');
   const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
-  const ws = new WebSocket(proto + '//' + location.host + location.pathname.replace(/\\/$/, '') + '/ws?cols=' + term.cols + '&rows=' + term.rows);
+  const ws = new WebSocket(proto + '//' + location.host + location.pathname.replace(/\\/$/, '') + '/ws?cols=' + term.cols + '&rows=' + term.rows + '&csrf=' + encodeURIComponent(config.csrf));
   ws.binaryType = 'arraybuffer';
   const enc = new TextEncoder();
   ws.onopen = () => { status.textContent = 'connected'; term.focus(); };
@@ -65,12 +71,12 @@ export function terminalPage(box: string): string {
 `;
 }
 
-/** What an unauthenticated browser sees. */
-export function signInPage(): string {
+/** What an unauthenticated browser sees, with what went wrong when there is more to say. */
+export function signInPage(problem?: string): string {
   return `<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sign in — Devyard</title></head>
 <body style="font-family: system-ui, sans-serif; max-width: 40em; margin: 4em auto">
 <h1>Sign in to Devyard</h1>
-<p>This page belongs to a Devyard box. Open it with a sign-in link from the command line:</p>
+${problem ? `<p><strong>${escapeHtml(problem)}</strong></p>\n` : ''}<p>This page belongs to a Devyard box. Open it with a sign-in link from the command line (each link works once, within a minute):</p>
 <pre>devyard open BOX            # browser terminal
 devyard open BOX --port N   # a port's preview</pre>
 </body></html>

@@ -5,7 +5,7 @@ import { buildOpenApiDocument } from '@devyard/api/openapi-document';
 import type { CreateTemplateRequest } from '@devyard/api/template-schemas';
 import type { Verb } from '@devyard/core/box-lifecycle';
 import { DomainError } from '@devyard/core/domain-error';
-import type { AddSshKeyRequest, PortVisibility } from '@devyard/api/access-schemas';
+import type { AddSshKeyRequest, PortVisibility, SignInRequest } from '@devyard/api/access-schemas';
 import type { GatewaySyncRequest } from '@devyard/api/gateway-schemas';
 import type { ChangeFeed } from '../change-feed.js';
 import type { QuotaService } from '../services/quota-service.js';
@@ -206,9 +206,13 @@ export function createHandlers(d: HandlerDeps): Handlers {
       await d.access.removeKey(ctx.subject, ctx.params.id!);
       return undefined;
     },
-    createAccessToken: async (ctx) => d.access.createAccessToken(ctx.subject, (ctx.body as { ttlSeconds: number }).ttlSeconds),
+    createAccessToken: async (ctx) => {
+      const body = ctx.body as { ttlSeconds: number; signIn?: SignInRequest };
+      return d.access.createAccessToken(ctx.subject, body.ttlSeconds, body.signIn);
+    },
     syncGateway: async (ctx) => d.access.sync(ctx.body as GatewaySyncRequest),
     wakeBox: async (ctx) => view(await d.access.wake(ctx.params.id!, (ctx.body as { subject: string }).subject)),
+    redeemSignIn: async (ctx) => d.access.redeemSignIn((ctx.body as { token: string }).token),
 
     createTemplate: async (ctx) => toApiTemplate(await d.templates.create(ctx.body as CreateTemplateRequest, ctx.subject.orgId)),
     listTemplates: async (ctx) => ({ items: (await d.templates.list(ctx.subject.orgId)).map(toApiTemplate) }),

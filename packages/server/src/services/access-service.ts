@@ -5,11 +5,11 @@
  */
 import { createHash, createHmac, createPrivateKey, generateKeyPairSync, randomBytes, timingSafeEqual, type KeyObject } from 'node:crypto';
 import ssh2 from 'ssh2';
-import { SSH_KEY_PROOF_NAMESPACE, type AccessToken, type AddSshKeyRequest, type BoxConnection, type BoxPort, type GatewayEndpoint, type PortVisibility, type SshKey, type SshKeyChallenge } from '@devyard/api/access-schemas';
-import { signAccessToken } from '@devyard/api/access-tokens';
-import type { GatewaySyncRequest, RouteTable } from '@devyard/api/gateway-schemas';
+import { SSH_KEY_PROOF_NAMESPACE, type AccessToken, type AddSshKeyRequest, type BoxConnection, type BoxPort, type GatewayEndpoint, type PortVisibility, type SignInRequest, type SshKey, type SshKeyChallenge } from '@devyard/api/access-schemas';
+import { BROWSER_SESSION_TTL_MS, SIGN_IN_LINK_TTL_MS, signAccessToken, verifyAccessToken } from '@devyard/api/access-tokens';
+import type { BrowserSession, GatewaySyncRequest, RouteTable } from '@devyard/api/gateway-schemas';
 import { signSessionToken } from '@devyard/api/session-tokens';
-import { boxHostAlias, previewHost } from '@devyard/core/access-policy';
+import { boxHostAlias, previewHost, type BrowserScope } from '@devyard/core/access-policy';
 import { accessAtLeast } from '@devyard/core/rbac-policy';
 import { DomainError } from '@devyard/core/domain-error';
 import { newId } from '../ids.js';
@@ -215,13 +215,11 @@ export class AccessService {
 
   // ---- ports ----
 
+  /** Previews live only on their own hosts, never under the gateway's origin: none without a preview domain. */
   private previewUrl(endpoint: GatewayEndpoint | null, box: string, port: number): string | null {
-    if (!endpoint) return null;
-    if (endpoint.previewDomain) {
-      const u = new URL(endpoint.url);
-      return `${u.protocol}//${previewHost(port, box, endpoint.previewDomain)}${u.port ? `:${u.port}` : ''}/`;
-    }
-    return `${endpoint.url.replace(/\/$/, '')}/p/${box}/${port}/`;
+    if (!endpoint?.previewDomain) return null;
+    const u = new URL(endpoint.url);
+    return `${u.protocol}//${previewHost(port, box, endpoint.previewDomain)}${u.port ? `:${u.port}` : ''}/`;
   }
 
   async listPorts(subject: Subject, name: string, owner?: string): Promise<BoxPort[]> {
@@ -249,14 +247,52 @@ export class AccessService {
 
   // ---- tokens for gateways ----
 
-  async createAccessToken(subject: Subject, ttlSeconds: number): Promise<AccessToken> {
+  /**
+   * A bearer token for the CLI, or with `signIn` the token of a browser sign-in link: valid for a
+   * minute, for one terminal or one preview. A terminal link needs a box the caller may connect
+   * to (404 otherwise, before any link exists); a preview's box is resolved by the gateway for the
+   * viewer, as an org-visible port of another user's box may be meant.
+   */
+  async createAccessToken(subject: Subject, ttlSeconds: number, signIn?: SignInRequest): Promise<AccessToken> {
     const { privateKey } = await this.accessSigningKey();
     const iat = this.now();
-    const exp = iat + ttlSeconds * 1000;
+    if (!signIn) {
+      const exp = iat + ttlSeconds * 1000;
+      return {
+        token: signAccessToken({ sub: subject.name, aud: 'devyard-gateway', use: 'access', iat, exp }, privateKey),
+        expiresAt: new Date(exp).toISOString(),
+        gateway: await this.gatewayEndpoint(),
+      };
+    }
+    let scope: BrowserScope;
+    if (signIn.port === undefined) {
+      await this.connectable(subject, signIn.box);
+      scope = { kind: 'terminal', box: signIn.box };
+    } else scope = { kind: 'preview', box: signIn.box, port: signIn.port };
+    const exp = iat + SIGN_IN_LINK_TTL_MS;
     return {
-      token: signAccessToken({ sub: subject.name, aud: 'devyard-gateway', iat, exp }, privateKey),
+      token: signAccessToken({ sub: subject.name, aud: 'devyard-gateway', use: 'sign-in', scope, jti: randomBytes(16).toString('base64url'), iat, exp }, privateKey),
       expiresAt: new Date(exp).toISOString(),
       gateway: await this.gatewayEndpoint(),
+    };
+  }
+
+  /**
+   * Redeems a sign-in link for the browser session it becomes (same user, same scope), once: the
+   * store records the link's id, so a second redemption through any gateway is refused.
+   */
+  async redeemSignIn(token: string): Promise<BrowserSession> {
+    const { privateKey, publicPem } = await this.accessSigningKey();
+    const now = this.now();
+    const link = verifyAccessToken(token, publicPem, now, 'sign-in');
+    if (!link) throw new DomainError('unauthenticated', 'this sign-in link is invalid or expired (links last a minute): run `devyard open` again', { reason: 'sign-in-link-invalid' });
+    if (!(await this.access.redeemSignIn({ jti: link.jti!, subject: link.sub, redeemed_at: now, expires_at: link.exp }, now))) {
+      throw new DomainError('unauthenticated', 'this sign-in link was used already (each works once): run `devyard open` again', { reason: 'sign-in-link-used' });
+    }
+    const exp = now + BROWSER_SESSION_TTL_MS;
+    return {
+      token: signAccessToken({ sub: link.sub, aud: 'devyard-gateway', use: 'session', scope: link.scope, jti: randomBytes(16).toString('base64url'), iat: now, exp }, privateKey),
+      expiresAt: exp,
     };
   }
 

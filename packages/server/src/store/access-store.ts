@@ -4,7 +4,7 @@
  */
 import type { Kysely, Selectable } from 'kysely';
 import { DomainError } from '@devyard/core/domain-error';
-import type { BoxActivityTable, Database, GatewayTable, SshKeyTable } from './database-schema.js';
+import type { BoxActivityTable, Database, GatewayTable, RedeemedSignInTable, SshKeyTable } from './database-schema.js';
 import { isUniqueViolation, type Executor } from './store.js';
 
 export class AccessStore {
@@ -117,6 +117,16 @@ export class AccessStore {
 
   async getActivity(boxId: string, ex: Executor = this.db): Promise<Selectable<BoxActivityTable> | undefined> {
     return ex.selectFrom('box_activity').selectAll().where('box_id', '=', boxId).executeTakeFirst();
+  }
+
+  /**
+   * Records that a sign-in link was redeemed; false when it was already (by any gateway, through
+   * any server replica: the primary key decides). Rows of links expired by `now` are dropped first.
+   */
+  async redeemSignIn(r: Selectable<RedeemedSignInTable>, now: number, ex: Executor = this.db): Promise<boolean> {
+    await ex.deleteFrom('redeemed_sign_ins').where('expires_at', '<', now).execute();
+    const res = await ex.insertInto('redeemed_sign_ins').values(r).onConflict((oc) => oc.column('jti').doNothing()).executeTakeFirst();
+    return Number(res.numInsertedOrUpdatedRows ?? 0n) > 0;
   }
 
   /** A server key by name, created with `generate` on first use (first writer wins across replicas). */

@@ -231,6 +231,15 @@ export interface GatewayTable {
   last_seen_at: number;
 }
 
+export interface RedeemedSignInTable {
+  /** Token id of the sign-in link. */
+  jti: string;
+  subject: string;
+  redeemed_at: number;
+  /** When the link would have expired: the row is useless after. */
+  expires_at: number;
+}
+
 export interface ServerKeyTable {
   name: string;
   private_key: string;
@@ -319,6 +328,7 @@ export interface Database {
   box_activity: BoxActivityTable;
   gateways: GatewayTable;
   server_keys: ServerKeyTable;
+  redeemed_sign_ins: RedeemedSignInTable;
   prebuilds: PrebuildTable;
   templates: TemplateTable;
   boxes: BoxTable;

@@ -399,8 +399,25 @@ const m0010: Migration = {
   },
 };
 
+/**
+ * Browser sign-in links redeemed so far, by token id, kept until the link would have expired
+ * anyway: a link works once, through whichever gateway the browser reaches first.
+ */
+const m0011: Migration = {
+  async up(db: Kysely<unknown>) {
+    await db.schema
+      .createTable('redeemed_sign_ins')
+      .addColumn('jti', 'text', (c) => c.primaryKey())
+      .addColumn('subject', 'text', (c) => c.notNull())
+      .addColumn('redeemed_at', 'bigint', (c) => c.notNull())
+      .addColumn('expires_at', 'bigint', (c) => c.notNull())
+      .execute();
+    await db.schema.createIndex('redeemed_sign_ins_expiry').on('redeemed_sign_ins').column('expires_at').execute();
+  },
+};
+
 export const migrationProvider: MigrationProvider = {
   async getMigrations() {
-    return { '0001_initial': m0001, '0002_template_spec': m0002, '0003_prebuilds': m0003, '0004_access': m0004, '0005_tenancy': m0005, '0006_audit_log': m0006, '0007_secrets': m0007, '0008_invitations': m0008, '0009_box_fork_of': m0009, '0010_box_move': m0010 };
+    return { '0001_initial': m0001, '0002_template_spec': m0002, '0003_prebuilds': m0003, '0004_access': m0004, '0005_tenancy': m0005, '0006_audit_log': m0006, '0007_secrets': m0007, '0008_invitations': m0008, '0009_box_fork_of': m0009, '0010_box_move': m0010, '0011_redeemed_sign_ins': m0011 };
   },
 };
