@@ -47,6 +47,8 @@ import {
   CreateTeamRequestSchema,
   CreateTokenRequestSchema,
   CreateOrgRequestSchema,
+  OrgTrustSchema,
+  SetOrgTrustRequestSchema,
   AcceptInvitationRequestSchema,
   AcceptedInvitationSchema,
   CreateInvitationRequestSchema,
@@ -95,6 +97,7 @@ export interface RouteDef {
 }
 
 const boxName = z.object({ name: NameSchema });
+const orgName = z.object({ name: NameSchema });
 const anyName = z.object({ name: z.string().min(1).max(63) });
 const nodeId = z.object({ id: z.string().min(1).max(64) });
 const boxId = z.object({ id: z.string().min(1).max(64) });
@@ -210,6 +213,7 @@ export const ROUTES = [
   { operationId: 'revokeToken', method: 'DELETE', path: '/v1/tokens/{id}', summary: "Revoke one of your tokens (admins: a service account's)", tag: 'tenancy', auth: 'user', permission: 'org:read', params: keyId, status: 204 },
   { operationId: 'listOrgs', method: 'GET', path: '/v1/orgs', summary: 'Organizations you belong to, with your role', tag: 'tenancy', auth: 'user', permission: 'org:read', status: 200, response: OrgListSchema },
   { operationId: 'createOrg', method: 'POST', path: '/v1/orgs', summary: "Create an organization (operators, unless the server lets anyone); you become its owner, it gets the installation's default quota (then `POST /v1/tokens` with `org` to act in it)", tag: 'tenancy', auth: 'user', permission: 'org:read', body: CreateOrgRequestSchema, status: 201, response: OrgSchema },
+  { operationId: 'setOrgTrust', method: 'PUT', path: '/v1/orgs/{name}/trust', summary: "Operators: trust an organization's code to share the node's kernel (its boxes may use the sandbox runtime), or take it back; untrusted organizations' boxes run in microVMs", tag: 'tenancy', auth: 'user', permission: 'org:admin', params: orgName, body: SetOrgTrustRequestSchema, status: 200, response: OrgTrustSchema },
   { operationId: 'listMembers', method: 'GET', path: '/v1/org/members', summary: 'Members of your organization and their roles', tag: 'tenancy', auth: 'user', permission: 'org:read', status: 200, response: MemberListSchema },
   { operationId: 'setMember', method: 'PUT', path: '/v1/org/members/{user}', summary: "Change a member's role (admins; only owners grant or take owner)", tag: 'tenancy', auth: 'user', permission: 'org:admin', params: userParam, body: SetMemberRequestSchema, status: 204 },
   { operationId: 'removeMember', method: 'DELETE', path: '/v1/org/members/{user}', summary: 'Remove a member (the last owner stays)', tag: 'tenancy', auth: 'user', permission: 'org:admin', params: userParam, status: 204 },

@@ -47,7 +47,16 @@ export const CreateTokenRequestSchema = z
   })
   .strict();
 
-export const OrgSchema = z.object({ name: z.string(), role: OrgRoleSchema, createdAt: TimestampSchema }).meta({ id: 'Org' });
+export const OrgSchema = z
+  .object({
+    name: z.string(),
+    role: OrgRoleSchema,
+    createdAt: TimestampSchema,
+    trusted: z.boolean().meta({ description: "whether an operator trusts the organization's code to share the node's kernel (sandbox runtime); otherwise its boxes run in microVMs" }),
+  })
+  .meta({ id: 'Org' });
+export const OrgTrustSchema = z.object({ name: z.string(), trusted: z.boolean() }).meta({ id: 'OrgTrust' });
+export const SetOrgTrustRequestSchema = z.object({ trusted: z.boolean() }).strict();
 export const OrgListSchema = z.object({ items: z.array(OrgSchema) }).meta({ id: 'OrgList' });
 export const CreateOrgRequestSchema = z.object({ name: NameSchema }).strict();
 

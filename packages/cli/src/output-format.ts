@@ -29,11 +29,19 @@ export function age(iso: string, now = Date.now()): string {
   return `${Math.floor(s / 86400)}d`;
 }
 
+/** Which boundary separates the box from other tenants' code on its node. */
+function isolationText(runtime: string): string {
+  if (runtime === 'microvm') return 'microVM: its own guest kernel, a hardware boundary';
+  if (runtime === 'sandbox') return "sandbox: namespaces and cgroups on the node's kernel (trusted organizations only)";
+  return runtime;
+}
+
 export function boxDetails(b: Box): string {
   const lines = [
     ['Name', b.name],
     ['Template', `${b.template} v${b.templateVersion} (image ${b.image})`],
     ['Runtime', b.runtime],
+    ['Isolation', isolationText(b.runtime)],
     ...(b.forkOf ? [['Fork of', b.forkOf]] : []),
     ['State', `${b.phase} (desired: ${b.desiredState})`],
     ['Node', b.node ?? '-'],

@@ -322,12 +322,17 @@ export class DevyardClient {
     await this.request('DELETE', `/v1/tokens/${encodeURIComponent(id)}`);
   }
 
-  async listOrgs(): Promise<Array<{ name: string; role: OrgRole; createdAt: string }>> {
-    return (await this.get<{ items: Array<{ name: string; role: OrgRole; createdAt: string }> }>('/v1/orgs')).items;
+  async listOrgs(): Promise<Array<{ name: string; role: OrgRole; createdAt: string; trusted: boolean }>> {
+    return (await this.get<{ items: Array<{ name: string; role: OrgRole; createdAt: string; trusted: boolean }> }>('/v1/orgs')).items;
   }
 
-  async createOrg(name: string): Promise<{ name: string; role: OrgRole; createdAt: string }> {
-    return (await this.request<{ name: string; role: OrgRole; createdAt: string }>('POST', '/v1/orgs', { body: { name } })).body;
+  async createOrg(name: string): Promise<{ name: string; role: OrgRole; createdAt: string; trusted: boolean }> {
+    return (await this.request<{ name: string; role: OrgRole; createdAt: string; trusted: boolean }>('POST', '/v1/orgs', { body: { name } })).body;
+  }
+
+  /** Operators: whether the organization's code may share the node's kernel (sandbox runtime). */
+  async setOrgTrust(name: string, trusted: boolean): Promise<{ name: string; trusted: boolean }> {
+    return (await this.request<{ name: string; trusted: boolean }>('PUT', `/v1/orgs/${encodeURIComponent(name)}/trust`, { body: { trusted } })).body;
   }
 
   async listInvitations(): Promise<Invitation[]> {

@@ -758,6 +758,8 @@ describe('identity and tenancy routes', () => {
     await user.createOrg('acme');
     expect((await user.listOrgs()).map((o) => [o.name, o.role])).toEqual([['acme', 'owner'], ['default', 'owner']]);
     expect((await problemOf(user.createOrg('acme'))).status).toBe(409);
+    await user.setOrgTrust('acme', false);
+    cover('setOrgTrust');
     const inAcme = new DevyardClient({ url: cp.url, token: (await user.createToken({ name: 'acme', org: 'acme' })).token });
     expect((await inAcme.getMe()).org).toBe('acme');
     await user.createBox({ name: 'home-box', template: 'tiny', resources: small });

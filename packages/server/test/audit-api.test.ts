@@ -100,7 +100,7 @@ describe('targets and results', () => {
     expect([200, 202, 204, 302].map(auditResult)).toEqual(['ok', 'ok', 'ok', 'ok']);
     expect([401, 403, 404].map(auditResult)).toEqual(['denied', 'denied', 'denied']);
     expect([400, 409, 412, 413, 500, 503].map(auditResult).every((r) => r === 'error')).toBe(true);
-    expect([...UNAUDITED_OPERATIONS].sort()).toEqual(['heartbeatNode', 'reportStatus', 'syncGateway']);
+    expect([...UNAUDITED_OPERATIONS].sort()).toEqual(['heartbeatNode', 'redeemOidcLogin', 'reportStatus', 'syncGateway']);
   });
 });
 

@@ -112,6 +112,7 @@ const SETUP: Record<string, (p: Persona) => Promise<Call>> = {
   revokeToken: async (p) => ({ path: `/v1/tokens/${(await client(p).createToken({ name: 'to-revoke' })).info.id}` }),
   listOrgs: async () => ({ path: '/v1/orgs' }),
   createOrg: async () => ({ path: '/v1/orgs', body: { name: uniq('org') } }),
+  setOrgTrust: async () => ({ path: '/v1/orgs/elsewhere/trust', body: { trusted: false } }),
   listMembers: async () => ({ path: '/v1/org/members' }),
   setMember: async () => ({ path: `/v1/org/members/${(await owner.createServiceAccount(uniq('sa'), 'member')).info.user}`, body: { role: 'auditor' } }),
   removeMember: async () => ({ path: `/v1/org/members/${(await owner.createServiceAccount(uniq('sa'), 'member')).info.user}` }),
@@ -217,6 +218,7 @@ const EXPECTED: Record<string, Row> = {
   listOrgs: ALL,
   // Organizations and their allotments are the operators' (admins of the default organization).
   createOrg: OPERATORS,
+  setOrgTrust: OPERATORS,
   listMembers: ALL,
   setMember: ORG_ADMIN_HERE,
   removeMember: ORG_ADMIN_HERE,

@@ -116,6 +116,8 @@ describe('warm pools', () => {
     await user.putSecret('org', 'A_SECRET', 'default-org-value');
     await user.createOrg('tenant-b');
     await user.setQuota('org', { boxes: 1 }, 'tenant-b');
+    // Trusted, so its pool runs on this test's sandbox-only node.
+    await user.setOrgTrust('tenant-b', true);
     const b = new DevyardClient({ url: cp.url, token: (await user.createToken({ name: 'in-b', org: 'tenant-b' })).token });
     await b.putSecret('org', 'B_SECRET', 'tenant-b-value');
     await b.createTemplate({ name: 'btpl', image: 'tiny', runtime: 'sandbox' });

@@ -77,8 +77,18 @@ export function registerTenancyCommands(program: Command): void {
     .action(async (o) => {
       const list = await clientFromEnv().listOrgs();
       if (o.json) return printJson(list);
-      out(table(['NAME', 'ROLE', 'AGE'], list.map((x) => [x.name, x.role, age(x.createdAt)])));
+      out(table(['NAME', 'ROLE', 'BOXES RUN IN', 'AGE'], list.map((x) => [x.name, x.role, x.trusted ? 'sandbox or microVM (trusted)' : 'microVMs', age(x.createdAt)])));
     });
+  for (const [verb, trusted] of [['trust', true], ['untrust', false]] as const) {
+    orgs
+      .command(verb)
+      .description(trusted ? "operators: trust the organization's code to share the node's kernel (its boxes may use the sandbox)" : 'operators: its boxes run in microVMs again (sandbox boxes of it do not start again)')
+      .argument('<name>')
+      .action(async (name: string) => {
+        await clientFromEnv().setOrgTrust(name, trusted);
+        out(trusted ? `organization ${name} is trusted: its boxes may run in the sandbox` : `organization ${name} is not trusted: its new boxes run in microVMs`);
+      });
+  }
   orgs
     .command('create')
     .argument('<name>')

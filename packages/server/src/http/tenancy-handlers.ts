@@ -41,6 +41,7 @@ export function createTenancyHandlers(d: HandlerDeps) {
       return undefined;
     },
     listOrgs: async (ctx: HandlerContext) => ({ items: await d.tenancy.orgs(ctx.subject) }),
+    setOrgTrust: async (ctx: HandlerContext) => d.tenancy.setOrgTrust(ctx.subject, ctx.params.name!, (ctx.body as { trusted: boolean }).trusted),
     createOrg: async (ctx: HandlerContext) => d.tenancy.createOrg(ctx.subject, (ctx.body as { name: string }).name),
     listInvitations: async (ctx: HandlerContext) => ({ items: await d.tenancy.invitations(ctx.subject) }),
     createInvitation: async (ctx: HandlerContext) => {

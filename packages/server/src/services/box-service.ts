@@ -8,6 +8,7 @@ import { NameSchema } from '@devyard/api/common-schemas';
 import type { CreateBoxRequest, MoveBoxRequest } from '@devyard/api/box-schemas';
 import { signSessionToken } from '@devyard/api/session-tokens';
 import { planVerb, type Verb } from '@devyard/core/box-lifecycle';
+import { decideBoxRuntime, mayRunIn } from '@devyard/core/box-isolation';
 import { DomainError } from '@devyard/core/domain-error';
 import { accessAtLeast, boxAccess, type BoxAccess, type BoxViewer, type OrgRole, type SharedBox, type TeamRole } from '@devyard/core/rbac-policy';
 import type { TenancyStore } from '../store/tenancy-store.js';
@@ -134,7 +135,9 @@ export class BoxService {
         const what = req.templateVersion ? `template "${req.template}" version ${req.templateVersion}` : `template "${req.template}"`;
         throw new DomainError('invalid-input', `${what} does not exist (see \`devyard templates\`)`, { field: 'template' });
       }
-      const runtime = req.runtime ?? template.runtime;
+      // Untrusted organizations' boxes run in microVMs (core box-isolation).
+      const trusted = this.tenancy ? await this.tenancy.tenancy.orgTrusted(subject.orgId, tx) : true;
+      const runtime = decideBoxRuntime(req.runtime, template.runtime, trusted);
       if (runtime === 'sim') throw new DomainError('invalid-input', 'runtime "sim" is for scale tests only and not offered to users', { field: 'runtime' });
       const resources = resolveResources(req.resources, template.defaultResources, template.maxResources);
       const claimed = req.env === undefined && subject.kind !== 'system' ? await this.claimWarm(tx, subject, req.name, template.name, template.version, runtime, resources, now) : null;
@@ -466,7 +469,12 @@ export class BoxService {
         // Deleted during a move: the node it was moving from deletes its copy too.
         ...(cur.moveFromNodeId !== null ? { moveFromNodeId: null, cleanupNodeId: cur.moveFromNodeId } : {}),
       };
-      if ((verb === 'start' || verb === 'resume') && this.tenancy) await this.tenancy.quotas.check(next, tx);
+      if ((verb === 'start' || verb === 'resume') && this.tenancy) {
+        if (!mayRunIn(cur.runtime, await this.tenancy.tenancy.orgTrusted(cur.orgId, tx))) {
+          throw new DomainError('forbidden', `box ${cur.name} runs in the sandbox, which this organization is no longer trusted to use: recreate it (it will run in a microVM)`, { runtime: cur.runtime });
+        }
+        await this.tenancy.quotas.check(next, tx);
+      }
       const saved = await this.store.updateBox(next, cur.version, tx);
       await this.recordChange(tx, saved, verb === 'delete' ? 'DeleteRequested' : `${verb[0]!.toUpperCase()}${verb.slice(1)}Requested`, `${verb} requested by ${subject.name}`);
       return { box: saved, changed: true };

@@ -218,7 +218,20 @@ export class TenancyService {
 
   async orgs(subject: Subject) {
     const user = await this.requireUser(subject);
-    return (await this.tenancy.orgsOf(user.id)).map((o) => ({ name: o.name, role: o.role as OrgRole, createdAt: new Date(o.createdAt).toISOString() }));
+    return (await this.tenancy.orgsOf(user.id)).map((o) => ({ name: o.name, role: o.role as OrgRole, createdAt: new Date(o.createdAt).toISOString(), trusted: o.trusted }));
+  }
+
+  /**
+   * Marks an organization's code as trusted to share the node's kernel (its boxes may then run in
+   * the sandbox runtime), or takes that back: the operators' decision. Boxes created afterwards
+   * follow it; a sandbox box of an organization no longer trusted does not start again.
+   */
+  async setOrgTrust(subject: Subject, orgName: string, trusted: boolean) {
+    if (!isOperator(subject)) throw new DomainError('forbidden', "only the installation's operators decide which organizations are trusted", {});
+    const org = await this.tenancy.getOrgByName(orgName);
+    if (!org) throw new DomainError('not-found', `no organization "${orgName}"`, { org: orgName });
+    await this.tenancy.setOrgTrusted(org.id, trusted);
+    return { name: org.name, trusted };
   }
 
   /** A new organization with the caller as its owner. */
@@ -235,7 +248,7 @@ export class TenancyService {
       await this.tenancy.setMember(id, user.id, 'owner', now, tx);
       await this.tenancy.setQuota(id, 'org', 'org', JSON.stringify(this.orgPolicy.defaultQuota), now, tx);
     });
-    return { name, role: 'owner' as OrgRole, createdAt: new Date(now).toISOString() };
+    return { name, role: 'owner' as OrgRole, createdAt: new Date(now).toISOString(), trusted: false };
   }
 
   /**

@@ -145,6 +145,8 @@ export interface OrgTable {
   id: string;
   name: string;
   created_at: number;
+  /** 1 when an operator trusts the organization's code to share the node's kernel (sandbox runtime). */
+  trusted: Generated<number>;
 }
 
 export interface OrgMemberTable {

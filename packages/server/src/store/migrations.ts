@@ -416,8 +416,19 @@ const m0011: Migration = {
   },
 };
 
+/**
+ * Whether an organization's code is trusted to share the node's kernel (the sandbox runtime).
+ * Organizations are not, unless an operator says so; the default one is the operator's own.
+ */
+const m0012: Migration = {
+  async up(db: Kysely<unknown>) {
+    await db.schema.alterTable('orgs').addColumn('trusted', 'integer', (c) => c.notNull().defaultTo(0)).execute();
+    await sql`update orgs set trusted = 1 where id = 'org_default'`.execute(db);
+  },
+};
+
 export const migrationProvider: MigrationProvider = {
   async getMigrations() {
-    return { '0001_initial': m0001, '0002_template_spec': m0002, '0003_prebuilds': m0003, '0004_access': m0004, '0005_tenancy': m0005, '0006_audit_log': m0006, '0007_secrets': m0007, '0008_invitations': m0008, '0009_box_fork_of': m0009, '0010_box_move': m0010, '0011_redeemed_sign_ins': m0011 };
+    return { '0001_initial': m0001, '0002_template_spec': m0002, '0003_prebuilds': m0003, '0004_access': m0004, '0005_tenancy': m0005, '0006_audit_log': m0006, '0007_secrets': m0007, '0008_invitations': m0008, '0009_box_fork_of': m0009, '0010_box_move': m0010, '0011_redeemed_sign_ins': m0011, '0012_org_trust': m0012 };
   },
 };

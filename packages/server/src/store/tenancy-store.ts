@@ -62,7 +62,17 @@ export class TenancyStore {
     return ex.selectFrom('orgs').selectAll().where('name', '=', name).executeTakeFirst();
   }
 
-  async insertOrg(o: Selectable<OrgTable>, ex: Executor = this.db): Promise<void> {
+  /** Whether the organization's code may run in the sandbox runtime (unknown organizations are not). */
+  async orgTrusted(id: string, ex: Executor = this.db): Promise<boolean> {
+    const row = await ex.selectFrom('orgs').select('trusted').where('id', '=', id).executeTakeFirst();
+    return Number(row?.trusted ?? 0) === 1;
+  }
+
+  async setOrgTrusted(id: string, trusted: boolean, ex: Executor = this.db): Promise<void> {
+    await ex.updateTable('orgs').set({ trusted: trusted ? 1 : 0 }).where('id', '=', id).execute();
+  }
+
+  async insertOrg(o: Insertable<OrgTable>, ex: Executor = this.db): Promise<void> {
     try {
       await ex.insertInto('orgs').values(o).execute();
     } catch (e) {
@@ -71,15 +81,15 @@ export class TenancyStore {
     }
   }
 
-  async orgsOf(userId: string, ex: Executor = this.db): Promise<Array<{ id: string; name: string; role: string; createdAt: number }>> {
+  async orgsOf(userId: string, ex: Executor = this.db): Promise<Array<{ id: string; name: string; role: string; createdAt: number; trusted: boolean }>> {
     const rows = await ex
       .selectFrom('org_members')
       .innerJoin('orgs', 'orgs.id', 'org_members.org_id')
-      .select(['orgs.id as id', 'orgs.name as name', 'org_members.role as role', 'orgs.created_at as createdAt'])
+      .select(['orgs.id as id', 'orgs.name as name', 'org_members.role as role', 'orgs.created_at as createdAt', 'orgs.trusted as trusted'])
       .where('org_members.user_id', '=', userId)
       .orderBy('orgs.name')
       .execute();
-    return rows.map((r) => ({ ...r, createdAt: Number(r.createdAt) }));
+    return rows.map((r) => ({ ...r, createdAt: Number(r.createdAt), trusted: Number(r.trusted) === 1 }));
   }
 
   async membership(orgId: string, userId: string, ex: Executor = this.db): Promise<{ role: string } | undefined> {
