@@ -4,6 +4,7 @@
  */
 import { z } from 'zod';
 import { TimestampSchema } from './common-schemas.js';
+import { decimalInteger, inlineText, multilineText } from './input-schemas.js';
 
 export const SshKeySchema = z
   .object({
@@ -19,8 +20,8 @@ export const SshKeyListSchema = z.object({ items: z.array(SshKeySchema) }).meta(
 
 export const AddSshKeyRequestSchema = z
   .object({
-    publicKey: z.string().min(1).max(16_384).meta({ description: 'one OpenSSH public key line (the content of `~/.ssh/id_ed25519.pub`)' }),
-    name: z.string().min(1).max(100).optional().meta({ description: 'label; defaults to the key comment' }),
+    publicKey: multilineText(16_384, 1).meta({ description: 'one OpenSSH public key line (the content of `~/.ssh/id_ed25519.pub`)' }),
+    name: inlineText(100).optional().meta({ description: 'label; defaults to the key comment' }),
   })
   .strict();
 
@@ -34,7 +35,7 @@ export const PortVisibilitySchema = z
 export const BoxPortSchema = z.object({ port: z.number().int(), visibility: PortVisibilitySchema, previewUrl: z.string().nullable() }).meta({ id: 'BoxPort' });
 export const BoxPortListSchema = z.object({ items: z.array(BoxPortSchema) }).meta({ id: 'BoxPortList' });
 export const SetBoxPortRequestSchema = z.object({ visibility: PortVisibilitySchema }).strict();
-export const PortParamSchema = z.coerce.number().int().min(1).max(65535);
+export const PortParamSchema = decimalInteger(1, 65_535);
 
 export type PortVisibility = z.infer<typeof PortVisibilitySchema>;
 export type BoxPort = z.infer<typeof BoxPortSchema>;

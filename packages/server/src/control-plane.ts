@@ -121,8 +121,9 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
     tenancy: tenancyStore,
   });
   const audit = new AuditLog(store, now);
-  const oidc = opts.oidc && new OidcLogin(opts.oidc, { tenancy, now, publicUrl: () => opts.publicUrl ?? url, audit: (e) => audit.append(e) });
-  const app = createApp({ store, handlers: createHandlers({ store, feed, boxes, templates, nodes, access, now, audit, secrets, tenancy, tenancyStore, quotas, oidc }),
+  const publicUrl = () => opts.publicUrl ?? url;
+  const oidc = opts.oidc && new OidcLogin(opts.oidc, { tenancy, now, publicUrl, audit: (e) => audit.append(e) });
+  const app = createApp({ store, handlers: createHandlers({ store, feed, boxes, templates, nodes, access, now, audit, secrets, tenancy, tenancyStore, quotas, oidc, publicUrl }),
     principal: (row) => tenancy.principalForToken(row),
     logger: opts.logger,
   });
