@@ -20,9 +20,9 @@ export const GatewaySyncRequestSchema = z
     endpoint: z
       .object({
         url: httpBaseUrl().meta({ description: 'HTTP(S) base URL of the browser front door' }),
-        sshHost: inlineText(253),
+        sshHost: inlineText(253, 0),
         sshPort: z.number().int().min(0).max(65_535).meta({ description: '0 while the SSH port is not bound yet' }),
-        previewDomain: inlineText(253).nullable(),
+        previewDomain: inlineText(253, 0).nullable(),
       })
       .strict(),
     activity: z.array(BoxActivitySchema).max(100_000).default([]),

@@ -29,7 +29,7 @@ export const NodeListSchema = z.object({ items: z.array(NodeSchema) }).meta({ id
 export const MAX_NODE_IMAGES = 10_000;
 
 /** What a node holds: image names and digests as the agent lists them. */
-const NodeImagesSchema = z.array(inlineText(512)).max(MAX_NODE_IMAGES);
+const NodeImagesSchema = z.array(inlineText(512, 0)).max(MAX_NODE_IMAGES);
 
 /** Sent by an agent when it starts: what the node offers. */
 export const RegisterNodeRequestSchema = z
@@ -150,7 +150,7 @@ export const BoxStatusReportSchema = z
     phase: PhaseSchema,
     observedGeneration: z.number().int(),
     operationId: inlineText(200),
-    ip: inlineText(64).nullable().default(null),
+    ip: inlineText(64, 0).nullable().default(null),
     error: reportedText(8000).nullable().default(null).meta({ description: 'set when the operation failed' }),
     message: reportedText(8000).default(''),
   })

@@ -52,7 +52,7 @@ export interface ControlPlaneOptions {
   secrets?: { kek?: string; tenancy?: Partial<SecretTenancy> };
   /** Sign-in through an OpenID Connect provider (issue 5; docs/identity.md). */
   oidc?: OidcOptions;
-  /** Base URL browsers and CLIs reach this server at (default: the listen URL); the OIDC redirect URI derives from it. */
+  /** Base URL browsers and CLIs reach this server at (default: the listen URL); the OIDC redirect URI and the OpenAPI document's `servers` derive from it. */
   publicUrl?: string;
 }
 
