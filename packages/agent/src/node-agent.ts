@@ -63,6 +63,9 @@ export interface NodeAgentOptions {
 /** Progress lines of one box are reported at most this often. */
 const PROGRESS_INTERVAL_MS = 250;
 
+/** Longest error or progress line in a status report (the server's bound on both). */
+const REPORT_TEXT_MAX = 8000;
+
 /** An unchanged report is not sent again sooner than this. */
 const REPORT_REPEAT_MS = 5000;
 
@@ -483,8 +486,9 @@ export class NodeAgent {
 
   private report(box: DesiredBox, phase: Phase, ip: string | null, error: string | null = null, message = ''): void {
     // Hook output and errors become events on the server: never with a secret value in them.
-    error = error === null ? null : redactSecrets(error, box.secrets);
-    message = redactSecrets(message, box.secrets);
+    error = error === null ? null : redactSecrets(error, box.secrets).slice(0, REPORT_TEXT_MAX);
+    // A progress line can be any program's output; the server refuses a report with a longer one.
+    message = redactSecrets(message, box.secrets).slice(0, REPORT_TEXT_MAX);
     // The same report again within a few seconds adds nothing; later repeats are kept on purpose,
     // they heal a report the server lost (it applies them idempotently).
     const key = `${box.operationId}|${phase}|${ip}|${error}|${message}`;

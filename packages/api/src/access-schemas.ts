@@ -4,6 +4,7 @@
  */
 import { z } from 'zod';
 import { NameSchema, TimestampSchema } from './common-schemas.js';
+import { decimalInteger, inlineText, multilineText } from './input-schemas.js';
 
 export const SshKeySchema = z
   .object({
@@ -30,10 +31,10 @@ export const SshKeyChallengeSchema = z
 
 export const AddSshKeyRequestSchema = z
   .object({
-    publicKey: z.string().min(1).max(16_384).meta({ description: 'one OpenSSH public key line (the content of `~/.ssh/id_ed25519.pub`)' }),
-    name: z.string().min(1).max(100).optional().meta({ description: 'label; defaults to the key comment' }),
-    challenge: z.string().min(1).max(1024).meta({ description: 'from `POST /v1/users/me/keys/challenge`, at most 5 minutes old' }),
-    signature: z.string().min(1).max(16_384).meta({ description: 'the challenge signed with the key: the armored output of `ssh-keygen -Y sign -n devyard-ssh-key`' }),
+    publicKey: multilineText(16_384, 1).meta({ description: 'one OpenSSH public key line (the content of `~/.ssh/id_ed25519.pub`)' }),
+    name: inlineText(100).optional().meta({ description: 'label; defaults to the key comment' }),
+    challenge: inlineText(1024, 1).meta({ description: 'from `POST /v1/users/me/keys/challenge`, at most 5 minutes old' }),
+    signature: multilineText(16_384, 1).meta({ description: 'the challenge signed with the key: the armored output of `ssh-keygen -Y sign -n devyard-ssh-key`' }),
   })
   .strict();
 
@@ -50,7 +51,7 @@ export const BoxPortSchema = z
   .meta({ id: 'BoxPort' });
 export const BoxPortListSchema = z.object({ items: z.array(BoxPortSchema) }).meta({ id: 'BoxPortList' });
 export const SetBoxPortRequestSchema = z.object({ visibility: PortVisibilitySchema }).strict();
-export const PortParamSchema = z.coerce.number().int().min(1).max(65535);
+export const PortParamSchema = decimalInteger(1, 65_535);
 
 export type PortVisibility = z.infer<typeof PortVisibilitySchema>;
 export type BoxPort = z.infer<typeof BoxPortSchema>;

@@ -4,6 +4,7 @@
  */
 import { z } from 'zod';
 import { TimestampSchema } from './common-schemas.js';
+import { decimalInteger, inlineText } from './input-schemas.js';
 
 export const AuditResultSchema = z
   .enum(['ok', 'denied', 'error'])
@@ -30,9 +31,9 @@ export const AuditListSchema = z.object({ items: z.array(AuditEntrySchema) }).me
 
 export const AuditQuerySchema = z.object({
   since: z.iso.datetime({ offset: true }).optional().meta({ description: 'RFC 3339: only entries at or after this time' }),
-  actor: z.string().min(1).max(200).optional().meta({ description: 'only entries of this actor' }),
-  limit: z.coerce.number().int().min(1).max(1000).optional().meta({ description: 'at most this many entries (default 100; the JSON Lines export has no default limit)' }),
-  afterSeq: z.coerce.number().int().min(0).optional().meta({ description: 'only entries after this seq (forward paging)' }),
+  actor: inlineText(200).optional().meta({ description: 'only entries of this actor' }),
+  limit: decimalInteger(1, 1000).optional().meta({ description: 'at most this many entries (default 100; the JSON Lines export has no default limit)' }),
+  afterSeq: decimalInteger(0, Number.MAX_SAFE_INTEGER).optional().meta({ description: 'only entries after this seq (forward paging)' }),
   order: z.enum(['asc', 'desc']).optional().meta({ description: 'asc (default): oldest first; desc: newest first' }),
   format: z.enum(['json', 'jsonl']).optional().meta({ description: 'jsonl: the export, one entry per line as application/x-ndjson, oldest first' }),
 });

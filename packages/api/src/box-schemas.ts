@@ -2,6 +2,7 @@ import { z } from 'zod';
 import { DESIRED_STATES, PHASES } from '@devyard/core/box-lifecycle';
 import { NameSchema, ResourcesInputSchema, ResourcesSchema, TimestampSchema } from './common-schemas.js';
 import { RuntimeSchema } from './template-schemas.js';
+import { EnvSchema, inlineText } from './input-schemas.js';
 
 export const DesiredStateSchema = z.enum(DESIRED_STATES).meta({ id: 'DesiredState' });
 export const PhaseSchema = z.enum(PHASES).meta({ id: 'Phase' });
@@ -13,7 +14,7 @@ export const CreateBoxRequestSchema = z
     templateVersion: z.number().int().positive().optional().meta({ description: 'default: the latest version' }),
     runtime: RuntimeSchema.optional().meta({ description: "default: the template's runtime" }),
     resources: ResourcesInputSchema.optional(),
-    env: z.record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/), z.string()).optional(),
+    env: EnvSchema.optional(),
   })
   .strict()
   .meta({ id: 'CreateBoxRequest' });
@@ -82,10 +83,7 @@ export const ForkBoxResponseSchema = z
 
 export const MoveBoxRequestSchema = z
   .object({
-    node: z
-      .string()
-      .min(1)
-      .max(63)
+    node: inlineText(63)
       .optional()
       .meta({ description: "the node to move the box to; absent: the scheduler picks one (never the box's current node)" }),
   })

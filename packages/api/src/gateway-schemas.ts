@@ -4,19 +4,27 @@
  * valid) while the server is down.
  */
 import { z } from 'zod';
-import { GatewayEndpointSchema, PortVisibilitySchema } from './access-schemas.js';
+import { PortVisibilitySchema } from './access-schemas.js';
 import { DesiredStateSchema, PhaseSchema } from './box-schemas.js';
+import { httpBaseUrl, inlineText } from './input-schemas.js';
 
 export const BoxActivitySchema = z.object({
-  boxId: z.string(),
+  boxId: inlineText(128),
   lastActiveAt: z.number().int().meta({ description: 'ms since epoch of the last byte through a session' }),
   sessions: z.number().int().min(0).meta({ description: 'sessions open on this gateway now' }),
 });
 
 export const GatewaySyncRequestSchema = z
   .object({
-    gatewayId: z.string().min(1).max(100),
-    endpoint: GatewayEndpointSchema,
+    gatewayId: inlineText(100),
+    endpoint: z
+      .object({
+        url: httpBaseUrl().meta({ description: 'HTTP(S) base URL of the browser front door' }),
+        sshHost: inlineText(253, 0),
+        sshPort: z.number().int().min(0).max(65_535).meta({ description: '0 while the SSH port is not bound yet' }),
+        previewDomain: inlineText(253, 0).nullable(),
+      })
+      .strict(),
     activity: z.array(BoxActivitySchema).max(100_000).default([]),
   })
   .strict();
@@ -61,7 +69,7 @@ export const RouteTableSchema = z
   })
   .meta({ id: 'RouteTable' });
 
-export const WakeBoxRequestSchema = z.object({ subject: z.string().min(1) }).strict();
+export const WakeBoxRequestSchema = z.object({ subject: inlineText(200) }).strict();
 
 export const RedeemSignInRequestSchema = z.object({ token: z.string().min(1).max(8192).meta({ description: "the token of a browser sign-in link, as the browser brought it" }) }).strict();
 

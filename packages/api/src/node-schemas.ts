@@ -2,6 +2,7 @@ import { z } from 'zod';
 import { ResourcesSchema, TimestampSchema } from './common-schemas.js';
 import { DesiredStateSchema, PhaseSchema } from './box-schemas.js';
 import { BoxSecretSchema } from './secret-schemas.js';
+import { httpBaseUrl, inlineText, LabelsSchema, reportedText } from './input-schemas.js';
 
 export const NodeSchema = z
   .object({
@@ -24,17 +25,23 @@ export const NodeSchema = z
 
 export const NodeListSchema = z.object({ items: z.array(NodeSchema) }).meta({ id: 'NodeList' });
 
+/** Most image names and digests one node reports (every image it holds appears twice: name and digest). */
+export const MAX_NODE_IMAGES = 10_000;
+
+/** What a node holds: image names and digests as the agent lists them. */
+const NodeImagesSchema = z.array(inlineText(512, 0)).max(MAX_NODE_IMAGES);
+
 /** Sent by an agent when it starts: what the node offers. */
 export const RegisterNodeRequestSchema = z
   .object({
-    name: z.string().min(1).max(63),
-    arch: z.string(),
-    region: z.string().nullable().default(null),
-    labels: z.record(z.string(), z.string()).default({}),
-    runtimes: z.array(z.string()).min(1),
+    name: inlineText(63),
+    arch: inlineText(32),
+    region: inlineText(63).nullable().default(null),
+    labels: LabelsSchema.default({}),
+    runtimes: z.array(inlineText(32)).min(1).max(16),
     capacity: ResourcesSchema,
-    images: z.array(z.string()).default([]),
-    agentUrl: z.string().url().meta({ description: 'where gateways and the CLI reach the agent for sessions' }),
+    images: NodeImagesSchema.default([]),
+    agentUrl: httpBaseUrl().meta({ description: 'http(s) base URL where gateways and the CLI reach the agent for sessions (no credentials, query or fragment)' }),
   })
   .strict()
   .meta({ id: 'RegisterNodeRequest' });
@@ -48,7 +55,7 @@ export const RegisterNodeResponseSchema = z
   .meta({ id: 'RegisterNodeResponse' });
 
 export const HeartbeatRequestSchema = z
-  .object({ images: z.array(z.string()).optional() })
+  .object({ images: NodeImagesSchema.optional() })
   .strict()
   .meta({ id: 'HeartbeatRequest' });
 
@@ -139,13 +146,13 @@ export const DesiredSetSchema = z
 
 export const BoxStatusReportSchema = z
   .object({
-    boxId: z.string(),
+    boxId: inlineText(128),
     phase: PhaseSchema,
     observedGeneration: z.number().int(),
-    operationId: z.string(),
-    ip: z.string().nullable().default(null),
-    error: z.string().nullable().default(null).meta({ description: 'set when the operation failed' }),
-    message: z.string().default(''),
+    operationId: inlineText(200),
+    ip: inlineText(64, 0).nullable().default(null),
+    error: reportedText(8000).nullable().default(null).meta({ description: 'set when the operation failed' }),
+    message: reportedText(8000).default(''),
   })
   .strict()
   .meta({ id: 'BoxStatusReport' });
@@ -153,13 +160,13 @@ export const BoxStatusReportSchema = z
 /** A prebuild a node finished (or failed) building. */
 export const PrebuildReportSchema = z
   .object({
-    prebuildId: z.string().max(128),
-    templateName: z.string(),
+    prebuildId: inlineText(128),
+    templateName: inlineText(63),
     templateVersion: z.number().int(),
-    commit: z.string().max(64),
+    commit: inlineText(64, 0),
     status: z.enum(['ready', 'failed']),
-    error: z.string().max(8000).nullable().default(null),
-    logTail: z.array(z.string().max(2000)).max(200).default([]),
+    error: reportedText(8000).nullable().default(null),
+    logTail: z.array(reportedText(2000)).max(200).default([]),
   })
   .strict()
   .meta({ id: 'PrebuildReport' });

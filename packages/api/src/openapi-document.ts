@@ -46,7 +46,9 @@ export function buildOpenApiDocument(serverUrl?: string): Json {
     if (route.response) content['application/json'] = { schema: toSchema(route.response, 'output', components) };
     if (route.sse) content['text/event-stream'] = { schema: { type: 'string', description: 'Server-Sent Events; each `data:` line is one JSON object' } };
     responses[String(route.status)] = { description: 'success', ...(Object.keys(content).length ? { content } : {}) };
-    responses.default = { description: 'error', content: { 'application/problem+json': { schema: problemRef } } };
+    const errorContent: Json = { 'application/problem+json': { schema: problemRef } };
+    if (route.htmlErrors) errorContent['text/html'] = { schema: { type: 'string', description: 'for browsers (Accept: text/html): a page saying what went wrong' } };
+    responses.default = { description: 'error', content: errorContent };
     const op: Json = {
       operationId: route.operationId,
       summary: route.summary,

@@ -6,6 +6,7 @@
 import { z } from 'zod';
 import type { OrgPermission } from '@devyard/core/rbac-policy';
 import { NameSchema } from './common-schemas.js';
+import { decimalInteger, IdParamSchema, inlineText } from './input-schemas.js';
 import {
   BoxEventListSchema,
   BoxListSchema,
@@ -94,15 +95,17 @@ export interface RouteDef {
   response?: z.ZodType;
   /** Whether `?watch=1` turns the response into a Server-Sent Events stream. */
   sse?: boolean;
+  /** Whether a browser (Accept: text/html) gets an error as an HTML page rather than problem+json. */
+  htmlErrors?: boolean;
 }
 
 const boxName = z.object({ name: NameSchema });
 const orgName = z.object({ name: NameSchema });
-const anyName = z.object({ name: z.string().min(1).max(63) });
-const nodeId = z.object({ id: z.string().min(1).max(64) });
-const boxId = z.object({ id: z.string().min(1).max(64) });
+const anyName = z.object({ name: inlineText(63) });
+const nodeId = z.object({ id: IdParamSchema });
+const boxId = z.object({ id: IdParamSchema });
 const boxPort = z.object({ name: NameSchema, port: PortParamSchema });
-const keyId = z.object({ id: z.string().min(1).max(64) });
+const keyId = z.object({ id: IdParamSchema });
 const userParam = z.object({ user: NameSchema });
 const teamParam = z.object({ team: NameSchema });
 const teamUser = z.object({ team: NameSchema, user: NameSchema });
@@ -133,8 +136,8 @@ export const ROUTES = [
   { operationId: 'healthz', method: 'GET', path: '/healthz', summary: 'Liveness and store health', tag: 'system', auth: 'none', status: 200, response: z.object({ status: z.literal('ok') }) },
   { operationId: 'openapi', method: 'GET', path: '/v1/openapi.json', summary: 'This OpenAPI document', tag: 'system', auth: 'none', status: 200 },
   // ---- OIDC sign-in (issue 5): browser redirects, not JSON calls (docs/identity.md) ----
-  { operationId: 'oidcLogin', method: 'GET', path: '/v1/auth/oidc/login', summary: 'Browser redirect: start signing in at the OpenID provider (302 to it); ?cli= names the loopback URL of a waiting `devyard login`, with ?cli_challenge= (its PKCE S256 challenge)', tag: 'identity', auth: 'none', query: OidcLoginQuerySchema, status: 302 },
-  { operationId: 'oidcCallback', method: 'GET', path: '/v1/auth/oidc/callback', summary: "Browser redirect: the provider's answer; 302 to the CLI's loopback URL with a one-time code, or a page showing the login token once; 400 for unknown, expired or replayed sign-ins", tag: 'identity', auth: 'none', query: OidcCallbackQuerySchema, status: 302 },
+  { operationId: 'oidcLogin', method: 'GET', path: '/v1/auth/oidc/login', summary: 'Browser redirect: start signing in at the OpenID provider (302 to it); ?cli= names the loopback URL of a waiting `devyard login`, with ?cli_challenge= (its PKCE S256 challenge)', tag: 'identity', auth: 'none', query: OidcLoginQuerySchema, status: 302, htmlErrors: true },
+  { operationId: 'oidcCallback', method: 'GET', path: '/v1/auth/oidc/callback', summary: "Browser redirect: the provider's answer; 302 to the CLI's loopback URL with a one-time code, or a page showing the login token once; 400 for unknown, expired or replayed sign-ins", tag: 'identity', auth: 'none', query: OidcCallbackQuerySchema, status: 302, htmlErrors: true },
   { operationId: 'redeemOidcLogin', method: 'POST', path: '/v1/auth/oidc/token', summary: "The CLI redeems the one-time code of its sign-in with its PKCE verifier: the login token (once; the code lives 2 minutes)", tag: 'identity', auth: 'none', body: OidcRedeemRequestSchema, status: 200, response: OidcLoginTokenSchema },
   {
     operationId: 'createBox',
@@ -244,7 +247,7 @@ export const ROUTES = [
     tag: 'templates',
     auth: 'user', permission: 'org:read',
     params: anyName,
-    query: z.object({ version: z.coerce.number().int().positive().optional() }),
+    query: z.object({ version: decimalInteger(1, Number.MAX_SAFE_INTEGER).optional() }),
     status: 200,
     response: TemplateSchema,
   },

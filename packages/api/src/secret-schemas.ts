@@ -9,6 +9,7 @@
  */
 import { z } from 'zod';
 import { TimestampSchema } from './common-schemas.js';
+import { utf8Length } from './input-schemas.js';
 
 /** Largest value, in UTF-8 bytes. */
 export const SECRET_VALUE_MAX_BYTES = 64 * 1024;
@@ -18,11 +19,6 @@ export const SECRET_VALUE_MAX_BYTES = 64 * 1024;
  * of them would break the box rather than hold a credential.
  */
 export const RESERVED_SECRET_NAMES: readonly string[] = ['PATH', 'HOME', 'HOSTNAME', 'TERM', 'PWD', 'LD_PRELOAD', 'LD_LIBRARY_PATH'];
-
-/** UTF-8 length without Buffer: the web UI uses these schemas in the browser. */
-export function utf8Length(s: string): number {
-  return new TextEncoder().encode(s).length;
-}
 
 export const SecretNameSchema = z
   .string()

@@ -1,6 +1,7 @@
 import { z } from 'zod';
 import { NameSchema, ResourcesInputSchema, ResourcesSchema, TimestampSchema } from './common-schemas.js';
 import { parseDuration } from './duration-format.js';
+import { EnvSchema, inlineText, isInlineText, multilineText } from './input-schemas.js';
 
 export const RuntimeSchema = z.enum(['sandbox', 'microvm', 'sim']).meta({ id: 'Runtime' });
 
@@ -51,6 +52,7 @@ export function isBuiltinImage(image: string): boolean {
 /** A built-in image name or an OCI reference with an explicit registry host. */
 export const ImageRefSchema = z
   .string()
+  .max(512)
   .refine((v) => isBuiltinImage(v) || parseOciReference(v) !== undefined, {
     error: 'must be a built-in image (tiny, base) or an OCI reference with a registry host, e.g. ghcr.io/org/image:tag or docker.io/library/debian@sha256:<hex>',
   })
@@ -59,18 +61,19 @@ export const ImageRefSchema = z
 /** Debian package names (policy §5.6.1), optionally pinned to a version with `=`. */
 const DebianPackageSchema = z
   .string()
+  .max(256)
   .regex(/^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$/, 'must be a Debian package name (lowercase letters, digits, + - .), optionally name=version');
 
 export const BuildRecipeSchema = z
   .object({
     from: ImageRefSchema,
     packages: z.array(DebianPackageSchema).max(500).optional().meta({ description: 'installed with apt-get install --no-install-recommends' }),
-    run: z.array(z.string().min(1).max(10_000)).max(100).optional().meta({ description: 'shell commands run in order, as root, after the packages' }),
+    run: z.array(multilineText(10_000, 1)).max(100).optional().meta({ description: 'shell commands run in order, as root, after the packages' }),
   })
   .strict()
   .meta({ id: 'BuildRecipe', description: 'an image built from a base image, Debian packages and shell commands' });
 
-const ShellOrExecSchema = z.union([z.string().min(1).max(10_000), z.array(z.string().max(10_000)).min(1).max(1000)]);
+const ShellOrExecSchema = z.union([multilineText(10_000, 1), z.array(multilineText(10_000)).min(1).max(1000)]);
 
 /** As in the devcontainer spec: one shell string, one exec array, or named commands run in parallel. */
 export const LifecycleCommandSchema = z
@@ -97,11 +100,13 @@ export const RepositorySchema = z
     url: z
       .string()
       .max(2000)
-      .regex(/^(?:(?:https?|ssh|git):\/\/[^\s/]+\/\S+|[\w.-]+@[\w.-]+:\S+)$/, 'must be an https://, ssh:// or git:// URL, or git@host:path'),
+      .regex(/^(?:(?:https?|ssh|git):\/\/[^\s/]+\/\S+|[\w.-]+@[\w.-]+:\S+)$/, 'must be an https://, ssh:// or git:// URL, or git@host:path')
+      .refine(isInlineText, 'must not contain control characters or bidirectional overrides'),
     ref: z
       .string()
       .max(255)
       .regex(/^(?!-)(?!.*\.\.)[^\s~^:?*[\\]+$/, 'must be a branch, tag or commit')
+      .refine(isInlineText, 'must be a branch, tag or commit')
       .optional(),
     credentialsSecret: NameSchema.optional().meta({ description: 'name of the secret holding the clone credentials' }),
   })
@@ -111,7 +116,7 @@ export const RepositorySchema = z
 const PortNumberSchema = z.number().int().min(1).max(65_535);
 
 export const PortSchema = z
-  .union([PortNumberSchema, z.object({ port: PortNumberSchema, label: z.string().max(100).optional() }).strict()], {
+  .union([PortNumberSchema, z.object({ port: PortNumberSchema, label: inlineText(100).optional() }).strict()], {
     error: 'must be a port number (1–65535) or { port, label }',
   })
   .meta({ id: 'PortInput' });
@@ -122,19 +127,14 @@ export const TemplateResourcesInputSchema = ResourcesInputSchema.extend({
 
 const DurationSchema = z
   .string()
+  .max(32)
   .refine((v) => parseDuration(v) !== undefined, { error: 'must be a duration such as "30m", "8h", "1h30m" or "2d"' });
-
-const ENV_NAME_MESSAGE = 'environment variable names are letters, digits and _, not starting with a digit';
-const EnvSchema = z.record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, ENV_NAME_MESSAGE), z.string(), {
-  // zod reports a bad record key as a bare "Invalid key in record".
-  error: (iss) => (iss.code === 'invalid_key' ? ENV_NAME_MESSAGE : undefined),
-});
 
 /** Everything a template version says, as published. */
 export const CreateTemplateRequestSchema = z
   .object({
     name: NameSchema,
-    description: z.string().max(500).optional(),
+    description: multilineText(500).optional(),
     image: ImageRefSchema.optional(),
     build: BuildRecipeSchema.optional(),
     runtime: RuntimeSchema.default('sandbox'),

@@ -5,6 +5,7 @@
 import { z } from 'zod';
 import { ORG_ROLES, SHARE_ACCESS, TEAM_ROLES } from '@devyard/core/rbac-policy';
 import { NameSchema, TimestampSchema } from './common-schemas.js';
+import { inlineText } from './input-schemas.js';
 
 export const OrgRoleSchema = z.enum(ORG_ROLES).meta({ id: 'OrgRole' });
 export const TeamRoleSchema = z.enum(TEAM_ROLES).meta({ id: 'TeamRole' });
@@ -40,7 +41,7 @@ export const TokenScopeSchema = z.enum(['read', 'write']);
 
 export const CreateTokenRequestSchema = z
   .object({
-    name: z.string().min(1).max(100),
+    name: inlineText(100),
     ttlSeconds: z.number().int().min(60).max(365 * 86400).optional().meta({ description: 'lifetime (default 30 days, at most a year)' }),
     scopes: z.array(TokenScopeSchema).min(1).optional().meta({ description: 'read: GET routes only; write: everything the role allows' }),
     org: NameSchema.optional().meta({ description: 'organization the token acts in (default: the current one); you must be a member' }),
@@ -89,6 +90,7 @@ export const QuotaLimitsSchema = z
 
 export const QuotaScopeParamSchema = z
   .string()
+  .max(70)
   .regex(/^(org|team:[a-z0-9-]+|user:[a-z0-9-]+)$/, 'scope is org, team:<team> or user:<user>')
   .meta({ description: 'org, team:<team> or user:<user>' });
 
@@ -114,7 +116,7 @@ export const CreateInvitationRequestSchema = z
   .object({ role: OrgRoleSchema, ttlSeconds: z.number().int().min(60).max(30 * 86400).optional().meta({ description: 'default 7 days' }) })
   .strict();
 export const CreatedInvitationSchema = z.object({ token: z.string().meta({ description: 'shown once; give it to the person you invite' }), invitation: InvitationSchema }).meta({ id: 'CreatedInvitation' });
-export const AcceptInvitationRequestSchema = z.object({ token: z.string().min(1).max(200) }).strict();
+export const AcceptInvitationRequestSchema = z.object({ token: inlineText(200) }).strict();
 export const AcceptedInvitationSchema = z.object({ org: z.string(), role: OrgRoleSchema }).meta({ id: 'AcceptedInvitation' });
 
 export type Invitation = z.infer<typeof InvitationSchema>;

@@ -54,7 +54,7 @@ export interface ControlPlaneOptions {
   oidc?: OidcOptions;
   /** Who may create organizations and the quota each new one gets (default: operators; DEFAULT_ORG_QUOTA). */
   orgs?: Partial<OrgPolicy>;
-  /** Base URL browsers and CLIs reach this server at (default: the listen URL); the OIDC redirect URI derives from it. */
+  /** Base URL browsers and CLIs reach this server at (default: the listen URL); the OIDC redirect URI and the OpenAPI document's `servers` derive from it. */
   publicUrl?: string;
 }
 
@@ -123,8 +123,9 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
     tenancy: tenancyStore,
   });
   const audit = new AuditLog(store, now);
-  const oidc = opts.oidc && new OidcLogin(opts.oidc, { tenancy, now, publicUrl: () => opts.publicUrl ?? url, audit: (e) => audit.append(e) });
-  const app = createApp({ store, handlers: createHandlers({ store, feed, boxes, templates, nodes, access, now, audit, secrets, tenancy, tenancyStore, quotas, oidc }),
+  const publicUrl = () => opts.publicUrl ?? url;
+  const oidc = opts.oidc && new OidcLogin(opts.oidc, { tenancy, now, publicUrl, audit: (e) => audit.append(e) });
+  const app = createApp({ store, handlers: createHandlers({ store, feed, boxes, templates, nodes, access, now, audit, secrets, tenancy, tenancyStore, quotas, oidc, publicUrl }),
     principal: (row) => tenancy.principalForToken(row),
     logger: opts.logger,
   });

@@ -46,6 +46,11 @@ export interface HandlerDeps {
   quotas: QuotaService;
   /** OIDC sign-in (issue 5); undefined when the server has no provider configured. */
   oidc?: OidcLogin;
+  /**
+   * Base URL clients reach this server at (configured, else the listen URL): the OpenAPI
+   * document's `servers`. Never derived from a request's Host header, which the caller chooses.
+   */
+  publicUrl: () => string;
 }
 
 /** Nodes are the installation's, not a tenant's: only admins of the default (operator) organization see them. */
@@ -55,7 +60,22 @@ function operatorsOnly(subject: Subject): void {
 
 const isWatch = (q: Record<string, unknown>) => q.watch === '1' || q.watch === 'true';
 
+/** The event id a reconnecting stream resumes after: decimal digits only, like the ids it was sent. */
+function lastEventId(header: string | string[] | undefined): number | undefined {
+  if (header === undefined) return undefined;
+  if (typeof header !== 'string' || !/^(0|[1-9][0-9]{0,14})$/.test(header)) {
+    throw new DomainError('invalid-input', 'Last-Event-ID must be the decimal id of an event this stream sent', { field: 'Last-Event-ID' });
+  }
+  return Number(header);
+}
+
+/** Idempotency keys are stored with the box they created: one value of printable ASCII. */
+const IDEMPOTENCY_KEY = /^[\x20-\x7e]{1,200}$/;
+
 export function createHandlers(d: HandlerDeps): Handlers {
+  // The document depends only on the route table and the configured URL: built and serialized
+  // once, on first use (it is some 90 KB, and anyone may ask for it).
+  let openApi: string | undefined;
   const nodeNames = async () => new Map((await d.store.listNodes()).map((n) => [n.id, n.name]));
   /** Names of fork sources by id (a source row outlives its deletion, so the name stays known). */
   const forkSourceNames = async (boxes: readonly BoxRecord[]) => {
@@ -93,9 +113,9 @@ export function createHandlers(d: HandlerDeps): Handlers {
   const nodeParam = async (ctx: HandlerContext) => (await d.nodes.requireNode(ctx.params.id!)).id;
 
   const watchEvents = async (ctx: HandlerContext, filter: { boxId?: string }) => {
+    const lastId = lastEventId(ctx.req.headers['last-event-id']);
     const sse = openSse(ctx.req, ctx.reply);
-    const lastId = Number(ctx.req.headers['last-event-id'] ?? NaN);
-    let cursor = Number.isFinite(lastId) ? lastId : filter.boxId ? 0 : ((await d.store.listEvents({ afterId: 0, limit: 1_000_000 })).at(-1)?.id ?? 0);
+    let cursor = lastId !== undefined ? lastId : filter.boxId ? 0 : ((await d.store.listEvents({ afterId: 0, limit: 1_000_000 })).at(-1)?.id ?? 0);
     let busy: Promise<void> = Promise.resolve();
     const flush = () => {
       busy = busy.then(async () => {
@@ -125,12 +145,15 @@ export function createHandlers(d: HandlerDeps): Handlers {
       await d.store.listNodes();
       return { status: 'ok' };
     },
-    openapi: async (ctx) => buildOpenApiDocument(`${ctx.req.protocol}://${ctx.req.host}`),
+    openapi: async (ctx) => {
+      void ctx.reply.type('application/json; charset=utf-8');
+      return (openApi ??= JSON.stringify(buildOpenApiDocument(d.publicUrl())));
+    },
 
     createBox: async (ctx) => {
       const key = ctx.req.headers['idempotency-key'];
-      if (Array.isArray(key) || (key !== undefined && (key.length === 0 || key.length > 200))) {
-        throw new DomainError('invalid-input', 'Idempotency-Key must be one value of 1–200 characters', { field: 'Idempotency-Key' });
+      if (Array.isArray(key) || (key !== undefined && !IDEMPOTENCY_KEY.test(key))) {
+        throw new DomainError('invalid-input', 'Idempotency-Key must be one value of 1–200 printable ASCII characters', { field: 'Idempotency-Key' });
       }
       const { box, replayed } = await d.boxes.create(ctx.subject, ctx.body as CreateBoxRequest, key);
       void ctx.reply.header('location', `/v1/boxes/${box.name}`);
