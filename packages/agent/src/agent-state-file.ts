@@ -1,5 +1,6 @@
 /**
- * What the agent remembers across restarts and server outages: its node identity, the session key,
+ * What the agent remembers across restarts and server outages: its node identity and credential
+ * (the node's own token, given once at its first registration), the session key,
  * the last desired set it was given, and per box the operations it already tried. Written
  * atomically (temp file + rename) so a crash never leaves a torn file.
  *
@@ -14,6 +15,8 @@ import type { BoxSetupRecord } from './box-provisioner.js';
 export interface AgentState {
   serverUrl: string;
   nodeId: string | null;
+  /** The node's own token: every call after the first registration, re-registrations included. */
+  credential?: string | null;
   sessionKey: string | null;
   desired: DesiredSet | null;
   /** Operation ids that failed on this node; a failed operation is retried only under a new id. */

@@ -15,6 +15,7 @@ import { Readable } from 'node:stream';
 import type { BoxStatusReport, DesiredBox, DesiredSet, PrebuildReport } from '@devyard/api/node-schemas';
 import type { Phase } from '@devyard/core/box-lifecycle';
 import { decideNodeStep } from '@devyard/core/node-reconcile';
+import { ApiError } from '@devyard/sdk/api-error';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { loadAgentState, saveAgentState, type AgentState } from './agent-state-file.js';
 import { AgentMetrics } from './agent-metrics.js';
@@ -75,7 +76,7 @@ const TRANSIENT_REPORT_DELAY_MS = 100;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export class NodeAgent {
-  private readonly client: DevyardClient;
+  private client: DevyardClient;
   private readonly stateFile: string;
   private state: AgentState;
   private readonly exec: ExecServer;
@@ -108,9 +109,10 @@ export class NodeAgent {
   private readonly secretsWritten = new Map<string, string>();
 
   constructor(private readonly opts: NodeAgentOptions) {
-    this.client = new DevyardClient({ url: opts.serverUrl, token: opts.token, timeoutMs: 10_000 });
     this.stateFile = join(opts.dataDir, 'agent-state.json');
     this.state = loadAgentState(this.stateFile, opts.serverUrl);
+    // The join token registers this node once; from then on the node speaks with its own credential.
+    this.client = new DevyardClient({ url: opts.serverUrl, token: this.state.credential ?? opts.token, timeoutMs: 10_000 });
     this.log = opts.log ?? (() => undefined);
     this.provisioner = new BoxProvisioner({
       driver: opts.driver,
@@ -201,7 +203,7 @@ export class NodeAgent {
 
   private async register(): Promise<void> {
     const images = (await this.opts.images.list()).flatMap((i) => [i.name, i.digest]);
-    const res = await this.client.registerNode({
+    const req = {
       name: this.opts.name ?? hostname(),
       arch: arch() === 'x64' ? 'x86_64' : arch(),
       region: null,
@@ -217,9 +219,20 @@ export class NodeAgent {
       },
       images,
       agentUrl: this.agentUrl,
-    });
+    };
+    let res;
+    try {
+      res = await this.client.registerNode(req);
+    } catch (e) {
+      // A control plane that does not know our credential (a new store) takes the join token.
+      if (!(e instanceof ApiError && e.status === 401 && this.state.credential)) throw e;
+      this.log('the server does not know this node credential; registering with the join token', {});
+      res = await new DevyardClient({ url: this.opts.serverUrl, token: this.opts.token, timeoutMs: 10_000 }).registerNode(req);
+    }
+    const credential = res.credential ?? this.state.credential ?? null;
+    if (credential && credential !== this.state.credential) this.client = new DevyardClient({ url: this.opts.serverUrl, token: credential, timeoutMs: 10_000 });
     this.connected = true;
-    this.state = { ...this.state, nodeId: res.nodeId, sessionKey: res.sessionKey };
+    this.state = { ...this.state, nodeId: res.nodeId, sessionKey: res.sessionKey, credential };
     saveAgentState(this.stateFile, this.state);
     this.log('registered', { nodeId: res.nodeId });
     void this.flushReports();

@@ -126,6 +126,18 @@ afterAll(async () => {
 }, 120_000);
 
 describe('secrets in a real box', () => {
+  it("delivers them only to the node itself: the desired set, with the boxes' secrets, answers the node's own credential, not the join token", async () => {
+    const stateFile = join(dir, 'node', 'agent', 'agent-state.json');
+    const state = JSON.parse(readFileSync(stateFile, 'utf8')) as { nodeId: string; credential: string };
+    expect(state.credential).toMatch(/^dy_n_/);
+    expect(statSync(stateFile).mode & 0o777).toBe(0o600);
+    const own = await new DevyardClient({ url: cp.url, token: state.credential }).getDesiredSet(state.nodeId);
+    expect(own.boxes.find((b) => b.boxId === boxId)!.secrets.map((x) => x.name)).toContain('E2E_TOKEN');
+    const joinToken = new DevyardClient({ url: cp.url, token: cp.tokens.nodeToken });
+    await expect(joinToken.getDesiredSet(state.nodeId)).rejects.toMatchObject({ status: 403 });
+    await expect(joinToken.registerNode({ name: `${TAG}-node`, arch: 'x86_64', region: null, labels: {}, runtimes: ['sandbox'], capacity: { cpuMillis: 1000, memoryBytes: 1024 ** 3, diskBytes: 1024 ** 3 }, images: [], agentUrl: 'http://127.0.0.1:9' })).rejects.toMatchObject({ status: 403 });
+  });
+
   it('puts them on a read-only tmpfs at /run/devyard/secrets and into exec sessions', async () => {
     const files = await sh('cat /run/devyard/secrets/E2E_TOKEN; echo; cat /run/devyard/secrets/ORG_TOKEN; echo; ls /run/devyard/secrets');
     expect(files.out.split('\n')).toEqual([V1, ORG, 'E2E_TOKEN', 'ORG_TOKEN', '']);

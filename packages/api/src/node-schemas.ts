@@ -51,6 +51,10 @@ export const RegisterNodeResponseSchema = z
     nodeId: z.string(),
     leaseSeconds: z.number().int(),
     sessionKey: z.string().meta({ description: 'key the agent verifies session tokens with (HMAC-SHA256)' }),
+    credential: z
+      .string()
+      .nullable()
+      .meta({ description: "this node's own token, given once when the node is first registered: every later call of the node (heartbeat, desired set, reports, re-registration) uses it; null on a re-registration" }),
   })
   .meta({ id: 'RegisterNodeResponse' });
 

@@ -25,6 +25,9 @@ let cp: ControlPlane;
 let user: DevyardClient;
 let node: DevyardClient;
 let nodeId: string;
+/** Each registered node's own client (a node speaks only for itself). */
+const nodeClients = new Map<string, DevyardClient>();
+const asNode = (id: string) => nodeClients.get(id) ?? node;
 let sessionKey: string;
 
 async function raw(method: string, path: string, opts: { body?: string; headers?: Record<string, string>; token?: string | null } = {}) {
@@ -327,7 +330,7 @@ describe('boxes', () => {
     await node.reportStatus(nodeId, [{ boxId: box.id, phase: 'stopped', observedGeneration: box.generation - 1, operationId: 'old', ip: null, error: null, message: '' }]);
     await node.reportStatus(nodeId, [{ boxId: 'b_unknown', phase: 'running', observedGeneration: 1, operationId: 'x', ip: null, error: null, message: '' }]);
     expect((await user.getBox('one')).phase).toBe(box.phase);
-    const bad = await raw('POST', `/v1/agent/nodes/${nodeId}/status`, { token: cp.tokens.nodeToken, body: JSON.stringify({ reports: [{ boxId: box.id, phase: 'failed', observedGeneration: box.generation, operationId: 'x' }] }) });
+    const bad = await raw('POST', `/v1/agent/nodes/${nodeId}/status`, { token: fixture.nodeCredential, body: JSON.stringify({ reports: [{ boxId: box.id, phase: 'failed', observedGeneration: box.generation, operationId: 'x' }] }) });
     expect(bad.status).toBe(400);
   });
 
@@ -387,11 +390,33 @@ describe('nodes', () => {
   it('renews the lease by heartbeat and re-registration keeps the node id', async () => {
     await node.heartbeat(nodeId, ['tiny', 'sha256:abc']);
     expect((await user.listNodes())[0]!.images).toContain('sha256:abc');
-    const again = await node.registerNode({ name: 'node-a', arch: 'x86_64', region: null, labels: {}, runtimes: ['sandbox'], capacity: { cpuMillis: 2000, memoryBytes: 4 * 1024 ** 3, diskBytes: 100 * 1024 ** 3 }, images: [], agentUrl: 'http://127.0.0.1:1' });
+    const nodeA = { name: 'node-a', arch: 'x86_64', region: null, labels: {}, runtimes: ['sandbox'], capacity: { cpuMillis: 2000, memoryBytes: 4 * 1024 ** 3, diskBytes: 100 * 1024 ** 3 }, images: [], agentUrl: 'http://127.0.0.1:1' };
+    const again = await node.registerNode(nodeA);
     expect(again.nodeId).toBe(nodeId);
     expect(again.sessionKey).toBe(sessionKey);
-    expect((await problemOf(node.heartbeat('n_missing'))).status).toBe(404);
+    expect(again.credential).toBeNull();
+    // A node speaks only for itself.
+    expect((await problemOf(node.heartbeat('n_missing'))).status).toBe(403);
     cover('heartbeatNode');
+  });
+
+  it("the join token cannot take over a registered node: no re-registration, no desired set with its boxes' secrets", async () => {
+    const join = fixture.join;
+    const takeover = await problemOf(join.registerNode({ name: 'node-a', arch: 'x86_64', region: null, labels: {}, runtimes: ['sandbox'], capacity: { cpuMillis: 2000, memoryBytes: 4 * 1024 ** 3, diskBytes: 100 * 1024 ** 3 }, images: [], agentUrl: 'http://127.0.0.1:9' }));
+    expect([takeover.status, JSON.stringify(takeover.problem)]).toEqual([403, expect.not.stringContaining(sessionKey)]);
+    expect((await user.listNodes()).find((n) => n.name === 'node-a')!.agentUrl).toBe('http://127.0.0.1:1');
+    expect((await problemOf(join.getDesiredSet(nodeId))).status).toBe(403);
+    expect((await problemOf(join.heartbeat(nodeId))).status).toBe(403);
+    expect((await problemOf(join.reportStatus(nodeId, []))).status).toBe(403);
+    // Another node's own credential reaches only that node.
+    const other = await join.registerNode({ name: 'node-other', arch: 'x86_64', region: null, labels: {}, runtimes: ['sandbox'], capacity: { cpuMillis: 1000, memoryBytes: 1024 ** 3, diskBytes: 1024 ** 3 }, images: [], agentUrl: 'http://127.0.0.1:8' });
+    expect(other.credential).toMatch(/^dy_n_/);
+    const asOther = new DevyardClient({ url: cp.url, token: other.credential! });
+    expect((await problemOf(asOther.getDesiredSet(nodeId))).status).toBe(403);
+    expect((await asOther.getDesiredSet(other.nodeId)).boxes).toEqual([]);
+    // …and cannot register a node of its own.
+    expect((await problemOf(asOther.registerNode({ name: 'node-third', arch: 'x86_64', region: null, labels: {}, runtimes: ['sandbox'], capacity: { cpuMillis: 1000, memoryBytes: 1024 ** 3, diskBytes: 1024 ** 3 }, images: [], agentUrl: 'http://127.0.0.1:7' }))).status).toBe(403);
+    await user.setCordoned('node-other', true);
   });
 });
 
@@ -401,9 +426,10 @@ describe('access routes', () => {
   let other: DevyardClient;
   let accNode: string;
   let accKey: string;
+  let accClient: DevyardClient;
   const converge = async () => {
-    const set = await node.getDesiredSet(accNode);
-    await node.reportStatus(accNode, set.boxes.map((b) => ({ boxId: b.boxId, phase: b.desiredState, observedGeneration: b.generation, operationId: b.operationId, ip: '10.0.0.3', error: null, message: '' })));
+    const set = await accClient.getDesiredSet(accNode);
+    await accClient.reportStatus(accNode, set.boxes.map((b) => ({ boxId: b.boxId, phase: b.desiredState, observedGeneration: b.generation, operationId: b.operationId, ip: '10.0.0.3', error: null, message: '' })));
   };
 
   beforeAll(async () => {
@@ -411,7 +437,9 @@ describe('access routes', () => {
     // Another member of the organization (a service account is a real user with a token).
     other = new DevyardClient({ url: cp.url, token: (await user.createServiceAccount('mallory', 'member')).token });
     // Its own node: earlier tests filled node-a on purpose.
-    const reg = await node.registerNode({ name: 'node-acc', arch: 'x86_64', region: null, labels: {}, runtimes: ['sandbox'], capacity: { cpuMillis: 8000, memoryBytes: 8 * 1024 ** 3, diskBytes: 100 * 1024 ** 3 }, images: ['tiny'], agentUrl: 'http://127.0.0.1:2' });
+    const reg = await fixture.join.registerNode({ name: 'node-acc', arch: 'x86_64', region: null, labels: {}, runtimes: ['sandbox'], capacity: { cpuMillis: 8000, memoryBytes: 8 * 1024 ** 3, diskBytes: 100 * 1024 ** 3 }, images: ['tiny'], agentUrl: 'http://127.0.0.1:2' });
+    accClient = new DevyardClient({ url: cp.url, token: reg.credential! });
+    nodeClients.set(reg.nodeId, accClient);
     accNode = reg.nodeId;
     accKey = reg.sessionKey;
     await user.setCordoned('node-a', true);
@@ -580,7 +608,7 @@ describe('secrets routes', () => {
   let eveToken: string;
   let boxId: string;
   let boxNode: string;
-  const delivered = async () => (await node.getDesiredSet(boxNode)).boxes.find((b) => b.boxId === boxId)!.secrets;
+  const delivered = async () => (await asNode(boxNode).getDesiredSet(boxNode)).boxes.find((b) => b.boxId === boxId)!.secrets;
 
   beforeAll(async () => {
     eveToken = (await user.createServiceAccount('eve', 'member')).token;
@@ -637,7 +665,7 @@ describe('secrets routes', () => {
     const ac = new AbortController();
     const sets: DesiredSet[] = [];
     const watching = (async () => {
-      for await (const set of node.watchDesiredSet(boxNode, ac.signal)) sets.push(set);
+      for await (const set of asNode(boxNode).watchDesiredSet(boxNode, ac.signal)) sets.push(set);
     })().catch((e: unknown) => {
       // Ending the watch aborts it; any other end is the test's failure.
       if (!ac.signal.aborted) throw e;
@@ -717,14 +745,18 @@ describe('secrets routes', () => {
 describe('identity and tenancy routes', () => {
   // Its own node with room: earlier tests filled node-a on purpose.
   let tnode: string;
+  let tclient: DevyardClient;
   const converge = async () => {
-    const set = await node.getDesiredSet(tnode);
-    await node.reportStatus(tnode, set.boxes.map((b) => ({ boxId: b.boxId, phase: b.desiredState, observedGeneration: b.generation, operationId: b.operationId, ip: '10.0.0.4', error: null, message: '' })));
+    const set = await tclient.getDesiredSet(tnode);
+    await tclient.reportStatus(tnode, set.boxes.map((b) => ({ boxId: b.boxId, phase: b.desiredState, observedGeneration: b.generation, operationId: b.operationId, ip: '10.0.0.4', error: null, message: '' })));
   };
   const small = { cpu: '10m', memory: '16MiB' };
 
   beforeAll(async () => {
-    tnode = (await node.registerNode({ name: 'node-tenancy', arch: 'x86_64', region: null, labels: {}, runtimes: ['sandbox'], capacity: { cpuMillis: 64000, memoryBytes: 64 * 1024 ** 3, diskBytes: 1024 ** 4 }, images: ['tiny'], agentUrl: 'http://127.0.0.1:3' })).nodeId;
+    const treg = await fixture.join.registerNode({ name: 'node-tenancy', arch: 'x86_64', region: null, labels: {}, runtimes: ['sandbox'], capacity: { cpuMillis: 64000, memoryBytes: 64 * 1024 ** 3, diskBytes: 1024 ** 4 }, images: ['tiny'], agentUrl: 'http://127.0.0.1:3' });
+    tnode = treg.nodeId;
+    tclient = new DevyardClient({ url: cp.url, token: treg.credential! });
+    nodeClients.set(treg.nodeId, tclient);
     for (const n of (await user.listNodes()).filter((x) => x.name !== 'node-tenancy')) await user.setCordoned(n.name, true);
   });
 

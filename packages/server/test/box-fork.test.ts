@@ -13,6 +13,9 @@ import { problemOf, startTestControlPlane, until, type TestControlPlane } from '
 const MiB = 1024 ** 2;
 const small = { cpu: '250m', memory: '64MiB', disk: '1GiB' };
 
+/** Each node's own client (a node speaks only for itself). */
+const nodeClients = new Map<string, DevyardClient>();
+const asNode = (id: string) => nodeClients.get(id) ?? fx.node;
 let fx: TestControlPlane;
 let user: DevyardClient;
 let vmNode: string;
@@ -21,8 +24,8 @@ let vmNode: string;
 
 /** Plays the microvm node's agent: every desired box reaches its desired state. */
 async function converge(): Promise<DesiredSet> {
-  const set = await fx.node.getDesiredSet(vmNode);
-  await fx.node.reportStatus(
+  const set = await asNode(vmNode).getDesiredSet(vmNode);
+  await asNode(vmNode).reportStatus(
     vmNode,
     set.boxes.map((b) => ({ boxId: b.boxId, phase: b.desiredState, observedGeneration: b.generation, operationId: b.operationId, ip: '10.0.9.2', error: null, message: '' })),
   );
@@ -42,7 +45,7 @@ beforeAll(async () => {
   // node-a (the fixture's) offers only sandbox; node-vm offers both and takes every microvm box.
   fx = await startTestControlPlane('fork', { cpuMillis: 4000, memoryBytes: 4 * 1024 ** 3 });
   user = fx.user;
-  const reg = await fx.node.registerNode({
+  const reg = await fx.join.registerNode({
     name: 'node-vm',
     arch: 'x86_64',
     region: null,
@@ -53,6 +56,7 @@ beforeAll(async () => {
     agentUrl: 'http://127.0.0.1:3',
   });
   vmNode = reg.nodeId;
+  nodeClients.set(vmNode, new DevyardClient({ url: fx.cp.url, token: reg.credential! }));
 });
 
 afterAll(async () => {
@@ -100,13 +104,13 @@ describe('fork', () => {
     expect(after.diskBytes - before.diskBytes).toBe(3 * src.resources.diskBytes);
 
     // The node's desired set carries the source box's id; boxes that are not forks carry null.
-    const set = await fx.node.getDesiredSet(vmNode);
+    const set = await asNode(vmNode).getDesiredSet(vmNode);
     for (const name of ['copy-1', 'copy-2', 'copy-3']) {
       expect(set.boxes.find((b) => b.name === name)).toMatchObject({ forkOf: src.id, desiredState: 'running', runtime: 'microvm', resources: src.resources });
     }
     expect(set.boxes.find((b) => b.name === 'src')?.forkOf).toBeNull();
     // Nothing of a fork reaches the other node.
-    expect((await fx.node.getDesiredSet(fx.nodeId)).boxes.some((b) => b.name.startsWith('copy'))).toBe(false);
+    expect((await asNode(fx.nodeId).getDesiredSet(fx.nodeId)).boxes.some((b) => b.name.startsWith('copy'))).toBe(false);
 
     await converge();
     const running = await until(() => user.listBoxes(), (l) => l.filter((b) => b.name.startsWith('copy-')).every((b) => b.phase === 'running'));
@@ -213,7 +217,7 @@ describe('fork', () => {
     const [copy] = await user.forkBox('mine', { name: 'from-mia' }, 'mia');
     expect(copy).toMatchObject({ owner: 'admin', forkOf: 'mine', node: 'node-vm' });
     expect((await mia.listBoxes()).map((b) => b.name)).not.toContain('from-mia');
-    const set = await fx.node.getDesiredSet(vmNode);
+    const set = await asNode(vmNode).getDesiredSet(vmNode);
     expect(set.boxes.find((b) => b.name === 'from-mia')?.forkOf).toBe(miaBox.id);
   });
 });

@@ -25,6 +25,9 @@ interface VmNode {
   agentUrl: string;
 }
 
+/** Each node's own client (a node speaks only for itself). */
+const nodeClients = new Map<string, DevyardClient>();
+const asNode = (id: string) => nodeClients.get(id) ?? fx.node;
 let fx: TestControlPlane;
 let user: DevyardClient;
 /** Two nodes that offer microvm (node-a, the fixture's, offers only sandbox). */
@@ -33,25 +36,26 @@ const vm: VmNode[] = [];
 
 
 async function registerVmNode(name: string, agentUrl: string, capacity = { cpuMillis: 4000, memoryBytes: 4 * GiB, diskBytes: 100 * GiB }): Promise<VmNode> {
-  const reg = await fx.node.registerNode({ name, arch: 'x86_64', region: null, labels: {}, runtimes: ['sandbox', 'microvm'], capacity, images: ['tiny'], agentUrl });
+  const reg = await fx.join.registerNode({ name, arch: 'x86_64', region: null, labels: {}, runtimes: ['sandbox', 'microvm'], capacity, images: ['tiny'], agentUrl });
+  nodeClients.set(reg.nodeId, new DevyardClient({ url: fx.cp.url, token: reg.credential! }));
   return { id: reg.nodeId, name, key: reg.sessionKey, agentUrl };
 }
 
-const desired = (n: { id: string }): Promise<DesiredSet> => fx.node.getDesiredSet(n.id);
+const desired = (n: { id: string }): Promise<DesiredSet> => asNode(n.id).getDesiredSet(n.id);
 const entryOn = async (n: { id: string }, boxId: string): Promise<DesiredBox | undefined> => (await desired(n)).boxes.find((b) => b.boxId === boxId);
 
 /** Reports a phase for the box as the node's agent would: for the operation of its desired entry. */
 async function report(n: { id: string }, boxId: string, phase: Phase, opts: { error?: string; message?: string } = {}): Promise<void> {
   const e = await entryOn(n, boxId);
   if (!e) throw new Error(`box ${boxId} is not in the desired set of ${n.id}`);
-  await fx.node.reportStatus(n.id, [{ boxId, phase, observedGeneration: e.generation, operationId: e.operationId, ip: null, error: opts.error ?? null, message: opts.message ?? '' }]);
+  await asNode(n.id).reportStatus(n.id, [{ boxId, phase, observedGeneration: e.generation, operationId: e.operationId, ip: null, error: opts.error ?? null, message: opts.message ?? '' }]);
 }
 
 /** Plays every node's agent once: each desired box reaches its desired state (imports succeed). */
 async function converge(): Promise<void> {
   for (const n of [{ id: fx.nodeId }, ...vm]) {
     const set = await desired(n);
-    await fx.node.reportStatus(
+    await asNode(n.id).reportStatus(
       n.id,
       set.boxes.map((b) => ({ boxId: b.boxId, phase: b.desiredState, observedGeneration: b.generation, operationId: b.operationId, ip: '10.0.9.2', error: null, message: '' })),
     );
@@ -72,7 +76,7 @@ const allocated = async () => Object.fromEntries((await user.listNodes()).map((n
 
 /** Keeps the nodes ready: a test that runs long must not see the 20 s node lease run out. */
 async function heartbeatAll(): Promise<void> {
-  for (const n of [{ id: fx.nodeId }, ...vm]) await fx.node.heartbeat(n.id);
+  for (const n of [{ id: fx.nodeId }, ...vm]) await asNode(n.id).heartbeat(n.id);
 }
 
 /** Lets the node's lease run out (as if its agent stopped sending heartbeats); a heartbeat makes it ready again. */
@@ -223,7 +227,7 @@ describe('move', () => {
     // A target that is not ready.
     await expireLease(dst.name);
     expect((await refuse(() => user.moveBox('stay', { node: dst.name }), 409, 'invalid-state')).message).toContain('node is not ready');
-    await fx.node.heartbeat(dst.id);
+    await asNode(dst.id).heartbeat(dst.id);
 
     // The node the box is on must be ready: its agent is the only place the snapshot can come from.
     await expireLease(src.name);
@@ -233,7 +237,7 @@ describe('move', () => {
       'invalid-state',
       `node ${src.name} is not ready: the snapshot of stay is on it and there is no snapshot store to fetch it from`,
     );
-    await fx.node.heartbeat(src.id);
+    await asNode(src.id).heartbeat(src.id);
 
     // Only paused microvm boxes move.
     await user.boxVerb('stay', 'resume');

@@ -14,8 +14,12 @@ export interface TestControlPlane {
   cp: ControlPlane;
   /** The bootstrap admin (owner of the default organization). */
   user: DevyardClient;
-  /** The node agent's client. */
+  /** The node agent's client, with the node's own credential. */
   node: DevyardClient;
+  /** A client with the join token, which registers new nodes (and nothing else). */
+  join: DevyardClient;
+  /** The fixture node's own credential (its bearer token). */
+  nodeCredential: string;
   nodeId: string;
   sessionKey: string;
   close(): Promise<void>;
@@ -25,8 +29,8 @@ export async function startTestControlPlane(tag: string, capacity: { cpuMillis: 
   const dir = mkdtempSync(join(tmpdir(), `devyard-${tag}-`));
   const cp = await startControlPlane({ dataDir: dir, retry: { maxAttempts: 2, baseBackoffMs: 10, maxBackoffMs: 10 } });
   const user = new DevyardClient({ url: cp.url, token: cp.tokens.adminToken });
-  const node = new DevyardClient({ url: cp.url, token: cp.tokens.nodeToken });
-  const reg = await node.registerNode({
+  const joinClient = new DevyardClient({ url: cp.url, token: cp.tokens.nodeToken });
+  const reg = await joinClient.registerNode({
     name: 'node-a',
     arch: 'x86_64',
     region: null,
@@ -36,11 +40,14 @@ export async function startTestControlPlane(tag: string, capacity: { cpuMillis: 
     images: ['tiny'],
     agentUrl: 'http://127.0.0.1:1',
   });
+  const node = new DevyardClient({ url: cp.url, token: reg.credential! });
   return {
     dir,
     cp,
     user,
     node,
+    join: joinClient,
+    nodeCredential: reg.credential!,
     nodeId: reg.nodeId,
     sessionKey: reg.sessionKey,
     async close() {

@@ -36,8 +36,8 @@ beforeAll(async () => {
   dir = mkdtempSync(join(tmpdir(), 'devyard-pool-'));
   cp = await startControlPlane({ dataDir: dir, poolSize: (t) => (t.name === 'tiny' || t.name === 'btpl' ? 2 : 0) });
   user = new DevyardClient({ url: cp.url, token: cp.tokens.adminToken });
-  node = new DevyardClient({ url: cp.url, token: cp.tokens.nodeToken });
-  ({ nodeId } = await node.registerNode({
+  const joinClient = new DevyardClient({ url: cp.url, token: cp.tokens.nodeToken });
+  const reg = await joinClient.registerNode({
     name: 'n1',
     arch: 'x86_64',
     region: null,
@@ -46,7 +46,9 @@ beforeAll(async () => {
     capacity: { cpuMillis: 64_000, memoryBytes: 64 * 1024 ** 3, diskBytes: 1024 ** 4 },
     images: [],
     agentUrl: 'http://127.0.0.1:1',
-  }));
+  });
+  nodeId = reg.nodeId;
+  node = new DevyardClient({ url: cp.url, token: reg.credential! });
   const converge = async () => {
     const set = await node.getDesiredSet(nodeId);
     await node.reportStatus(

@@ -110,7 +110,11 @@ export function createHandlers(d: HandlerDeps): Handlers {
   };
 
   /** The node in the path must be the one the agent registered; node tokens are not per node yet. */
-  const nodeParam = async (ctx: HandlerContext) => (await d.nodes.requireNode(ctx.params.id!)).id;
+  /** The node of the path, which must be the caller itself (its own credential). */
+  const nodeParam = async (ctx: HandlerContext) => {
+    d.nodes.requireSelf(ctx.subject.name, ctx.params.id!);
+    return (await d.nodes.requireNode(ctx.params.id!)).id;
+  };
 
   const watchEvents = async (ctx: HandlerContext, filter: { boxId?: string }) => {
     const lastId = lastEventId(ctx.req.headers['last-event-id']);
@@ -273,8 +277,8 @@ export function createHandlers(d: HandlerDeps): Handlers {
     },
 
     registerNode: async (ctx) => {
-      const { node, leaseSeconds } = await d.nodes.register(ctx.body as RegisterNodeRequest);
-      return { nodeId: node.id, leaseSeconds, sessionKey: node.sessionKey };
+      const { node, leaseSeconds, credential } = await d.nodes.register(ctx.body as RegisterNodeRequest, ctx.subject.name);
+      return { nodeId: node.id, leaseSeconds, sessionKey: node.sessionKey, credential };
     },
     heartbeatNode: async (ctx) => {
       const exp = await d.nodes.heartbeat(await nodeParam(ctx), (ctx.body as { images?: string[] }).images);

@@ -13,11 +13,17 @@ import { ZERO } from '@devyard/core/resources';
 import type { BoxSecret } from '@devyard/api/secret-schemas';
 import type { ChangeFeed } from '../change-feed.js';
 import { newId } from '../ids.js';
+import { hashToken } from '../token-hash.js';
 import { setCondition, type BoxRecord } from '../store/box-records.js';
 import { pinnedImage, WARM_POOL_OWNER } from './box-service.js';
 import type { Executor, NodeRecord, Store, TemplateRecord } from '../store/store.js';
 
 export const NODE_LEASE_MS = 20_000;
+
+/** The subject of the node join token (bootstrap-tokens.ts): it registers new nodes, nothing else. */
+export const JOIN_SUBJECT = 'node';
+/** The subject of one node's own credential. */
+export const nodeSubject = (nodeId: string) => `node:${nodeId}`;
 
 /** How long the token a new node fetches a moving box's snapshot with is valid (each desired set signs a fresh one). */
 export const RESTORE_TOKEN_TTL_MS = 15 * 60_000;
@@ -39,10 +45,21 @@ export class NodeService {
     private readonly retry: RetryPolicy = DEFAULT_RETRY_POLICY,
   ) {}
 
-  async register(req: RegisterNodeRequest): Promise<{ node: NodeRecord; leaseSeconds: number }> {
+  /**
+   * Registers a new node (with the join token: `caller` is `node`) and gives it its own credential,
+   * or re-registers an existing one (with that node's credential: `caller` is `node:<id>`). The
+   * join token alone never reaches an existing node: re-registering returns the node's session key,
+   * which signs every session into its boxes, and the node's desired set carries its boxes' secrets.
+   */
+  async register(req: RegisterNodeRequest, caller: string): Promise<{ node: NodeRecord; leaseSeconds: number; credential: string | null }> {
     const now = this.now();
+    let credential: string | null = null;
     const node = await this.store.transaction(async (tx) => {
       const cur = await this.store.getNodeByName(req.name, tx);
+      if (cur && caller !== nodeSubject(cur.id)) {
+        throw new DomainError('forbidden', `a node named "${req.name}" is registered already: only that node re-registers, with its own credential (kept in its agent's data dir)`, { name: req.name });
+      }
+      if (!cur && caller !== JOIN_SUBJECT) throw new DomainError('forbidden', "a node's credential only re-registers that node; register a new node with the join token", { name: req.name });
       const fields = {
         arch: req.arch,
         region: req.region,
@@ -66,10 +83,17 @@ export class NodeService {
         version: 1,
       };
       await this.store.insertNode(created, tx);
+      credential = `dy_n_${randomBytes(24).toString('base64url')}`;
+      await this.store.insertToken({ id: newId('t'), token_hash: hashToken(credential), name: `node ${req.name}`, kind: 'node', subject: nodeSubject(created.id), created_at: now }, tx);
       return created;
     });
     this.feed.emit('node', node.id);
-    return { node, leaseSeconds: NODE_LEASE_MS / 1000 };
+    return { node, leaseSeconds: NODE_LEASE_MS / 1000, credential };
+  }
+
+  /** Refuses (403) a caller that is not the node itself: a node reads and reports only its own state. */
+  requireSelf(caller: string, nodeId: string): void {
+    if (caller !== nodeSubject(nodeId)) throw new DomainError('forbidden', "a node reads and reports only its own state, with its own credential (the join token only registers new nodes)", { nodeId });
   }
 
   async heartbeat(nodeId: string, images?: string[]): Promise<number> {
