@@ -16,7 +16,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ensureGuestAgent } from '@devyard/agent/runtime/microvm/guest-agent-binary';
 import { GuestChannel, type GuestChannelOptions } from '@devyard/agent/runtime/microvm/guest-channel';
 import type { ExecOptions } from '@devyard/agent/runtime/runtime-driver';
-import { FakeGuest, frame, GUEST, HOST, i32 } from './guest-frame-fixture.js';
+import { FakeGuest, frame, GUEST, GUEST_SANDBOX, HOST, i32, RawHost, type Frame } from './guest-frame-fixture.js';
 
 interface Agent {
   proc: ChildProcess;
@@ -632,3 +632,96 @@ describe('backpressure from consumers that do not read', () => {
   });
 });
 
+describe('the guest agent against malformed host frames', () => {
+  // The real agent, rooted in a scratch directory and in its own network, UTS and IPC
+  // namespaces: a frame it wrongly accepted could otherwise set this host's hostname or take its
+  // loopback interface down (SET_IDENTITY, NET_CONFIG). No EXEC here is well-formed.
+  let host: RawHost;
+  let root: string;
+  let nextId = 1;
+
+  beforeAll(async () => {
+    root = mkdtempSync(join(dir, 'root-'));
+    host = await RawHost.start(bin, dir, root, GUEST_SANDBOX);
+  });
+
+  afterAll(async () => {
+    await host.stop();
+  });
+
+  const cstrs = (...s: string[]) => Buffer.from(s.map((x) => `${x}\0`).join(''));
+  const u16 = (...v: number[]) => Buffer.concat(v.map((x) => Buffer.from([x & 0xff, (x >> 8) & 0xff])));
+  const u32 = (v: number) => Buffer.from([v & 0xff, (v >>> 8) & 0xff, (v >>> 16) & 0xff, (v >>> 24) & 0xff]);
+  /** EXEC's fixed head: flags, cols, rows, argc, envc. */
+  const execHead = (argc: number, envc: number) => Buffer.concat([Buffer.from([0]), u16(80, 24, argc, envc)]);
+
+  const cases: [string, number, Buffer][] = [
+    ['HELLO with 7 bytes', HOST.HELLO, Buffer.alloc(7)],
+    ['HELLO with 9 bytes', HOST.HELLO, Buffer.alloc(9)],
+    ['EXEC shorter than its head', HOST.EXEC, Buffer.alloc(8)],
+    ['EXEC without a program', HOST.EXEC, Buffer.concat([execHead(0, 0), cstrs('/')])],
+    ['EXEC with more argv than strings', HOST.EXEC, Buffer.concat([execHead(3, 0), cstrs('/', 'true')])],
+    ['EXEC with a count larger than the payload', HOST.EXEC, Buffer.concat([execHead(65535, 65535), cstrs('/', 'true')])],
+    ['EXEC whose last string lacks its NUL', HOST.EXEC, Buffer.concat([execHead(1, 1), cstrs('/', 'true'), Buffer.from('A=1')])],
+    ['EXEC with bytes after its strings', HOST.EXEC, Buffer.concat([execHead(1, 0), cstrs('/', 'devyard-no-such-program'), Buffer.from('x')])],
+    ['STDIN_EOF with a payload', HOST.STDIN_EOF, Buffer.alloc(1)],
+    ['SIGNAL without a signal', HOST.SIGNAL, Buffer.alloc(0)],
+    ['SIGNAL with 2 bytes', HOST.SIGNAL, Buffer.from([15, 0])],
+    ['SIGNAL 0', HOST.SIGNAL, Buffer.from([0])],
+    ['SIGNAL 200', HOST.SIGNAL, Buffer.from([200])],
+    ['RESIZE with 3 bytes', HOST.RESIZE, Buffer.alloc(3)],
+    ['RESIZE with 5 bytes', HOST.RESIZE, Buffer.alloc(5)],
+    ['TCP_CONNECT with 1 byte', HOST.TCP_CONNECT, Buffer.alloc(1)],
+    ['TCP_CONNECT with 3 bytes', HOST.TCP_CONNECT, Buffer.alloc(3)],
+    ['TCP_EOF with a payload', HOST.TCP_EOF, Buffer.alloc(1)],
+    ['CLOSE with a payload', HOST.CLOSE, Buffer.alloc(1)],
+    ['PUT_FILE shorter than its mode', HOST.PUT_FILE, Buffer.alloc(3)],
+    ['PUT_FILE whose path lacks its NUL', HOST.PUT_FILE, Buffer.concat([u32(0o644), Buffer.from('a')])],
+    ['GET_FILE without a payload', HOST.GET_FILE, Buffer.alloc(0)],
+    ['GET_FILE whose path lacks its NUL', HOST.GET_FILE, Buffer.from('etc/passwd')],
+    ['GET_FILE with bytes after its path', HOST.GET_FILE, Buffer.concat([cstrs('f'), Buffer.from('x')])],
+    ['REPLACE_DIR whose dir lacks its NUL', HOST.REPLACE_DIR, Buffer.from('d')],
+    ['REPLACE_DIR without its count', HOST.REPLACE_DIR, Buffer.concat([cstrs('d'), Buffer.alloc(3)])],
+    ['REPLACE_DIR with a count of 2^32-1', HOST.REPLACE_DIR, Buffer.concat([cstrs('d'), u32(0xffffffff)])],
+    ['REPLACE_DIR with fewer files than its count', HOST.REPLACE_DIR, Buffer.concat([cstrs('d'), u32(2), cstrs('a'), u32(1), Buffer.from('x')])],
+    ['REPLACE_DIR with a file longer than the payload', HOST.REPLACE_DIR, Buffer.concat([cstrs('d'), u32(1), cstrs('a'), u32(100), Buffer.from('x')])],
+    ['REPLACE_DIR whose file name lacks its NUL', HOST.REPLACE_DIR, Buffer.concat([cstrs('d'), u32(1), Buffer.from('a')])],
+    ['REPLACE_DIR with bytes after its files', HOST.REPLACE_DIR, Buffer.concat([cstrs('d'), u32(1), cstrs('a'), u32(1), Buffer.from('xy')])],
+    ['HEALTH with a payload', HOST.HEALTH, Buffer.alloc(1)],
+    ['SET_IDENTITY with one string', HOST.SET_IDENTITY, cstrs('box')],
+    ['SET_IDENTITY whose machine id lacks its NUL', HOST.SET_IDENTITY, Buffer.concat([cstrs('box'), Buffer.from('0'.repeat(32))])],
+    ['SET_IDENTITY with bytes after its strings', HOST.SET_IDENTITY, Buffer.concat([cstrs('box', '0'.repeat(32)), Buffer.from('x')])],
+    ['QUIESCE whose dir lacks its NUL', HOST.QUIESCE, Buffer.from('secrets')],
+    ['QUIESCE with bytes after its dir', HOST.QUIESCE, Buffer.concat([cstrs('secrets'), Buffer.from('x')])],
+    ['NET_CONFIG with two strings', HOST.NET_CONFIG, cstrs('lo', '10.0.0.2/24')],
+    ['NET_CONFIG with five strings', HOST.NET_CONFIG, cstrs('lo', '10.0.0.2/24', '10.0.0.1', '02:00:00:00:00:01', 'x')],
+    ['NET_CONFIG whose MAC lacks its NUL', HOST.NET_CONFIG, Buffer.concat([cstrs('lo', '10.0.0.2/24', '10.0.0.1'), Buffer.from('02:00')])],
+    ['type 0x00', 0x00, Buffer.alloc(0)],
+    ['type 0x12', 0x12, Buffer.alloc(4)],
+    ['a guest → host type', GUEST.OK, Buffer.alloc(0)],
+    ['type 0xff', 0xff, Buffer.alloc(1)],
+  ];
+
+  it.each(cases)('answers %s with ERR and acts on nothing', async (_name, type, payload) => {
+    mkdirSync(join(root, 'secrets'), { recursive: true });
+    writeFileSync(join(root, 'secrets', 'KEEP'), 'x');
+    const id = nextId++;
+    const reply = await Promise.race([host.request(id, type, payload), new Promise<string>((r) => setTimeout(() => r('no reply within 1 s'), 1000))]);
+    expect(reply).toMatchObject({ type: GUEST.ERR, payload: expect.any(Buffer) });
+    expect((reply as Frame).payload.toString()).toMatch(type >= 0x01 && type <= 0x11 ? /^malformed [A-Z_]+ frame/ : /^unknown frame type/);
+    // Nothing was started, written or removed.
+    expect(host.received.filter((f) => f.channel === id).map((f) => f.type)).toEqual([GUEST.ERR]);
+    expect(readdirSync(join(root, 'secrets'))).toEqual(['KEEP']);
+    expect(readdirSync(root).sort()).toEqual(['secrets']);
+  });
+
+  it('still answers HELLO and HEALTH afterwards', async () => {
+    expect(host.alive).toBe(true);
+    const hello = await host.request(nextId++, HOST.HELLO, Buffer.alloc(8));
+    expect(hello.type).toBe(GUEST.OK);
+    expect(hello.payload.toString().split('\0')[0]).toBe(release());
+    const health = await host.request(nextId++, HOST.HEALTH);
+    expect(health.type).toBe(GUEST.OK);
+    expect(health.payload.toString()).toMatch(/^uptime=.*\nprocs=\d+\nidle_ms=\d+\n$/s);
+  });
+});
