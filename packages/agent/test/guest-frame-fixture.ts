@@ -187,8 +187,10 @@ export const GUEST_SANDBOX = ['unshare', '--net', '--uts', '--ipc', '--mount', '
  * anything). `wrapper` runs the agent under another program, e.g. `unshare` into fresh namespaces.
  */
 export class RawHost {
-  /** Every frame the agent sent, in order. */
+  /** Every frame the agent sent, in order (a test may empty it). */
   readonly received: Frame[] = [];
+  /** The end of what the agent wrote to stderr (a sanitizer's report, say). */
+  stderr = '';
   private waiters: { match(f: Frame): boolean; resolve(f: Frame): void }[] = [];
 
   private constructor(
@@ -203,10 +205,12 @@ export class RawHost {
     conn.on('data', (chunk: Buffer) => {
       for (const f of reader.push(chunk)) this.onFrame(f);
     });
+    // Read all of it, or a chatty agent would block on a full pipe.
+    proc.stderr?.on('data', (chunk: Buffer) => (this.stderr = (this.stderr + chunk.toString()).slice(-16_384)));
   }
 
   /** Starts `bin --unix <sock> --root <root>` and accepts its connection. */
-  static async start(bin: string, sockDir: string, root: string, wrapper: string[] = []): Promise<RawHost> {
+  static async start(bin: string, sockDir: string, root: string, wrapper: string[] = [], env?: NodeJS.ProcessEnv): Promise<RawHost> {
     const path = join(sockDir, `raw-host-${process.pid}-${++fakeGuestCount}.sock`);
     const server = createServer();
     server.listen(path);
@@ -215,7 +219,7 @@ export class RawHost {
     const argv = [...wrapper, bin, '--unix', path, '--root', root];
     // The wrapper when given (unshare), then the guest agent the test compiled.
     // host-programs: unshare
-    const proc = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'ignore', 'pipe'] });
+    const proc = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'ignore', 'pipe'], env: env ?? process.env });
     const failed = once(proc, 'exit').then(([code, signal]) => {
       throw new Error(`the guest agent exited before connecting (${code ?? signal})`);
     });
