@@ -16,8 +16,9 @@
  * up or goes away. The guest agent then stops reading its processes' output (its own high-water
  * mark), and the processes block on their pipes: lossless, bounded on this side by
  * SESSION_HIGH_WATER + 64 KiB per open session plus one frame and one read of unparsed input.
- * The cost is head-of-line blocking, but only within one box: its other sessions and requests
- * wait too. GET_FILE replies accumulate up to a per-call limit (64 MiB by default).
+ * The cost is head-of-line blocking within one box: while one of its consumers is behind, the
+ * box's other sessions wait and its requests may time out; other boxes have links of their own.
+ * GET_FILE replies accumulate up to a per-call limit (64 MiB by default).
  */
 import { connect as netConnect, type Socket } from 'node:net';
 import { constants } from 'node:os';
