@@ -14,8 +14,9 @@ import { join } from 'node:path';
 import { Duplex, type Readable } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ensureGuestAgent } from '@devyard/agent/runtime/microvm/guest-agent-binary';
-import { GuestChannel } from '@devyard/agent/runtime/microvm/guest-channel';
+import { GuestChannel, type GuestChannelOptions } from '@devyard/agent/runtime/microvm/guest-channel';
 import type { ExecOptions } from '@devyard/agent/runtime/runtime-driver';
+import { FakeGuest, frame, GUEST, GUEST_SANDBOX, HOST, i32, RawHost, type Frame } from './guest-frame-fixture.js';
 
 interface Agent {
   proc: ChildProcess;
@@ -343,5 +344,384 @@ describe('frame parsing', () => {
     );
     expect(await Promise.all([channel.health(), channel.health()])).toEqual([{ id: 2 }, { id: 3 }]);
     await channel.close();
+  });
+});
+
+describe('a hostile guest', () => {
+  // Every case runs against a real GuestChannel over a unix socket, as in a node agent; a second
+  // box's channel (the bystander) must keep working through all of them.
+  const guests: FakeGuest[] = [];
+  let bystander: GuestChannel;
+
+  async function hostile(opts?: GuestChannelOptions): Promise<{ guest: FakeGuest; channel: GuestChannel }> {
+    const started = await FakeGuest.start(dir, opts);
+    guests.push(started.guest);
+    return started;
+  }
+
+  async function expectClosedBy(channel: GuestChannel, code: string, message: RegExp): Promise<void> {
+    await channel.closed;
+    expect(channel.closeReason).toMatchObject({ code, message: expect.stringMatching(message) });
+    expect(await bystander.health()).toEqual({ procs: 1 });
+  }
+
+  beforeAll(async () => {
+    bystander = (await hostile()).channel;
+  });
+
+  afterAll(async () => {
+    await bystander.close();
+    for (const g of guests) g.close();
+  });
+
+  it('a STARTED frame shorter than its 4-byte pid closes only that box’s channel', async () => {
+    const { guest, channel } = await hostile();
+    guest.handle(HOST.EXEC, (f) => guest.send(f.channel, GUEST.STARTED, Buffer.from([1, 2])));
+    const err = await channel.exec({ argv: ['true'] }).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: 'MALFORMED_FRAME', message: expect.stringMatching(/STARTED.*2 bytes.*4/) });
+    await expectClosedBy(channel, 'MALFORMED_FRAME', /STARTED/);
+  });
+
+  it('an EXIT frame without its exit code ends the session with 255 and closes the channel', async () => {
+    const { guest, channel } = await hostile();
+    guest.handle(HOST.EXEC, (f) => {
+      guest.send(f.channel, GUEST.STARTED, i32(42));
+      guest.send(f.channel, GUEST.STDOUT, Buffer.from('hi'));
+      guest.send(f.channel, GUEST.EXIT, Buffer.alloc(0));
+    });
+    const p = await channel.exec({ argv: ['true'] });
+    expect(p.pid).toBe(42);
+    expect(await p.exited).toBe(255);
+    expect((await collect(p.stdout)).toString()).toBe('hi');
+    await expectClosedBy(channel, 'MALFORMED_FRAME', /EXIT.*0 bytes/);
+  });
+
+  // Every guest → host frame type with a payload its type cannot have, on a channel of each kind.
+  const malformed: [string, number, Buffer, RegExp][] = [
+    ['STARTED with 3 bytes', GUEST.STARTED, Buffer.alloc(3), /STARTED/],
+    ['STARTED with 5 bytes', GUEST.STARTED, Buffer.alloc(5), /STARTED/],
+    ['STARTED with pid 0', GUEST.STARTED, i32(0), /STARTED.*pid/],
+    ['EXIT with 3 bytes', GUEST.EXIT, Buffer.alloc(3), /EXIT/],
+    ['EXIT with code -1', GUEST.EXIT, i32(-1), /EXIT.*code/],
+    ['EXIT with code 256', GUEST.EXIT, i32(256), /EXIT.*code/],
+    ['CONNECT_FAILED with 2 bytes', GUEST.CONNECT_FAILED, Buffer.alloc(2), /CONNECT_FAILED/],
+    ['CONNECTED with a payload', GUEST.CONNECTED, Buffer.alloc(1), /CONNECTED/],
+    ['TCP_EOF with a payload', GUEST.TCP_EOF, Buffer.alloc(1), /TCP_EOF/],
+    ['CLOSED with a payload', GUEST.CLOSED, Buffer.alloc(4), /CLOSED/],
+    ['STDOUT over 64 KiB', GUEST.STDOUT, Buffer.alloc((64 << 10) + 1), /STDOUT.*65537 bytes/],
+    ['FILE_DATA over 64 KiB', GUEST.FILE_DATA, Buffer.alloc((64 << 10) + 1), /FILE_DATA/],
+    ['a host → guest type', HOST.EXEC, Buffer.alloc(0), /unknown frame type 0x02/],
+    ['type 0x00', 0x00, Buffer.alloc(0), /unknown frame type 0x00/],
+    ['type 0x8d', 0x8d, Buffer.alloc(0), /unknown frame type 0x8d/],
+    ['type 0xff', 0xff, Buffer.alloc(9), /unknown frame type 0xff/],
+  ];
+  it.each(malformed)('%s closes the channel', async (_name, type, payload, message) => {
+    for (const target of ['request', 'exec', 'dial', 'unknown'] as const) {
+      const { guest, channel } = await hostile();
+      guest.handle(HOST.EXEC, (f) => guest.send(f.channel, GUEST.STARTED, i32(7)));
+      guest.handle(HOST.TCP_CONNECT, () => {});
+      guest.handle(HOST.HEALTH, () => {});
+      const pending =
+        target === 'request' ? channel.health() : target === 'exec' ? channel.exec({ argv: ['true'] }).then((p) => p.exited) : target === 'dial' ? channel.dial(80) : undefined;
+      pending?.catch(() => {});
+      const id = target === 'unknown' ? 1000 : (await guest.waitFor((f) => f.type !== HOST.HELLO)).channel;
+      // The header is sent alone first, so a frame is judged before its payload is all there.
+      guest.sendRaw(frame(id, type, payload).subarray(0, 9));
+      guest.sendRaw(payload);
+      await expectClosedBy(channel, 'MALFORMED_FRAME', message);
+      if (pending && target !== 'exec') await expect(pending).rejects.toMatchObject({ code: expect.stringMatching(/MALFORMED_FRAME|DIAL_FAILED/) });
+    }
+  });
+
+  it('a frame header announcing more than 64 KiB is refused before its payload arrives', async () => {
+    const { guest, channel } = await hostile();
+    guest.sendRaw(frame(1000, GUEST.STDOUT, Buffer.alloc(0), 0xffffffff));
+    await expectClosedBy(channel, 'MALFORMED_FRAME', /4294967295 bytes/);
+  });
+
+  it('a HELLO reply without its three NUL-terminated strings fails the handshake', async () => {
+    for (const reply of ['rel\0host\0boot', 'rel\0host\0', '', 'rel\0host\0boot\0extra\0']) {
+      const guest = await FakeGuest.listen(dir);
+      guests.push(guest);
+      guest.handle(HOST.HELLO, (f) => guest.send(f.channel, GUEST.OK, Buffer.from(reply)));
+      await expect(GuestChannel.connect(guest.path)).rejects.toMatchObject({ code: 'MALFORMED_FRAME', message: expect.stringMatching(/HELLO/) });
+    }
+  });
+
+  it('frames a session cannot have in its state close the channel', async () => {
+    const cases: [string, (g: FakeGuest, c: GuestChannel) => Promise<unknown>, RegExp, (outcome: unknown) => void][] = [
+      [
+        'STARTED twice',
+        async (g, c) => {
+          g.handle(HOST.EXEC, (f) => g.send(f.channel, GUEST.STARTED, i32(7)));
+          const p = await c.exec({ argv: ['true'] });
+          g.send((await g.waitFor((f) => f.type === HOST.EXEC)).channel, GUEST.STARTED, i32(8));
+          return p.exited;
+        },
+        /STARTED.*exec session/,
+        (code) => expect(code).toBe(255),
+      ],
+      [
+        'TCP_DATA after TCP_EOF',
+        async (g, c) => {
+          g.handle(HOST.TCP_CONNECT, (f) => {
+            g.send(f.channel, GUEST.CONNECTED);
+            g.send(f.channel, GUEST.TCP_EOF);
+            g.send(f.channel, GUEST.TCP_DATA, Buffer.from('late'));
+          });
+          const sock = await c.dial(80);
+          return collect(sock);
+        },
+        /TCP_DATA after TCP_EOF/,
+        // All of it arrives in one read, before the caller of dial() could listen for errors:
+        // the channel's error reaches the consumer instead of crashing the process.
+        (err) => expect(err).toMatchObject({ code: 'UNEXPECTED_FRAME' }),
+      ],
+      [
+        'FILE_DATA in reply to HEALTH',
+        async (g, c) => {
+          g.handle(HOST.HEALTH, (f) => {
+            g.send(f.channel, GUEST.FILE_DATA, Buffer.from('x'));
+            g.send(f.channel, GUEST.OK, Buffer.from('procs=1\n'));
+          });
+          return c.health();
+        },
+        /FILE_DATA.*HEALTH/,
+        (err) => expect(err).toMatchObject({ code: 'UNEXPECTED_FRAME' }),
+      ],
+      [
+        'STDOUT in reply to a dial',
+        async (g, c) => {
+          g.handle(HOST.TCP_CONNECT, (f) => g.send(f.channel, GUEST.STDOUT, Buffer.from('x')));
+          return c.dial(80);
+        },
+        /STDOUT.*dial/,
+        (err) => expect(err).toMatchObject({ code: 'DIAL_FAILED' }),
+      ],
+    ];
+    for (const [, attack, message, check] of cases) {
+      const { guest, channel } = await hostile();
+      const outcome = attack(guest, channel).catch((e: unknown) => e);
+      await expectClosedBy(channel, 'UNEXPECTED_FRAME', message);
+      check(await outcome);
+    }
+  });
+
+  it('refuses a file over the caller’s limit and tells the guest to stop sending it', async () => {
+    const { guest, channel } = await hostile();
+    guest.handle(HOST.GET_FILE, (f) => {
+      for (let i = 0; i < 20; i++) guest.send(f.channel, GUEST.FILE_DATA, Buffer.alloc(64 << 10, i));
+      guest.send(f.channel, GUEST.OK);
+    });
+    const err = await channel.getFile('/big', { maxBytes: 1 << 20 }).then((b) => `resolved with ${b.length} bytes`, (e: unknown) => e);
+    expect(err).toMatchObject({ code: 'FILE_TOO_LARGE', message: expect.stringMatching(/\/big.*1048576/) });
+    const request = guest.received.find((f) => f.type === HOST.GET_FILE)!;
+    await guest.waitFor((f) => f.type === HOST.CLOSE && f.channel === request.channel);
+    // A file over the limit is the guest's content, not a protocol error: the channel stays.
+    expect(await channel.health()).toEqual({ procs: 1 });
+    guest.handle(HOST.GET_FILE, (f) => {
+      guest.send(f.channel, GUEST.FILE_DATA, Buffer.alloc(64 << 10, 1));
+      guest.send(f.channel, GUEST.OK);
+    });
+    expect((await channel.getFile('/small', { maxBytes: 64 << 10 })).length).toBe(64 << 10);
+  });
+
+  it('stops accumulating a file at 64 MiB by default', async () => {
+    const { guest, channel } = await hostile();
+    let sent = 0;
+    guest.handle(HOST.GET_FILE, (f) => {
+      // Like a GET_FILE of /dev/zero: the guest streams until told to stop (or 80 MiB).
+      const chunk = Buffer.alloc(64 << 10);
+      const pump = () => {
+        while (sent < 80 << 20 && !guest.received.some((r) => r.type === HOST.CLOSE && r.channel === f.channel)) {
+          sent += chunk.length;
+          if (!guest.send(f.channel, GUEST.FILE_DATA, chunk)) return void guest.conn.once('drain', pump);
+        }
+        guest.send(f.channel, GUEST.OK);
+      };
+      pump();
+    });
+    const err = await channel.getFile('/dev/zero').then((b) => `resolved with ${b.length} bytes`, (e: unknown) => e);
+    expect(err).toMatchObject({ code: 'FILE_TOO_LARGE', message: expect.stringMatching(/67108864/) });
+    expect(sent).toBeLessThan(80 << 20);
+  });
+});
+
+describe('backpressure from consumers that do not read', () => {
+  const guests: FakeGuest[] = [];
+  afterAll(() => guests.forEach((g) => g.close()));
+
+  /**
+   * Floods a session with 64 KiB frames as fast as the host takes them, `total` bytes in all.
+   * `stalled` resolves with the bytes sent once the host has taken nothing for 300 ms.
+   */
+  function flood(guest: FakeGuest, channel: number, type: number, total: number) {
+    let sent = 0;
+    let seq = 0;
+    let stopped = false;
+    let idle: NodeJS.Timeout | undefined;
+    let onStall!: (sent: number) => void;
+    let onDone!: () => void;
+    const stalled = new Promise<number>((resolve) => (onStall = resolve));
+    const done = new Promise<void>((resolve) => (onDone = resolve));
+    const pump = () => {
+      clearTimeout(idle);
+      while (sent < total && !stopped) {
+        // A counter in every chunk lets the consumer check that nothing was lost or reordered.
+        const chunk = Buffer.alloc(64 << 10, seq++ & 0xff);
+        sent += chunk.length;
+        if (!guest.send(channel, type, chunk)) {
+          guest.conn.once('drain', pump);
+          idle = setTimeout(() => onStall(sent), 300);
+          return;
+        }
+      }
+      onStall(sent);
+      onDone();
+    };
+    pump();
+    return { stalled, done, stop: () => (stopped = true) };
+  }
+
+  function expectSequence(data: Buffer, bytes: number): void {
+    expect(data.length).toBe(bytes);
+    for (let i = 0; i < bytes / (64 << 10); i++) expect(data[i * (64 << 10)]).toBe(i & 0xff);
+  }
+
+  it('bounds what an exec session holds for a consumer that does not read stdout', async () => {
+    const { guest, channel } = await FakeGuest.start(dir);
+    guests.push(guest);
+    guest.handle(HOST.EXEC, (f) => guest.send(f.channel, GUEST.STARTED, i32(42)));
+    const p = await channel.exec({ argv: ['yes'] });
+    const id = guest.received.find((f) => f.type === HOST.EXEC)!.channel;
+    const total = 64 << 20;
+    const flow = flood(guest, id, GUEST.STDOUT, total);
+    // The guest was stopped well before its 64 MiB were out ...
+    expect(await flow.stalled).toBeLessThan(16 << 20);
+    // ... and what the host holds for the session stays within its bound (256 KiB + one frame).
+    const held = p.stdout.readableLength + ((p.stdout as Readable & { writableLength?: number }).writableLength ?? 0);
+    expect(held).toBeLessThanOrEqual((256 + 64) << 10);
+    // The link's share: one frame of unparsed input, the socket's buffer and one read.
+    expect(channel.bufferedBytes).toBeLessThanOrEqual(512 << 10);
+    // Lossless: once the consumer reads, the rest flows and arrives in order.
+    const out = collect(p.stdout);
+    await flow.done;
+    guest.send(id, GUEST.EXIT, i32(0));
+    expect(await p.exited).toBe(0);
+    expectSequence(await out, total);
+    await channel.close();
+  });
+
+  it('bounds what a TCP connection holds for a consumer that does not read, and only while the session lives', async () => {
+    const { guest, channel } = await FakeGuest.start(dir);
+    guests.push(guest);
+    guest.handle(HOST.TCP_CONNECT, (f) => guest.send(f.channel, GUEST.CONNECTED));
+    const sock = await channel.dial(80);
+    const id = guest.received.find((f) => f.type === HOST.TCP_CONNECT)!.channel;
+    const flow = flood(guest, id, GUEST.TCP_DATA, 64 << 20);
+    expect(await flow.stalled).toBeLessThan(16 << 20);
+    expect(sock.readableLength).toBeLessThanOrEqual((256 + 64) << 10);
+    expect(channel.bufferedBytes).toBeLessThanOrEqual(512 << 10);
+    // Requests wait behind the stalled link (one box's link only carries that box) ...
+    const health = channel.health();
+    // ... until the consumer gives the session up: the link then runs again.
+    flow.stop();
+    sock.destroy();
+    expect(await health).toEqual({ procs: 1 });
+    await channel.close();
+  });
+});
+
+describe('the guest agent against malformed host frames', () => {
+  // The real agent, rooted in a scratch directory and in its own network, UTS and IPC
+  // namespaces: a frame it wrongly accepted could otherwise set this host's hostname or take its
+  // loopback interface down (SET_IDENTITY, NET_CONFIG). No EXEC here is well-formed.
+  let host: RawHost;
+  let root: string;
+  let nextId = 1;
+
+  beforeAll(async () => {
+    root = mkdtempSync(join(dir, 'root-'));
+    host = await RawHost.start(bin, dir, root, GUEST_SANDBOX);
+  });
+
+  afterAll(async () => {
+    await host.stop();
+  });
+
+  const cstrs = (...s: string[]) => Buffer.from(s.map((x) => `${x}\0`).join(''));
+  const u16 = (...v: number[]) => Buffer.concat(v.map((x) => Buffer.from([x & 0xff, (x >> 8) & 0xff])));
+  const u32 = (v: number) => Buffer.from([v & 0xff, (v >>> 8) & 0xff, (v >>> 16) & 0xff, (v >>> 24) & 0xff]);
+  /** EXEC's fixed head: flags, cols, rows, argc, envc. */
+  const execHead = (argc: number, envc: number) => Buffer.concat([Buffer.from([0]), u16(80, 24, argc, envc)]);
+
+  const cases: [string, number, Buffer][] = [
+    ['HELLO with 7 bytes', HOST.HELLO, Buffer.alloc(7)],
+    ['HELLO with 9 bytes', HOST.HELLO, Buffer.alloc(9)],
+    ['EXEC shorter than its head', HOST.EXEC, Buffer.alloc(8)],
+    ['EXEC without a program', HOST.EXEC, Buffer.concat([execHead(0, 0), cstrs('/')])],
+    ['EXEC with more argv than strings', HOST.EXEC, Buffer.concat([execHead(3, 0), cstrs('/', 'true')])],
+    ['EXEC with a count larger than the payload', HOST.EXEC, Buffer.concat([execHead(65535, 65535), cstrs('/', 'true')])],
+    ['EXEC whose last string lacks its NUL', HOST.EXEC, Buffer.concat([execHead(1, 1), cstrs('/', 'true'), Buffer.from('A=1')])],
+    ['EXEC with bytes after its strings', HOST.EXEC, Buffer.concat([execHead(1, 0), cstrs('/', 'devyard-no-such-program'), Buffer.from('x')])],
+    ['STDIN_EOF with a payload', HOST.STDIN_EOF, Buffer.alloc(1)],
+    ['SIGNAL without a signal', HOST.SIGNAL, Buffer.alloc(0)],
+    ['SIGNAL with 2 bytes', HOST.SIGNAL, Buffer.from([15, 0])],
+    ['SIGNAL 0', HOST.SIGNAL, Buffer.from([0])],
+    ['SIGNAL 200', HOST.SIGNAL, Buffer.from([200])],
+    ['RESIZE with 3 bytes', HOST.RESIZE, Buffer.alloc(3)],
+    ['RESIZE with 5 bytes', HOST.RESIZE, Buffer.alloc(5)],
+    ['TCP_CONNECT with 1 byte', HOST.TCP_CONNECT, Buffer.alloc(1)],
+    ['TCP_CONNECT with 3 bytes', HOST.TCP_CONNECT, Buffer.alloc(3)],
+    ['TCP_EOF with a payload', HOST.TCP_EOF, Buffer.alloc(1)],
+    ['CLOSE with a payload', HOST.CLOSE, Buffer.alloc(1)],
+    ['PUT_FILE shorter than its mode', HOST.PUT_FILE, Buffer.alloc(3)],
+    ['PUT_FILE whose path lacks its NUL', HOST.PUT_FILE, Buffer.concat([u32(0o644), Buffer.from('a')])],
+    ['GET_FILE without a payload', HOST.GET_FILE, Buffer.alloc(0)],
+    ['GET_FILE whose path lacks its NUL', HOST.GET_FILE, Buffer.from('etc/passwd')],
+    ['GET_FILE with bytes after its path', HOST.GET_FILE, Buffer.concat([cstrs('f'), Buffer.from('x')])],
+    ['REPLACE_DIR whose dir lacks its NUL', HOST.REPLACE_DIR, Buffer.from('d')],
+    ['REPLACE_DIR without its count', HOST.REPLACE_DIR, Buffer.concat([cstrs('d'), Buffer.alloc(3)])],
+    ['REPLACE_DIR with a count of 2^32-1', HOST.REPLACE_DIR, Buffer.concat([cstrs('d'), u32(0xffffffff)])],
+    ['REPLACE_DIR with fewer files than its count', HOST.REPLACE_DIR, Buffer.concat([cstrs('d'), u32(2), cstrs('a'), u32(1), Buffer.from('x')])],
+    ['REPLACE_DIR with a file longer than the payload', HOST.REPLACE_DIR, Buffer.concat([cstrs('d'), u32(1), cstrs('a'), u32(100), Buffer.from('x')])],
+    ['REPLACE_DIR whose file name lacks its NUL', HOST.REPLACE_DIR, Buffer.concat([cstrs('d'), u32(1), Buffer.from('a')])],
+    ['REPLACE_DIR with bytes after its files', HOST.REPLACE_DIR, Buffer.concat([cstrs('d'), u32(1), cstrs('a'), u32(1), Buffer.from('xy')])],
+    ['HEALTH with a payload', HOST.HEALTH, Buffer.alloc(1)],
+    ['SET_IDENTITY with one string', HOST.SET_IDENTITY, cstrs('box')],
+    ['SET_IDENTITY whose machine id lacks its NUL', HOST.SET_IDENTITY, Buffer.concat([cstrs('box'), Buffer.from('0'.repeat(32))])],
+    ['SET_IDENTITY with bytes after its strings', HOST.SET_IDENTITY, Buffer.concat([cstrs('box', '0'.repeat(32)), Buffer.from('x')])],
+    ['QUIESCE whose dir lacks its NUL', HOST.QUIESCE, Buffer.from('secrets')],
+    ['QUIESCE with bytes after its dir', HOST.QUIESCE, Buffer.concat([cstrs('secrets'), Buffer.from('x')])],
+    ['NET_CONFIG with two strings', HOST.NET_CONFIG, cstrs('lo', '10.0.0.2/24')],
+    ['NET_CONFIG with five strings', HOST.NET_CONFIG, cstrs('lo', '10.0.0.2/24', '10.0.0.1', '02:00:00:00:00:01', 'x')],
+    ['NET_CONFIG whose MAC lacks its NUL', HOST.NET_CONFIG, Buffer.concat([cstrs('lo', '10.0.0.2/24', '10.0.0.1'), Buffer.from('02:00')])],
+    ['type 0x00', 0x00, Buffer.alloc(0)],
+    ['type 0x12', 0x12, Buffer.alloc(4)],
+    ['a guest → host type', GUEST.OK, Buffer.alloc(0)],
+    ['type 0xff', 0xff, Buffer.alloc(1)],
+  ];
+
+  it.each(cases)('answers %s with ERR and acts on nothing', async (_name, type, payload) => {
+    mkdirSync(join(root, 'secrets'), { recursive: true });
+    writeFileSync(join(root, 'secrets', 'KEEP'), 'x');
+    const id = nextId++;
+    const reply = await Promise.race([host.request(id, type, payload), new Promise<string>((r) => setTimeout(() => r('no reply within 1 s'), 1000))]);
+    expect(reply).toMatchObject({ type: GUEST.ERR, payload: expect.any(Buffer) });
+    expect((reply as Frame).payload.toString()).toMatch(type >= 0x01 && type <= 0x11 ? /^malformed [A-Z_]+ frame/ : /^unknown frame type/);
+    // Nothing was started, written or removed.
+    expect(host.received.filter((f) => f.channel === id).map((f) => f.type)).toEqual([GUEST.ERR]);
+    expect(readdirSync(join(root, 'secrets'))).toEqual(['KEEP']);
+    expect(readdirSync(root).sort()).toEqual(['secrets']);
+  });
+
+  it('still answers HELLO and HEALTH afterwards', async () => {
+    expect(host.alive).toBe(true);
+    const hello = await host.request(nextId++, HOST.HELLO, Buffer.alloc(8));
+    expect(hello.type).toBe(GUEST.OK);
+    expect(hello.payload.toString().split('\0')[0]).toBe(release());
+    const health = await host.request(nextId++, HOST.HEALTH);
+    expect(health.type).toBe(GUEST.OK);
+    expect(health.payload.toString()).toMatch(/^uptime=.*\nprocs=\d+\nidle_ms=\d+\n$/s);
   });
 });

@@ -2,18 +2,48 @@
  * The host side of the guest-agent protocol (guest/PROTOCOL.md): one byte stream to a microVM's
  * guest agent (the QEMU virtio-serial chardev socket), multiplexing exec sessions, TCP
  * connections into the VM and file requests as frames on host-chosen channel ids.
+ *
+ * Everything that arrives on the stream is written by code in the VM, which may be hostile: a
+ * frame is checked against its type's shape (length, values) and against the state of the
+ * channel it names before anything uses it, and a frame that fails either check closes this one
+ * channel (GuestChannelError) instead of throwing out of the stream's data handler, which would
+ * end the node agent and every other box's channel with it.
+ *
+ * Memory held for the guest is bounded. A guest → host frame carries at most 64 KiB (refused at
+ * its header, before the payload is buffered). Session output waits in a per-session stream of
+ * SESSION_HIGH_WATER bytes; the protocol has no per-session credit (as virtio-vsock has), so when
+ * any session's consumer falls behind, the whole link stops reading until that consumer catches
+ * up or goes away. The guest agent then stops reading its processes' output (its own high-water
+ * mark), and the processes block on their pipes: lossless, bounded on this side by
+ * SESSION_HIGH_WATER + 64 KiB per open session plus one frame and one read of unparsed input.
+ * The cost is head-of-line blocking within one box: while one of its consumers is behind, the
+ * box's other sessions wait and its requests may time out; other boxes have links of their own.
+ * GET_FILE replies accumulate up to a per-call limit (64 MiB by default).
  */
 import { connect as netConnect, type Socket } from 'node:net';
 import { constants } from 'node:os';
-import { Duplex, PassThrough, Writable } from 'node:stream';
+import { Duplex, Readable, Writable } from 'node:stream';
 import type { ExecOptions, ExecProcess } from '../runtime-driver.js';
 
 const HEADER_LEN = 9;
+/** Host → guest frames: EXEC and PUT_FILE carry up to 1 MiB in one frame. */
 const MAX_PAYLOAD = 1 << 20;
 const CHUNK = 64 << 10;
+/**
+ * Guest → host frames: the guest agent sends data in CHUNK-sized pieces and every other frame is
+ * far smaller, so a header announcing more is refused before its payload is buffered.
+ */
+const MAX_GUEST_PAYLOAD = CHUNK;
+/** Unread output a session holds for its consumer before the link stops reading the guest. */
+const SESSION_HIGH_WATER = 256 << 10;
+/** Guest error texts end up in errors, logs and API responses: they are cut to this many bytes. */
+const MAX_GUEST_TEXT = 1024;
 const DEFAULT_TIMEOUT_MS = 10_000;
 const CONNECT_RETRY_MS = 20;
 const ECONNREFUSED = 111;
+
+/** How many bytes {@link GuestChannel.getFile} accepts unless the caller says otherwise (64 MiB). */
+export const DEFAULT_MAX_FILE_BYTES = 64 << 20;
 
 /** Host → guest frame types. */
 const T = {
@@ -52,12 +82,49 @@ const G = {
   FILE_DATA: 0x8c,
 } as const;
 
+const HOST_NAMES = new Map<number, string>(Object.entries(T).map(([name, type]) => [type, name]));
+const GUEST_NAMES = new Map<number, string>(Object.entries(G).map(([name, type]) => [type, name]));
+
+/** Guest → host types whose payload has one fixed size (the others carry 0..MAX_GUEST_PAYLOAD bytes). */
+const FIXED_SIZE = new Map<number, number>([
+  [G.STARTED, 4],
+  [G.EXIT, 4],
+  [G.CONNECTED, 0],
+  [G.CONNECT_FAILED, 4],
+  [G.TCP_EOF, 0],
+  [G.CLOSED, 0],
+]);
+
+/** Why a guest channel closed, or a request on it failed. */
+export class GuestChannelError extends Error {
+  constructor(
+    /**
+     * Stable error code: `MALFORMED_FRAME` (a frame without its type's shape: unknown type,
+     * wrong or oversized length, value out of range), `UNEXPECTED_FRAME` (a well-formed frame the
+     * channel it names cannot take in its state), `FRAME_HANDLER_FAILED` (handling a frame threw:
+     * a bug on this side, contained to the channel), `FILE_TOO_LARGE` (a GET_FILE reply over the
+     * caller's limit; the channel stays open).
+     */
+    readonly code: 'MALFORMED_FRAME' | 'UNEXPECTED_FRAME' | 'FRAME_HANDLER_FAILED' | 'FILE_TOO_LARGE',
+    message: string,
+    options?: ErrorOptions,
+  ) {
+    super(message, options);
+  }
+}
+
 /** Options for {@link GuestChannel.open} and {@link GuestChannel.connect}. */
 export interface GuestChannelOptions {
   /** How long connecting and the HELLO handshake may take, in ms (default 10 s). */
   timeoutMs?: number;
   /** How long each later request may wait for its reply, in ms (default 10 s). */
   requestTimeoutMs?: number;
+}
+
+/** Options for {@link GuestChannel.getFile}. */
+export interface GetFileOptions {
+  /** The most bytes the file may have; a larger one fails with FILE_TOO_LARGE (default 64 MiB). */
+  maxBytes?: number;
 }
 
 /** A process started by the guest agent; `pid` is its pid inside the VM. */
@@ -79,12 +146,22 @@ interface ChannelLink {
   send(channel: number, type: number, payload?: Buffer): boolean;
   whenDrained(cb: () => void): void;
   forget(channel: number): void;
+  /** The stream's consumer is behind: stop reading the guest until it catches up. */
+  stall(stream: Readable): void;
+  /** The stream's consumer caught up, or nothing more can arrive for it. */
+  unstall(stream: Readable): void;
 }
 
 interface PendingRequest {
+  /** The request's frame type name, for errors. */
+  name: string;
   resolve(data: Buffer): void;
   reject(err: Error): void;
   chunks: Buffer[];
+  /** FILE_DATA bytes so far. */
+  bytes: number;
+  /** Set for GET_FILE only: no other request takes FILE_DATA. */
+  file?: { path: string; maxBytes: number };
   rearm(): void;
   timer?: NodeJS.Timeout;
 }
@@ -111,6 +188,14 @@ function toBuffer(data: Buffer | string): Buffer {
   return typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
 }
 
+function guestText(payload: Buffer): string {
+  return payload.subarray(0, MAX_GUEST_TEXT).toString('utf8');
+}
+
+function hex(type: number): string {
+  return `0x${type.toString(16).padStart(2, '0')}`;
+}
+
 /** Sends data as frames of at most CHUNK bytes; cb runs once the stream can take more. */
 function sendChunked(link: ChannelLink, channel: number, type: number, data: Buffer, cb: () => void): void {
   for (let off = 0; off < data.length; off += CHUNK) link.send(channel, type, data.subarray(off, off + CHUNK));
@@ -121,10 +206,62 @@ function dialError(message: string, code: 'PORT_REFUSED' | 'DIAL_FAILED'): Error
   return Object.assign(new Error(message), { code });
 }
 
+/** What is wrong with a frame header (type and length), judged before its payload is read. */
+function headerProblem(type: number, len: number): string | undefined {
+  const name = GUEST_NAMES.get(type);
+  if (!name) return `unknown frame type ${hex(type)}`;
+  if (len > MAX_GUEST_PAYLOAD) return `${len} bytes exceed the ${MAX_GUEST_PAYLOAD}-byte limit of guest frames`;
+  const size = FIXED_SIZE.get(type);
+  if (size !== undefined && len !== size) return `${len} bytes, but the type carries exactly ${size}`;
+  return undefined;
+}
+
+/** What is wrong with a whole frame's payload, for types whose values have a range. */
+function payloadProblem(type: number, payload: Buffer): string | undefined {
+  if (type === G.STARTED) {
+    const pid = payload.readInt32LE(0);
+    if (pid < 1) return `pid ${pid} is not a process id`;
+  } else if (type === G.EXIT) {
+    const code = payload.readInt32LE(0);
+    if (code < 0 || code > 255) return `exit code ${code} is outside 0..255`;
+  }
+  return undefined;
+}
+
+/**
+ * A session's output towards its consumer. Pushing past the high-water mark stalls the link; the
+ * stream's _read (the consumer wants more) releases it, and so do its end and its destruction.
+ */
+class SessionOutput extends Readable {
+  private ended = false;
+
+  constructor(private readonly link: ChannelLink) {
+    super({ highWaterMark: SESSION_HIGH_WATER });
+    this.on('close', () => link.unstall(this));
+  }
+
+  override _read(): void {
+    this.link.unstall(this);
+  }
+
+  deliver(data: Buffer): void {
+    // A consumer that destroyed the stream does not want the rest.
+    if (this.ended || this.destroyed) return;
+    if (!this.push(data)) this.link.stall(this);
+  }
+
+  finish(): void {
+    if (this.ended) return;
+    this.ended = true;
+    this.push(null);
+    this.link.unstall(this);
+  }
+}
+
 /** One exec session: its streams live on after the session ends, so consumers read everything. */
 class ExecSession {
-  readonly stdout = new PassThrough();
-  readonly stderr = new PassThrough();
+  readonly stdout: SessionOutput;
+  readonly stderr: SessionOutput;
   readonly stdin: Writable;
   readonly exited: Promise<number>;
   done = false;
@@ -135,6 +272,8 @@ class ExecSession {
     private readonly id: number,
     private readonly tty: boolean,
   ) {
+    this.stdout = new SessionOutput(link);
+    this.stderr = new SessionOutput(link);
     this.exited = new Promise((resolve) => (this.resolveExit = resolve));
     this.stdin = new Writable({
       // Writes after the end are dropped, like writes to the pipe of a process that has exited.
@@ -170,8 +309,8 @@ class ExecSession {
     if (this.done) return;
     this.done = true;
     this.link.forget(this.id);
-    this.stdout.end();
-    this.stderr.end();
+    this.stdout.finish();
+    this.stderr.finish();
     this.resolveExit(code);
   }
 }
@@ -180,17 +319,25 @@ class ExecSession {
 class GuestSocket extends Duplex {
   /** The guest no longer knows the session: sending CLOSE would be pointless. */
   guestGone = false;
-  private readEnded = false;
+  /** The guest sent TCP_EOF: no more data may follow. */
+  readEnded = false;
 
   constructor(
     private readonly link: ChannelLink,
     private readonly id: number,
   ) {
-    super({ allowHalfOpen: true });
+    super({ allowHalfOpen: true, readableHighWaterMark: SESSION_HIGH_WATER });
+    this.on('close', () => link.unstall(this));
+    // The guest can end the connection (or break the channel) in the same read that connected
+    // it, before the dial's caller has had a turn to listen for errors: an 'error' nobody
+    // listens to would end the node agent. Callers that listen still get it.
+    this.on('error', () => {});
   }
 
-  // The protocol has no flow control: data is pushed as the guest sends it.
-  override _read(): void {}
+  // The consumer wants more: the link may read the guest again (see the module comment).
+  override _read(): void {
+    this.link.unstall(this);
+  }
 
   override _write(chunk: Buffer, _enc: BufferEncoding, cb: (err?: Error | null) => void): void {
     if (this.guestGone) return cb(Object.assign(new Error('the guest closed the connection'), { code: 'EPIPE' }));
@@ -213,12 +360,14 @@ class GuestSocket extends Duplex {
   }
 
   onData(data: Buffer): void {
-    this.push(data);
+    if (this.destroyed) return;
+    if (!this.push(data)) this.link.stall(this);
   }
 
   onEof(): void {
     this.readEnded = true;
     this.push(null);
+    this.link.unstall(this);
   }
 
   onClosed(): void {
@@ -241,6 +390,7 @@ export class GuestChannel {
   readonly closed: Promise<void>;
   private resolveClosed!: () => void;
   private isClosed = false;
+  private reason?: Error;
   private nextId = 1;
   private readonly requests = new Map<number, PendingRequest>();
   private readonly execs = new Map<number, ExecSession>();
@@ -248,6 +398,10 @@ export class GuestChannel {
   private readonly dialing = new Map<number, PendingDial>();
   private readonly sockets = new Map<number, GuestSocket>();
   private drainWaiters: (() => void)[] = [];
+  /** Session streams whose consumers are behind; the link reads the guest only while empty. */
+  private readonly stalled = new Set<Readable>();
+  private paused = false;
+  private parsing = false;
   private chunks: Buffer[] = [];
   private have = 0;
   private need = 0;
@@ -270,6 +424,8 @@ export class GuestChannel {
         this.execs.delete(channel);
         this.sockets.delete(channel);
       },
+      stall: (s) => this.stall(s),
+      unstall: (s) => this.unstall(s),
     };
     stream.on('data', (chunk: Buffer) => this.onData(chunk));
     stream.on('drain', () => this.flushDrainWaiters());
@@ -324,6 +480,23 @@ export class GuestChannel {
     return this.boot;
   }
 
+  /** Why the channel closed (a GuestChannelError when the guest broke the protocol); unset while open. */
+  get closeReason(): Error | undefined {
+    return this.reason;
+  }
+
+  /**
+   * Bytes received from the guest that this side holds: unparsed input, output of open sessions
+   * that their consumers have not read, and GET_FILE data not yet handed over.
+   */
+  get bufferedBytes(): number {
+    let n = this.have + this.stream.readableLength;
+    for (const e of this.execs.values()) n += e.stdout.readableLength + e.stderr.readableLength;
+    for (const s of this.sockets.values()) n += s.readableLength;
+    for (const r of this.requests.values()) n += r.bytes;
+    return n;
+  }
+
   /** Re-handshakes on the same stream: the guest forgets every session, and so does this side. */
   async hello(): Promise<void> {
     await this.handshake(this.requestTimeoutMs);
@@ -333,11 +506,18 @@ export class GuestChannel {
     this.resetSessions(new Error('guest channel reset by HELLO'));
     const ns = Buffer.alloc(8);
     ns.writeBigUInt64LE(BigInt(Date.now()) * 1_000_000n);
-    const reply = await this.request(T.HELLO, ns, timeoutMs);
-    const [release = '', host = '', boot = ''] = reply.toString('utf8').split('\0');
-    this.release = release;
-    this.host = host;
-    this.boot = boot;
+    const reply = await this.request(T.HELLO, ns, { timeoutMs });
+    // Three NUL-terminated strings split into four parts, the last one empty.
+    const parts = reply.toString('utf8').split('\0');
+    if (parts.length !== 4 || parts[3] !== '') {
+      const err = new GuestChannelError(
+        'MALFORMED_FRAME',
+        'guest sent a malformed OK frame in reply to HELLO: it must hold the kernel release, hostname and boot id as three NUL-terminated strings',
+      );
+      this.fail(err);
+      throw err;
+    }
+    [this.release, this.host, this.boot] = parts as [string, string, string];
   }
 
   /** Starts a process in the guest; resolves once it runs, rejects with the guest's error text. */
@@ -394,9 +574,15 @@ export class GuestChannel {
     await this.request(T.PUT_FILE, Buffer.concat([u32(mode), cstr(path), toBuffer(data)]));
   }
 
-  /** Reads a file inside the image root. */
-  getFile(path: string): Promise<Buffer> {
-    return this.request(T.GET_FILE, cstr(path));
+  /** Reads a file inside the image root; one larger than `maxBytes` (64 MiB) fails with FILE_TOO_LARGE. */
+  getFile(path: string, opts: GetFileOptions = {}): Promise<Buffer> {
+    let payload: Buffer;
+    try {
+      payload = cstr(path);
+    } catch (err) {
+      return Promise.reject(err as Error);
+    }
+    return this.request(T.GET_FILE, payload, { file: { path, maxBytes: opts.maxBytes ?? DEFAULT_MAX_FILE_BYTES } });
   }
 
   /** Makes dir hold exactly these files (mode 0440, root-owned). */
@@ -442,21 +628,27 @@ export class GuestChannel {
     return this.closed;
   }
 
-  private request(type: number, payload: Buffer, timeoutMs = this.requestTimeoutMs): Promise<Buffer> {
+  private request(type: number, payload: Buffer, opts: { timeoutMs?: number; file?: PendingRequest['file'] } = {}): Promise<Buffer> {
     if (this.isClosed) return Promise.reject(new Error('guest channel is closed'));
     if (payload.length > MAX_PAYLOAD) return Promise.reject(new Error(`request of ${payload.length} bytes exceeds the 1 MiB frame limit`));
+    const timeoutMs = opts.timeoutMs ?? this.requestTimeoutMs;
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       const req: PendingRequest = {
+        name: HOST_NAMES.get(type) ?? hex(type),
         resolve,
         reject,
         chunks: [],
+        bytes: 0,
+        file: opts.file,
         // Re-armed on every FILE_DATA: a large download is slow, not stuck.
         rearm: () => {
           clearTimeout(req.timer);
           req.timer = setTimeout(() => {
             this.requests.delete(id);
-            reject(new Error(`guest request 0x${type.toString(16)} timed out after ${timeoutMs} ms`));
+            // A file still streaming would otherwise go on arriving for nobody.
+            if (req.file) this.send(id, T.CLOSE);
+            reject(new Error(`guest request ${req.name} timed out after ${timeoutMs} ms`));
           }, timeoutMs);
         },
       };
@@ -486,30 +678,70 @@ export class GuestChannel {
     for (const cb of waiters) cb();
   }
 
-  /** Parses frames incrementally; chunks are only concatenated once a whole frame is there. */
+  private stall(s: Readable): void {
+    if (this.isClosed) return;
+    this.stalled.add(s);
+    if (!this.paused) {
+      this.paused = true;
+      this.stream.pause();
+    }
+  }
+
+  private unstall(s: Readable): void {
+    if (!this.stalled.delete(s) || this.stalled.size > 0 || !this.paused) return;
+    this.paused = false;
+    this.stream.resume();
+    // Frames already received wait in `chunks`; the stream only delivers new ones.
+    this.parse();
+  }
+
   private onData(chunk: Buffer): void {
     this.chunks.push(chunk);
     this.have += chunk.length;
-    while (!this.isClosed) {
-      if (this.need === 0) {
-        if (this.have < HEADER_LEN) return;
-        if (this.chunks[0]!.length < HEADER_LEN) this.chunks = [Buffer.concat(this.chunks)];
-        const len = this.chunks[0]!.readUInt32LE(0);
-        if (len > MAX_PAYLOAD) {
-          this.teardown(new Error(`guest sent a frame of ${len} bytes: protocol error`));
-          this.stream.destroy();
-          return;
+    this.parse();
+  }
+
+  /** Parses frames incrementally; chunks are only concatenated once a whole frame is there. */
+  private parse(): void {
+    // Handling a frame can release a stall, which calls back here: the running loop goes on instead.
+    if (this.parsing) return;
+    this.parsing = true;
+    try {
+      while (!this.isClosed && !this.paused) {
+        if (this.need === 0) {
+          if (this.have < HEADER_LEN) return;
+          if (this.chunks[0]!.length < HEADER_LEN) this.chunks = [Buffer.concat(this.chunks)];
+          const head = this.chunks[0]!;
+          const len = head.readUInt32LE(0);
+          const problem = headerProblem(head.readUInt8(8), len);
+          if (problem) return this.malformed(head.readUInt8(8), head.readUInt32LE(4), problem);
+          this.need = HEADER_LEN + len;
         }
-        this.need = HEADER_LEN + len;
+        if (this.have < this.need) return;
+        const all = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks);
+        const frame = all.subarray(0, this.need);
+        const rest = all.subarray(this.need);
+        this.chunks = rest.length ? [rest] : [];
+        this.have = rest.length;
+        this.need = 0;
+        this.dispatch(frame.readUInt32LE(4), frame.readUInt8(8), frame.subarray(HEADER_LEN));
       }
-      if (this.have < this.need) return;
-      const all = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks);
-      const frame = all.subarray(0, this.need);
-      const rest = all.subarray(this.need);
-      this.chunks = rest.length ? [rest] : [];
-      this.have = rest.length;
-      this.need = 0;
-      this.onFrame(frame.readUInt32LE(4), frame.readUInt8(8), frame.subarray(HEADER_LEN));
+    } finally {
+      this.parsing = false;
+    }
+  }
+
+  private dispatch(channel: number, type: number, payload: Buffer): void {
+    try {
+      const problem = payloadProblem(type, payload);
+      if (problem) return this.malformed(type, channel, problem);
+      this.onFrame(channel, type, payload);
+    } catch (err) {
+      // Whatever a frame leads to must not throw out of the stream's data handler: that would end
+      // the node agent, and every box's channel with it.
+      this.fail(
+        new GuestChannelError('FRAME_HANDLER_FAILED', `handling a ${GUEST_NAMES.get(type)} frame on channel ${channel} failed: ${(err as Error).message}`, { cause: err }),
+      );
     }
   }
 
@@ -517,24 +749,27 @@ export class GuestChannel {
     const req = this.requests.get(channel);
     if (req) return this.onReply(channel, req, type, payload);
     const starting = this.pendingExecs.get(channel);
-    if (starting && (type === G.STARTED || type === G.ERR)) {
+    if (starting) {
+      if (type !== G.STARTED && type !== G.ERR) return this.unexpected(type, channel, 'not allowed on an exec session that has not started');
       clearTimeout(starting.timer);
       this.pendingExecs.delete(channel);
       if (type === G.STARTED) return starting.resolve(starting.session.process(payload.readInt32LE(0)));
       starting.session.finish(255);
-      return starting.reject(new Error(payload.toString('utf8')));
+      return starting.reject(new Error(guestText(payload)));
     }
     const exec = this.execs.get(channel);
     if (exec) {
-      if (type === G.STDOUT) exec.stdout.write(payload);
-      else if (type === G.STDERR) exec.stderr.write(payload);
+      if (type === G.STDOUT) exec.stdout.deliver(payload);
+      else if (type === G.STDERR) exec.stderr.deliver(payload);
       else if (type === G.EXIT) exec.finish(payload.readInt32LE(0));
       // ERR on a started session: the guest gave it up.
       else if (type === G.ERR) exec.finish(255);
+      else this.unexpected(type, channel, 'not allowed on a started exec session');
       return;
     }
     const dialing = this.dialing.get(channel);
     if (dialing) {
+      if (type !== G.CONNECTED && type !== G.CONNECT_FAILED && type !== G.ERR) return this.unexpected(type, channel, 'not allowed on a dial in progress');
       clearTimeout(dialing.timer);
       this.dialing.delete(channel);
       if (type === G.CONNECTED) {
@@ -543,34 +778,66 @@ export class GuestChannel {
         return dialing.resolve(socket);
       }
       if (type === G.CONNECT_FAILED) {
-        const errno = payload.length >= 4 ? payload.readInt32LE(0) : 0;
+        const errno = payload.readInt32LE(0);
         return dialing.reject(
           errno === ECONNREFUSED
             ? dialError('connection refused: nothing listens on that port in the guest', 'PORT_REFUSED')
             : dialError(`connecting in the guest failed (errno ${errno})`, 'DIAL_FAILED'),
         );
       }
-      return dialing.reject(dialError(payload.toString('utf8'), 'DIAL_FAILED'));
+      return dialing.reject(dialError(guestText(payload), 'DIAL_FAILED'));
     }
     const socket = this.sockets.get(channel);
     if (socket) {
+      if ((type === G.TCP_DATA || type === G.TCP_EOF) && socket.readEnded) return this.unexpected(type, channel, `${GUEST_NAMES.get(type)} after TCP_EOF`);
       if (type === G.TCP_DATA) socket.onData(payload);
       else if (type === G.TCP_EOF) socket.onEof();
       else if (type === G.CLOSED || type === G.ERR) socket.onClosed();
+      else this.unexpected(type, channel, 'not allowed on a TCP connection');
     }
-    // Anything else belongs to a session this side already forgot.
+    // Anything else belongs to a session this side already forgot (it timed out, was closed, or
+    // a HELLO reset it): the guest may still have had frames for it on the way.
   }
 
   private onReply(channel: number, req: PendingRequest, type: number, payload: Buffer): void {
-    if (type === G.FILE_DATA) {
+    if (type === G.FILE_DATA && req.file) {
+      req.bytes += payload.length;
+      if (req.bytes > req.file.maxBytes) {
+        // The file's size is the guest's content, not a protocol error: only this request fails,
+        // and the guest is told to stop reading the file.
+        clearTimeout(req.timer);
+        this.requests.delete(channel);
+        this.send(channel, T.CLOSE);
+        return req.reject(new GuestChannelError('FILE_TOO_LARGE', `${req.file.path}: the file is larger than the limit of ${req.file.maxBytes} bytes`));
+      }
       req.chunks.push(payload);
       req.rearm();
       return;
     }
+    if (type !== G.OK && type !== G.ERR) return this.unexpected(type, channel, `not allowed in reply to ${req.name}`);
     clearTimeout(req.timer);
     this.requests.delete(channel);
-    if (type === G.OK) req.resolve(req.chunks.length ? Buffer.concat([...req.chunks, payload]) : Buffer.from(payload));
-    else req.reject(new Error(type === G.ERR ? payload.toString('utf8') : `unexpected reply type 0x${type.toString(16)}`));
+    if (type === G.ERR) return req.reject(new Error(guestText(payload)));
+    if (req.file && req.bytes + payload.length > req.file.maxBytes) {
+      this.send(channel, T.CLOSE);
+      return req.reject(new GuestChannelError('FILE_TOO_LARGE', `${req.file.path}: the file is larger than the limit of ${req.file.maxBytes} bytes`));
+    }
+    req.resolve(req.chunks.length ? Buffer.concat([...req.chunks, payload]) : Buffer.from(payload));
+  }
+
+  private malformed(type: number, channel: number, why: string): void {
+    const name = GUEST_NAMES.get(type);
+    this.fail(new GuestChannelError('MALFORMED_FRAME', name ? `guest sent a malformed ${name} frame on channel ${channel}: ${why}` : `guest sent a malformed frame on channel ${channel}: ${why}`));
+  }
+
+  private unexpected(type: number, channel: number, why: string): void {
+    this.fail(new GuestChannelError('UNEXPECTED_FRAME', `guest sent an unexpected ${GUEST_NAMES.get(type)} frame on channel ${channel}: ${why}`));
+  }
+
+  /** Closes this channel because of what the guest sent; other channels are not affected. */
+  private fail(err: GuestChannelError): void {
+    this.teardown(err);
+    this.stream.destroy();
   }
 
   /** Ends every session on this side (channel loss, close or a new HELLO). */
@@ -594,8 +861,12 @@ export class GuestChannel {
 
   private teardown(reason: Error): void {
     if (this.isClosed) return;
+    this.reason = reason;
     this.resetSessions(reason);
     this.isClosed = true;
+    this.stalled.clear();
+    this.chunks = [];
+    this.have = 0;
     for (const [id, req] of this.requests) {
       clearTimeout(req.timer);
       this.requests.delete(id);

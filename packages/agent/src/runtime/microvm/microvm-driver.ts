@@ -30,7 +30,7 @@ import { boxMac, BridgeNetwork, type BridgeNetworkOptions } from '../../network/
 import { runHostCommand, runHostCommandRaw } from '../../network/host-command-runner.js';
 import { allocateAddress } from '../../network/ipv4-subnet.js';
 import type { GuestBootAssets } from './guest-boot-assets.js';
-import { GuestChannel } from './guest-channel.js';
+import { GuestChannel, GuestChannelError } from './guest-channel.js';
 import { QmpClient } from './qmp-client.js';
 import { prepareMicrovmHost } from './microvm-host.js';
 import { hostTscKhz, qemuArgs, waitForExit, type Accel, type QemuVmConfig } from './qemu-command.js';
@@ -369,6 +369,9 @@ export class MicrovmDriver implements RuntimeDriver {
     this.live.get(boxId)?.channel.close();
     this.live.set(boxId, vm);
     void vm.channel.closed.then(() => {
+      const reason = vm.channel.closeReason;
+      // Either a bug or an attack from inside the VM; the next call on the box reconnects.
+      if (reason instanceof GuestChannelError) this.log('guest channel closed on a protocol error', { boxId, code: reason.code, error: reason.message });
       if (this.live.get(boxId) === vm) {
         this.live.delete(boxId);
         vm.qmp.close();
