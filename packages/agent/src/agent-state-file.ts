@@ -17,6 +17,11 @@ export interface AgentState {
   nodeId: string | null;
   /** The node's own token: every call after the first registration, re-registrations included. */
   credential?: string | null;
+  /**
+   * SHA-256 of the join token the credential was obtained with: the credential is only ever sent
+   * to the installation that issued it (one join token per installation), wherever its URL moved.
+   */
+  credentialFor?: string | null;
   sessionKey: string | null;
   desired: DesiredSet | null;
   /** Operation ids that failed on this node; a failed operation is retried only under a new id. */
@@ -28,9 +33,15 @@ export interface AgentState {
 export function loadAgentState(file: string, serverUrl: string): AgentState {
   try {
     const s = JSON.parse(readFileSync(file, 'utf8')) as AgentState;
-    // A state file from another control plane describes boxes we must not act on.
+    // A state file from another control plane describes boxes we must not act on; the node's
+    // identity stays (its use is bound to the installation, see credentialFor).
     if (s.serverUrl === serverUrl) return { ...withoutSecrets(s), failedOperations: s.failedOperations ?? {}, setup: s.setup ?? {} };
+    return { ...fresh(serverUrl), credential: s.credential ?? null, credentialFor: s.credentialFor ?? null };
   } catch {}
+  return fresh(serverUrl);
+}
+
+function fresh(serverUrl: string): AgentState {
   return { serverUrl, nodeId: null, sessionKey: null, desired: null, failedOperations: {}, setup: {} };
 }
 

@@ -77,6 +77,7 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export class NodeAgent {
   private client: DevyardClient;
+  private readonly joinTokenHash: string;
   private readonly stateFile: string;
   private state: AgentState;
   private readonly exec: ExecServer;
@@ -111,7 +112,10 @@ export class NodeAgent {
   constructor(private readonly opts: NodeAgentOptions) {
     this.stateFile = join(opts.dataDir, 'agent-state.json');
     this.state = loadAgentState(this.stateFile, opts.serverUrl);
-    // The join token registers this node once; from then on the node speaks with its own credential.
+    // The join token registers this node once; from then on the node speaks with its own credential,
+    // to the installation that issued it only (the one this join token belongs to).
+    this.joinTokenHash = createHash('sha256').update(opts.token).digest('hex');
+    if (this.state.credentialFor !== this.joinTokenHash) this.state = { ...this.state, credential: null, credentialFor: null };
     this.client = new DevyardClient({ url: opts.serverUrl, token: this.state.credential ?? opts.token, timeoutMs: 10_000 });
     this.log = opts.log ?? (() => undefined);
     this.provisioner = new BoxProvisioner({
@@ -232,7 +236,7 @@ export class NodeAgent {
     const credential = res.credential ?? this.state.credential ?? null;
     if (credential && credential !== this.state.credential) this.client = new DevyardClient({ url: this.opts.serverUrl, token: credential, timeoutMs: 10_000 });
     this.connected = true;
-    this.state = { ...this.state, nodeId: res.nodeId, sessionKey: res.sessionKey, credential };
+    this.state = { ...this.state, nodeId: res.nodeId, sessionKey: res.sessionKey, credential, credentialFor: this.joinTokenHash };
     saveAgentState(this.stateFile, this.state);
     this.log('registered', { nodeId: res.nodeId });
     void this.flushReports();

@@ -136,6 +136,8 @@ beforeAll(async () => {
   port = Number(new URL(gw).port);
   // Mallory: member of another organization, with a box of her own.
   await stack.client.createOrg('rival');
+  // Trusted, so her box runs on this stack's sandbox-only node (the browser boundary is the same).
+  await stack.client.setOrgTrust('rival', true);
   const rival = new DevyardClient({ url: stack.cp.url, token: (await stack.client.createToken({ name: 'rival', org: 'rival' })).token });
   mallory = new DevyardClient({ url: stack.cp.url, token: (await rival.createServiceAccount('mallory', 'member')).token });
   await stack.runningBox('web');
