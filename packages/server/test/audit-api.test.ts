@@ -120,6 +120,25 @@ describe('what the API records', () => {
     expect(reg).toMatchObject({ actor: 'node', target: 'node/node-a', result: 'ok' });
   });
 
+  it("records in the organization affected: an organization's creation, an invitation accepted, a box woken by a gateway", async () => {
+    const inOrg = async (name: string) => (await cp.store.db.selectFrom('orgs').select('id').where('name', '=', name).executeTakeFirstOrThrow()).id;
+    expect((await raw('POST', '/v1/orgs', { body: { name: 'audited' }, headers: { 'x-request-id': 'req-org' } })).status).toBe(201);
+    const audited = await inOrg('audited');
+    expect((await cp.audit.list({ orgId: audited, limit: 10 })).find((e) => e.requestId === 'req-org')).toMatchObject({ actor: 'admin', action: 'createOrg', result: 'ok' });
+    // An invitation into it, accepted by a member of the default organization.
+    const inAudited = new DevyardClient({ url: cp.url, token: (await user.createToken({ name: 'audited', org: 'audited' })).token });
+    const invite = await inAudited.createInvitation('member');
+    const joiner = (await user.createServiceAccount('joiner', 'member')).token;
+    expect((await raw('POST', '/v1/invitations/accept', { token: joiner, body: { token: invite.token }, headers: { 'x-request-id': 'req-join' } })).status).toBe(200);
+    expect((await cp.audit.list({ orgId: audited, limit: 10 })).find((e) => e.requestId === 'req-join')).toMatchObject({ actor: 'joiner', action: 'acceptInvitation' });
+    // A gateway wakes a box of that organization for a user who connected.
+    await inAudited.createBox({ name: 'sleepy', template: 'tiny' });
+    const box = await inAudited.boxVerb('sleepy', 'stop');
+    expect((await raw('POST', `/v1/gateway/boxes/${box.id}/wake`, { token: cp.tokens.gatewayToken, body: { subject: 'admin' }, headers: { 'x-request-id': 'req-wake' } })).status).toBe(202);
+    expect((await cp.audit.list({ orgId: audited, limit: 10 })).find((e) => e.requestId === 'req-wake')).toMatchObject({ actor: 'gateway', action: 'wakeBox', detail: { onBehalfOf: 'admin' } });
+    expect((await cp.audit.list({ orgId: 'org_default', limit: 1000 })).filter((e) => ['req-org', 'req-join', 'req-wake'].includes(e.requestId ?? ''))).toEqual([]);
+  });
+
   it('records refused requests: bad token, wrong token kind, invalid input, unknown box', async () => {
     expect((await raw('POST', '/v1/boxes', { body: { name: 'x', template: 'tiny' }, token: 'dy_u_forged', headers: { 'x-request-id': 'req-forged' } })).status).toBe(401);
     expect(await byRequest('req-forged')).toMatchObject({ actor: 'anonymous', action: 'createBox', target: 'box/x', result: 'denied', detail: { status: 401, code: 'unauthenticated' } });

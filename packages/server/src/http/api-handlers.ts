@@ -25,6 +25,7 @@ import type { SecretService } from '../secrets/secret-service.js';
 import { createSecretHandlers } from './secret-handlers.js';
 import type { AuditLog } from '../audit/audit-log.js';
 import { createAuditHandlers } from './audit-handlers.js';
+import { setAuditOrg } from './audit-hook.js';
 import type { OidcLogin } from '../identity/oidc-login.js';
 import { createOidcHandlers } from './oidc-handlers.js';
 
@@ -238,7 +239,12 @@ export function createHandlers(d: HandlerDeps): Handlers {
       return d.access.createAccessToken(ctx.subject, body.ttlSeconds, body.signIn);
     },
     syncGateway: async (ctx) => d.access.sync(ctx.body as GatewaySyncRequest),
-    wakeBox: async (ctx) => view(await d.access.wake(ctx.params.id!, (ctx.body as { subject: string }).subject)),
+    wakeBox: async (ctx) => {
+      const box = await d.access.wake(ctx.params.id!, (ctx.body as { subject: string }).subject);
+      // Recorded in the box's organization, where its admins look (the gateway belongs to none).
+      setAuditOrg(ctx.req, box.orgId);
+      return view(box);
+    },
     redeemSignIn: async (ctx) => d.access.redeemSignIn((ctx.body as { token: string }).token),
 
     createTemplate: async (ctx) => toApiTemplate(await d.templates.create(ctx.body as CreateTemplateRequest, ctx.subject.orgId)),

@@ -51,6 +51,15 @@ const NAMED_BY_BODY = new Set(['box', 'template', 'node', 'org', 'team', 'servic
 const clip = (s: string) => (s.length > 200 ? `${s.slice(0, 200)}…` : s);
 
 /**
+ * Names the organization a request affected when it is not the caller's own (an organization
+ * created or joined, a box woken for a user, another organization's trust or quota): its entry
+ * belongs in that organization's log, where its admins and auditors look.
+ */
+export function setAuditOrg(req: FastifyRequest, orgId: string): void {
+  Object.assign(req, { devyardAuditOrg: orgId });
+}
+
+/**
  * The subject create-app authenticated for this request (it sets `devyardSubject` right after
  * authenticating), or undefined when authentication failed or never ran.
  */
@@ -147,7 +156,7 @@ export function installAuditHook(app: FastifyInstance, audit: AuditLog, store: S
     if (typeof onBehalfOf === 'string') detail.onBehalfOf = clip(onBehalfOf);
     try {
       await audit.append({
-        orgId: subject?.orgId ?? DEFAULT_ORG_ID,
+        orgId: (req as FastifyRequest & { devyardAuditOrg?: string }).devyardAuditOrg ?? subject?.orgId ?? DEFAULT_ORG_ID,
         actor: subject?.name ?? 'anonymous',
         action: route.operationId,
         target: auditTarget(route, req.params, req.body),

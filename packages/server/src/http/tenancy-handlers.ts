@@ -2,6 +2,7 @@
 import type { QuotaLimits } from '@devyard/api/tenancy-schemas';
 import type { OrgRole, ShareAccess, TeamRole } from '@devyard/core/rbac-policy';
 import { tokenView } from '../services/tenancy-service.js';
+import { setAuditOrg } from './audit-hook.js';
 import type { HandlerDeps } from './api-handlers.js';
 import type { HandlerContext } from './create-app.js';
 
@@ -41,8 +42,17 @@ export function createTenancyHandlers(d: HandlerDeps) {
       return undefined;
     },
     listOrgs: async (ctx: HandlerContext) => ({ items: await d.tenancy.orgs(ctx.subject) }),
-    setOrgTrust: async (ctx: HandlerContext) => d.tenancy.setOrgTrust(ctx.subject, ctx.params.name!, (ctx.body as { trusted: boolean }).trusted),
-    createOrg: async (ctx: HandlerContext) => d.tenancy.createOrg(ctx.subject, (ctx.body as { name: string }).name),
+    setOrgTrust: async (ctx: HandlerContext) => {
+      const r = await d.tenancy.setOrgTrust(ctx.subject, ctx.params.name!, (ctx.body as { trusted: boolean }).trusted);
+      setAuditOrg(ctx.req, r.orgId);
+      return r.trust;
+    },
+    // Recorded in the new organization's log: its first entry says who created it.
+    createOrg: async (ctx: HandlerContext) => {
+      const r = await d.tenancy.createOrg(ctx.subject, (ctx.body as { name: string }).name);
+      setAuditOrg(ctx.req, r.orgId);
+      return r.org;
+    },
     listInvitations: async (ctx: HandlerContext) => ({ items: await d.tenancy.invitations(ctx.subject) }),
     createInvitation: async (ctx: HandlerContext) => {
       const b = ctx.body as { role: OrgRole; ttlSeconds?: number };
@@ -52,7 +62,12 @@ export function createTenancyHandlers(d: HandlerDeps) {
       await d.tenancy.revokeInvitation(ctx.subject, ctx.params.id!);
       return undefined;
     },
-    acceptInvitation: async (ctx: HandlerContext) => d.tenancy.acceptInvitation(ctx.subject, (ctx.body as { token: string }).token),
+    // Recorded in the organization joined.
+    acceptInvitation: async (ctx: HandlerContext) => {
+      const r = await d.tenancy.acceptInvitation(ctx.subject, (ctx.body as { token: string }).token);
+      setAuditOrg(ctx.req, r.orgId);
+      return { org: r.org, role: r.role };
+    },
     listMembers: async (ctx: HandlerContext) => ({ items: await d.tenancy.members(ctx.subject) }),
     setMember: async (ctx: HandlerContext) => {
       await d.tenancy.setMember(ctx.subject, ctx.params.user!, (ctx.body as { role: OrgRole }).role);
@@ -112,10 +127,12 @@ export function createTenancyHandlers(d: HandlerDeps) {
     // organization-wide quota and other organizations' quotas are the operators' (quotaOrg).
     setQuota: async (ctx: HandlerContext) => {
       const orgId = await d.tenancy.quotaOrg(ctx.subject, ctx.params.scope!, ctx.query.org as string | undefined);
+      setAuditOrg(ctx.req, orgId);
       return d.quotas.set(orgId, ctx.params.scope!, ctx.body as QuotaLimits, d.now());
     },
     deleteQuota: async (ctx: HandlerContext) => {
       const orgId = await d.tenancy.quotaOrg(ctx.subject, ctx.params.scope!, ctx.query.org as string | undefined);
+      setAuditOrg(ctx.req, orgId);
       await d.quotas.remove(orgId, ctx.params.scope!);
       return undefined;
     },

@@ -231,7 +231,7 @@ export class TenancyService {
     const org = await this.tenancy.getOrgByName(orgName);
     if (!org) throw new DomainError('not-found', `no organization "${orgName}"`, { org: orgName });
     await this.tenancy.setOrgTrusted(org.id, trusted);
-    return { name: org.name, trusted };
+    return { trust: { name: org.name, trusted }, orgId: org.id };
   }
 
   /** A new organization with the caller as its owner. */
@@ -242,13 +242,13 @@ export class TenancyService {
       throw new DomainError('forbidden', "organizations are created by the installation's operators (admins of the default organization): ask one to create it and invite you", {});
     }
     const now = this.now();
+    const id = newId('org');
     await this.store.transaction(async (tx) => {
-      const id = newId('org');
       await this.tenancy.insertOrg({ id, name, created_at: now }, tx);
       await this.tenancy.setMember(id, user.id, 'owner', now, tx);
       await this.tenancy.setQuota(id, 'org', 'org', JSON.stringify(this.orgPolicy.defaultQuota), now, tx);
     });
-    return { name, role: 'owner' as OrgRole, createdAt: new Date(now).toISOString(), trusted: false };
+    return { org: { name, role: 'owner' as OrgRole, createdAt: new Date(now).toISOString(), trusted: false }, orgId: id };
   }
 
   /**
@@ -343,7 +343,7 @@ export class TenancyService {
   }
 
   /** Joins the organization of an invitation: single use, before it expires, not for members. */
-  async acceptInvitation(subject: Subject, token: string): Promise<{ org: string; role: OrgRole }> {
+  async acceptInvitation(subject: Subject, token: string): Promise<{ org: string; role: OrgRole; orgId: string }> {
     const user = await this.requireUser(subject);
     const inv = await this.tenancy.getInvitationByHash(hashToken(token));
     const now = this.now();
@@ -357,7 +357,7 @@ export class TenancyService {
       if (!(await this.tenancy.acceptInvitation(inv.id, user.id, now, tx))) throw new DomainError('not-found', 'this invitation is unknown, used, revoked or expired', {});
       await this.tenancy.setMember(inv.org_id, user.id, inv.role, now, tx);
     });
-    return { org: org?.name ?? inv.org_id, role: inv.role as OrgRole };
+    return { org: org?.name ?? inv.org_id, role: inv.role as OrgRole, orgId: inv.org_id };
   }
 
   // ---- teams ----
