@@ -3,10 +3,13 @@
  * guest agent. Untrusted code from many organizations shares a node: a guest that escapes into its
  * QEMU must find nothing of other tenants there. So each VM's QEMU runs jailed — a uid and gid of
  * its own with no groups and no capabilities, QEMU's seccomp filter, a mount namespace holding
- * only that VM's files — and its RAM file and disks are readable by its own uid only.
+ * only that VM's files — its RAM file and disks are readable by its own uid only, and a pause
+ * leaves no secret of the box in the RAM file or the snapshot.
  */
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
-import { chmod, mkdtemp, rm } from 'node:fs/promises';
+import { chmod, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
@@ -79,6 +82,12 @@ function agentExits(driver: MicrovmDriver): void {
     vm.qmp.close();
   }
   live.clear();
+}
+
+function count(haystack: Buffer, needle: Buffer): number {
+  let n = 0;
+  for (let i = haystack.indexOf(needle); i >= 0; i = haystack.indexOf(needle, i + 1)) n++;
+  return n;
 }
 
 describe('microVM jail', () => {
@@ -257,4 +266,68 @@ describe('microVM jail', () => {
     agentExits(restarted);
   });
 
+  /** Copies of `needle` in the box's RAM file (live: the guest's memory as it is now) and, while paused, in its snapshot. */
+  const scan = async (d: MicrovmDriver, boxId: string, needle: Buffer): Promise<{ ram: number; state?: number }> => {
+    const dir = join(boxDir(boxId), 'snapshot');
+    const meta = existsSync(join(dir, 'meta.json')) ? (JSON.parse(await readFile(join(dir, 'meta.json'), 'utf8')) as { ramFile?: string }) : undefined;
+    const ram = meta?.ramFile
+      ? execFileSync('bash', ['-c', 'set -o pipefail; zstd -dcq "$1" | tar --sparse -xOf - mem', 'bash', join(dir, meta.ramFile)], { maxBuffer: 2 * 1024 ** 3 })
+      : await readFile(join(boxDir(boxId), 'mem'));
+    if (!meta) return { ram: count(ram, needle) };
+    return { ram: count(ram, needle), state: count(await readFile(join(dir, 'state')), needle) };
+  };
+  const secretValue = () => `DYSECRET${randomBytes(32).toString('hex')}`;
+
+  test('secrets no session used leave nothing in the RAM file or the snapshot after a pause (fast and portable), nor when replaced', async () => {
+    const id = 'j_a';
+    const first = secretValue();
+    await driver.writeSecrets(id, [{ name: 'API_TOKEN', value: first }]);
+    // The guest holds it (the host reads the running guest's memory in its RAM file).
+    expect((await scan(driver, id, Buffer.from(first))).ram).toBeGreaterThan(0);
+    // Replaced, the old value is gone from the guest at once: its file, the frame that carried it.
+    const secret = secretValue();
+    await driver.writeSecrets(id, [{ name: 'API_TOKEN', value: secret }]);
+    expect(await scan(driver, id, Buffer.from(first))).toEqual({ ram: 0 });
+    expect((await scan(driver, id, Buffer.from(secret))).ram).toBeGreaterThan(0);
+    for (const mode of ['fast', 'portable'] as const) {
+      await driver.pause(id, mode);
+      expect(await scan(driver, id, Buffer.from(secret)), mode).toEqual({ ram: 0, state: 0 });
+      await driver.resume(id);
+      // Resume writes them back.
+      expect((await scan(driver, id, Buffer.from(secret))).ram, mode).toBeGreaterThan(0);
+    }
+    expect((await run(driver, id, 'cat /run/devyard/secrets/API_TOKEN')).out).toBe(secret);
+    await driver.writeSecrets(id, []);
+  });
+
+  test('with zeroFreedMemory, neither do the sessions that used the secrets and exited; a process still running keeps them', async () => {
+    // Every session has the secrets in its environment, and a process that read the file holds
+    // them too: freed when it exits, their memory is zeroed only by a guest kernel that does so.
+    const strict = new MicrovmDriver({ ...opts, zeroFreedMemory: true });
+    await strict.init();
+    const id = 'j_z';
+    const s = spec(id);
+    await strict.create(s);
+    await strict.start(s);
+    const secret = secretValue();
+    const needle = Buffer.from(secret);
+    await strict.writeSecrets(id, [{ name: 'API_TOKEN', value: secret }]);
+    expect((await run(strict, id, 'cat /run/devyard/secrets/API_TOKEN; echo; echo "$API_TOKEN"')).out).toBe(`${secret}\n${secret}\n`);
+
+    // The control, and the limit: pause keeps processes, and with them what they hold.
+    await run(strict, id, 'setsid sleep 600 >/dev/null 2>&1 </dev/null &');
+    await strict.pause(id, 'fast');
+    expect((await scan(strict, id, needle)).ram).toBeGreaterThan(0);
+    await strict.resume(id);
+    expect((await run(strict, id, 'kill $(pidof sleep)')).code).toBe(0);
+
+    for (const mode of ['fast', 'portable'] as const) {
+      expect((await run(strict, id, 'cat /run/devyard/secrets/API_TOKEN >/dev/null; echo "$API_TOKEN" | wc -c')).out.trim()).toBe(String(secret.length + 1));
+      await strict.pause(id, mode);
+      expect(await scan(strict, id, needle), mode).toEqual({ ram: 0, state: 0 });
+      await strict.resume(id);
+      expect((await run(strict, id, 'cat /run/devyard/secrets/API_TOKEN')).out, mode).toBe(secret);
+    }
+    await strict.destroy(id);
+  });
 });

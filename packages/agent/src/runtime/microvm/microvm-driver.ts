@@ -92,6 +92,13 @@ export interface MicrovmDriverOptions {
   bootTimeoutMs?: number;
   /** Workspace volume size when the box's resources give none (default 10 GiB, sparse). */
   defaultVolumeBytes?: number;
+  /**
+   * Guest kernels zero memory as they free it (`init_on_free=1`), so that what exited processes
+   * held — every session's environment holds the box's secrets — is not in a RAM snapshot either.
+   * The kernel then also zeroes all of a VM's memory at boot: every page of its RAM file is
+   * written (no longer sparse), and under TCG a boot takes seconds longer per GiB.
+   */
+  zeroFreedMemory?: boolean;
   /** The node-wide range and registry of the uids VMs run as (default /var/lib/devyard/vm-uids). */
   vmUids?: VmUidAllocatorOptions;
   log?: (msg: string, fields?: object) => void;
@@ -381,6 +388,7 @@ export class MicrovmDriver implements RuntimeDriver {
       consoleLog: join(run, 'console.log'),
       incoming,
       sandboxed: true,
+      zeroFreedMemory: this.opts.zeroFreedMemory ?? false,
     };
   }
   private dns = '';

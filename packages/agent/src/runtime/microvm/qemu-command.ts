@@ -47,6 +47,11 @@ export interface QemuVmConfig {
   /** Start paused, waiting for `migrate-incoming` (snapshot restore). */
   incoming?: boolean;
   /**
+   * The guest kernel zeroes memory as it frees it (`init_on_free=1`). It also zeroes all of the
+   * VM's memory once at boot, which writes every page of the RAM file.
+   */
+  zeroFreedMemory?: boolean;
+  /**
    * Run under {@link QEMU_SANDBOX}. QEMU then cannot daemonize itself (the filter denies its fork
    * and setsid): whoever starts it does that (the jail, devyard-vm-jail.c).
    */
@@ -62,6 +67,9 @@ export function qemuArgs(c: QemuVmConfig): string[] {
     `tsc_early_khz=${c.tscKhz}`,
     // A panic reboots at once, and -no-reboot turns that into QEMU exiting: the driver notices.
     'panic=-1',
+    // Freed guest memory is zeroed: what an exited process held (a session's environment with the
+    // box's secrets) does not live on in free pages, and so not in a RAM snapshot either.
+    ...(c.zeroFreedMemory ? ['init_on_free=1'] : []),
     ...Object.entries(c.guestParams).map(([k, v]) => `${k}=${v}`),
   ].join(' ');
   return [
