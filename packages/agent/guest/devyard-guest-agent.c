@@ -16,6 +16,11 @@
  *   sizes, NUL-terminated strings, counts the payload can hold, no bytes left over. A frame that
  *   does not fit is answered with ERR (`malformed <TYPE> frame: <why>`) and nothing else happens:
  *   guessing what a garbled frame meant could run, write or remove the wrong thing.
+ * - A RAM snapshot of the VM must not carry the box's secrets after QUIESCE: secret files are
+ *   overwritten with zeros before they go, this process zeroes every buffer byte it is done with
+ *   (host frames, output, file and socket reads), and frames that carry secrets arrive sealed under
+ *   a key it forgets on QUIESCE (see "sealed frames" below). Memory the kernel frees is zeroed when
+ *   the VM boots with init_on_free=1.
  *
  * Test mode: `--unix PATH` connects to a unix socket instead of the port and exits when the
  * connection ends, so the protocol can be tested on a host without a VM.
@@ -35,6 +40,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/random.h>
 #include <net/if.h>
 #include <net/if_arp.h>
 #include <net/route.h>
@@ -63,7 +69,7 @@
 enum {
   T_HELLO = 0x01, T_EXEC, T_STDIN, T_STDIN_EOF, T_SIGNAL, T_RESIZE, T_TCP_CONNECT, T_TCP_DATA,
   T_TCP_EOF, T_CLOSE, T_PUT_FILE, T_GET_FILE, T_REPLACE_DIR, T_HEALTH, T_SET_IDENTITY, T_QUIESCE,
-  T_NET_CONFIG,
+  T_NET_CONFIG, T_KEY, T_SEALED,
 };
 enum {
   G_OK = 0x81, G_ERR, G_STDOUT, G_STDERR, G_STARTED, G_EXIT, G_CONNECTED, G_CONNECT_FAILED,
@@ -79,9 +85,15 @@ struct buf {
 
 static size_t buf_avail(const struct buf *b) { return b->len - b->off; }
 
-static void buf_clear(struct buf *b) { b->off = b->len = 0; }
+/* Buffers zero what they are done with: bytes that passed through (a secret in an EXEC frame, a
+ * secret file a session printed) must not outlive their use in this process's memory. */
+static void buf_clear(struct buf *b) {
+  if (b->p) explicit_bzero(b->p, b->len);
+  b->off = b->len = 0;
+}
 
 static void buf_free(struct buf *b) {
+  if (b->p) explicit_bzero(b->p, b->cap);
   free(b->p);
   memset(b, 0, sizeof(*b));
 }
@@ -90,15 +102,23 @@ static void buf_free(struct buf *b) {
  * as PID 1 we must not abort). */
 static int buf_reserve(struct buf *b, size_t n) {
   if (b->off > 0 && (b->off == b->len || b->len + n > b->cap)) {
-    memmove(b->p, b->p + b->off, b->len - b->off);
-    b->len -= b->off;
+    size_t live = b->len - b->off;
+    memmove(b->p, b->p + b->off, live);
+    explicit_bzero(b->p + live, b->len - live);
+    b->len = live;
     b->off = 0;
   }
   if (b->len + n <= b->cap) return 0;
   size_t cap = b->cap ? b->cap : 4096;
   while (cap < b->len + n) cap *= 2;
-  unsigned char *p = realloc(b->p, cap);
+  /* Not realloc: it would free the old block with its bytes still in it. */
+  unsigned char *p = malloc(cap);
   if (!p) return -1;
+  if (b->p) {
+    memcpy(p, b->p, b->len);
+    explicit_bzero(b->p, b->cap);
+    free(b->p);
+  }
   b->p = p;
   b->cap = cap;
   return 0;
@@ -112,6 +132,7 @@ static int buf_put(struct buf *b, const void *d, size_t n) {
 }
 
 static void buf_consume(struct buf *b, size_t n) {
+  explicit_bzero(b->p + b->off, n);
   b->off += n;
   if (b->off == b->len) b->off = b->len = 0;
 }
@@ -126,6 +147,14 @@ static int g_connected; /* port mode: whether a host is attached (reads do not r
 static struct buf g_in, g_out;
 static int g_sig_r = -1, g_sig_w = -1;
 static long long g_last_host_ms; /* for HEALTH idle_ms */
+/* The key SEALED frames are opened with (see "sealed frames"), while the host holds it too. */
+static unsigned char g_key[32];
+static int g_have_key;
+
+static void forget_key(void) {
+  explicit_bzero(g_key, sizeof(g_key));
+  g_have_key = 0;
+}
 
 enum kind { K_EXEC, K_TCP, K_FILE };
 
@@ -320,6 +349,7 @@ static const char *const FRAME_NAMES[] = {
   [T_TCP_DATA] = "TCP_DATA", [T_TCP_EOF] = "TCP_EOF", [T_CLOSE] = "CLOSE", [T_PUT_FILE] = "PUT_FILE",
   [T_GET_FILE] = "GET_FILE", [T_REPLACE_DIR] = "REPLACE_DIR", [T_HEALTH] = "HEALTH",
   [T_SET_IDENTITY] = "SET_IDENTITY", [T_QUIESCE] = "QUIESCE", [T_NET_CONFIG] = "NET_CONFIG",
+  [T_KEY] = "KEY", [T_SEALED] = "SEALED",
 };
 
 /* Answers a malformed frame (type is a known host type) with ERR. ERR on a session's channel also
@@ -412,8 +442,30 @@ fail:;
   return -1;
 }
 
+/* Overwrites a regular file's bytes with zeros where they lie: a tmpfs file's pages are its
+ * storage, and freeing them (unlink) would leave the bytes in free memory until reused. */
+static void wipe_fd(int fd) {
+  static const unsigned char zeros[4096];
+  struct stat st;
+  if (fd < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) return;
+  for (off_t off = 0; off < st.st_size;) {
+    size_t n = st.st_size - off < (off_t)sizeof(zeros) ? (size_t)(st.st_size - off) : sizeof(zeros);
+    ssize_t w = pwrite(fd, zeros, n, off);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return;
+    off += w;
+  }
+}
+
+/* Removes an entry of a tree rm_rf walks: what is removed here is the secrets directory's, so a
+ * file's content is wiped first. */
 static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
-  (void)st, (void)flag, (void)ftw;
+  (void)flag, (void)ftw;
+  if (S_ISREG(st->st_mode)) {
+    int fd = open(path, O_WRONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    wipe_fd(fd);
+    if (fd >= 0) close(fd);
+  }
   return remove(path);
 }
 
@@ -619,6 +671,7 @@ static int exec_read(struct session *s, int *fd, uint8_t type) {
   ssize_t n = read(*fd, b, sizeof(b));
   if (n > 0) {
     send_frame(s->id, type, b, (size_t)n);
+    explicit_bzero(b, (size_t)n);
     return 1;
   }
   if (n < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
@@ -736,6 +789,7 @@ static void tcp_event(struct session *s, short rev) {
     ssize_t n = read(s->fd, b, sizeof(b));
     if (n > 0) {
       send_frame(s->id, G_TCP_DATA, b, (size_t)n);
+      explicit_bzero(b, (size_t)n);
     } else if (n == 0) {
       s->rd_eof = 1;
       send_frame(s->id, G_TCP_EOF, NULL, 0);
@@ -816,6 +870,7 @@ static int file_pump(void) {
       ssize_t n = read(s->fd, b, sizeof(b));
       if (n > 0) {
         send_frame(s->id, G_FILE_DATA, b, (size_t)n);
+        explicit_bzero(b, (size_t)n);
       } else if (n == 0) {
         send_frame(s->id, G_OK, NULL, 0);
         session_end(s);
@@ -878,13 +933,22 @@ static void do_replace_dir(uint32_t id, struct rd *r) {
     send_err(id, "%s: %s", rel, strerror(errno));
     goto out;
   }
-  /* New files are renamed in before stale ones go, so a name in both sets never disappears. */
+  /* New files are renamed in before stale ones go, so a name in both sets never disappears. A
+   * replaced file's old value is wiped once the new one is in place (stale ones: by clear_dir). */
   for (size_t i = 0; i < count; i++) {
     char path[PATH_MAX];
-    if (path_join(path, sizeof(path), dir, names[i]) < 0 || write_atomic(path, datas[i], lens[i], 0440, 1) < 0) {
+    if (path_join(path, sizeof(path), dir, names[i]) < 0) {
       send_err(id, "%s/%s: %s", rel, names[i], strerror(errno));
       goto out;
     }
+    int old = open(path, O_WRONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (write_atomic(path, datas[i], lens[i], 0440, 1) < 0) {
+      send_err(id, "%s/%s: %s", rel, names[i], strerror(errno));
+      if (old >= 0) close(old);
+      goto out;
+    }
+    wipe_fd(old);
+    if (old >= 0) close(old);
   }
   if (clear_dir(dir, names, count) < 0) {
     send_err(id, "%s: %s", rel, strerror(errno));
@@ -905,9 +969,11 @@ static void do_hello(uint32_t id, struct rd *r) {
     refuse(id, T_HELLO, "the payload is not an 8-byte time");
     return;
   }
-  /* A new connection: every channel of the previous one is forgotten (PROTOCOL.md). */
+  /* A new connection: every channel of the previous one is forgotten (PROTOCOL.md), and so is
+   * the sealing key: the new host asks for its own. */
   for (size_t i = 0; i < g_nsess; i++)
     if (!g_sess[i]->dead) session_end(g_sess[i]);
+  forget_key();
   struct timespec now;
   clock_gettime(CLOCK_REALTIME, &now);
   long long diff = (long long)ns - ((long long)now.tv_sec * 1000000000LL + now.tv_nsec);
@@ -999,7 +1065,11 @@ static void do_quiesce(uint32_t id, struct rd *r) {
     send_err(id, "%s: %s", rel, strerror(errno));
     return;
   }
-  /* A missing secrets dir holds no secrets: nothing to remove. */
+  /* Sealed frames that carried secrets may still sit in the port's receive buffers: without the
+   * key they are noise. The next sealed frame needs a new KEY. */
+  forget_key();
+  /* A missing secrets dir holds no secrets: nothing to remove. Files are zeroed before they go
+   * (rm_entry): their tmpfs pages are freed with whatever bytes they hold. */
   if (clear_dir(dir, NULL, 0) < 0 && errno != ENOENT) {
     send_err(id, "%s: %s", rel, strerror(errno));
     return;
@@ -1093,6 +1163,76 @@ out:
   close(fd);
 }
 
+/* ---- sealed frames ------------------------------------------------------------------------ */
+
+/*
+ * Frames that carry secrets (EXEC with its environment, REPLACE_DIR with the secret files) arrive
+ * SEALED: ChaCha20 under a key this agent drew (KEY) and handed to the host over the guest→host
+ * direction. The virtio console driver reuses its receive buffers for the VM's whole life, so the
+ * bytes of a host frame stay in guest memory until a later frame happens to land in the same
+ * buffer — hundreds of frames later — and a RAM snapshot would carry them. Sealed, those leftovers
+ * are noise once the key is gone, and QUIESCE (before every snapshot) and HELLO forget it. The
+ * guest→host buffers (the KEY reply among them) are freed once the host has read them: zeroed by
+ * a kernel booted with init_on_free=1, left as they are otherwise. Confidentiality at rest is the
+ * point, not integrity: the channel itself is the host's.
+ */
+static uint32_t le32(const unsigned char *p) { return p[0] | p[1] << 8 | p[2] << 16 | (uint32_t)p[3] << 24; }
+
+#define ROTL(v, c) (((v) << (c)) | ((v) >> (32 - (c))))
+#define QR(a, b, c, d) \
+  (a += b, d ^= a, d = ROTL(d, 16), c += d, b ^= c, b = ROTL(b, 12), a += b, d ^= a, d = ROTL(d, 8), c += d, b ^= c, b = ROTL(b, 7))
+
+/* ChaCha20 (RFC 8439) keystream XORed over p, block counter from 0: the layout of OpenSSL's
+ * `chacha20` with a 16-byte IV of four zero bytes and the nonce. */
+static void chacha20_xor(unsigned char *p, size_t n, const unsigned char key[32], const unsigned char nonce[12]) {
+  uint32_t st[16] = {0x61707865, 0x3320646e, 0x79622d32, 0x6b206574}, x[16];
+  for (int i = 0; i < 8; i++) st[4 + i] = le32(key + 4 * i);
+  st[12] = 0;
+  for (int i = 0; i < 3; i++) st[13 + i] = le32(nonce + 4 * i);
+  for (size_t off = 0; off < n; off += 64, st[12]++) {
+    memcpy(x, st, sizeof(x));
+    for (int r = 0; r < 10; r++) {
+      QR(x[0], x[4], x[8], x[12]), QR(x[1], x[5], x[9], x[13]), QR(x[2], x[6], x[10], x[14]), QR(x[3], x[7], x[11], x[15]);
+      QR(x[0], x[5], x[10], x[15]), QR(x[1], x[6], x[11], x[12]), QR(x[2], x[7], x[8], x[13]), QR(x[3], x[4], x[9], x[14]);
+    }
+    for (int i = 0; i < 16; i++) x[i] += st[i];
+    for (size_t i = 0; i < 64 && off + i < n; i++) p[off + i] ^= (unsigned char)(x[i / 4] >> (8 * (i % 4)));
+  }
+  explicit_bzero(st, sizeof(st));
+  explicit_bzero(x, sizeof(x));
+}
+
+static void do_key(uint32_t id) {
+  if (getrandom(g_key, sizeof(g_key), 0) != (ssize_t)sizeof(g_key)) {
+    forget_key();
+    send_err(id, "getrandom: %s", strerror(errno));
+    return;
+  }
+  g_have_key = 1;
+  send_frame(id, G_OK, g_key, sizeof(g_key));
+}
+
+static void handle_frame(uint32_t ch, uint8_t type, const unsigned char *p, size_t n);
+
+/* SEALED: nonce (12 bytes), then the inner frame's type and payload, encrypted. Opened in place
+ * (in the input buffer, which is zeroed once the frame is handled) and handled as that frame. */
+static void do_sealed(uint32_t ch, unsigned char *p, size_t n) {
+  if (!g_have_key) {
+    send_err(ch, "sealed frame without a key (KEY first)");
+    return;
+  }
+  if (n < 13) {
+    refuse(ch, T_SEALED, "the payload is shorter than a nonce and a frame type");
+    return;
+  }
+  chacha20_xor(p + 12, n - 12, g_key, p);
+  if (p[12] == T_SEALED || p[12] == T_KEY) {
+    send_err(ch, "a sealed frame may not hold frame type 0x%02x", p[12]);
+    return;
+  }
+  handle_frame(ch, p[12], p + 13, n - 13);
+}
+
 /* ---- host frames -------------------------------------------------------------------------- */
 
 /* Session frames are checked before the session is looked up: a malformed one is refused whether
@@ -1158,6 +1298,12 @@ static void handle_frame(uint32_t ch, uint8_t type, const unsigned char *p, size
   case T_SET_IDENTITY: do_set_identity(ch, &r); break;
   case T_QUIESCE: do_quiesce(ch, &r); break;
   case T_NET_CONFIG: do_net_config(ch, &r); break;
+  case T_KEY:
+    if (n != 0) refuse(ch, type, "the type carries no payload");
+    else do_key(ch);
+    break;
+  /* The payload is this agent's own input buffer: opened where it lies. */
+  case T_SEALED: do_sealed(ch, (unsigned char *)p, n); break;
   default: send_err(ch, "unknown frame type 0x%02x", type); break;
   }
 }

@@ -43,6 +43,8 @@ export interface SandboxNodeOptions extends Pick<NodeAgentOptions, 'serverUrl' |
   vmAssetsDir?: string;
   /** How pause stores microVMs (default fast). */
   vmSnapshotMode?: 'fast' | 'portable';
+  /** Guest kernels zero freed memory (see MicrovmDriverOptions.zeroFreedMemory; default off). */
+  vmZeroFreedMemory?: boolean;
   log?: (msg: string, fields?: object) => void;
 }
 
@@ -72,6 +74,7 @@ export function createSandboxNode(o: SandboxNodeOptions): SandboxNode {
         busybox: driver.busyboxPath,
         ...(o.vmAssetsDir ? { assetsDir: o.vmAssetsDir } : {}),
         ...(o.vmSnapshotMode ? { snapshotMode: o.vmSnapshotMode } : {}),
+        ...(o.vmZeroFreedMemory ? { zeroFreedMemory: true } : {}),
         network: { ...(o.vmBridge ? { bridge: o.vmBridge, nftTable: `devyard_${o.vmBridge}` } : {}), ...(o.vmSubnet ? { subnet: o.vmSubnet } : {}) },
         log,
       })

@@ -1,8 +1,8 @@
 /**
  * The microVM guest agent and its host channel, without a VM: the real agent (compiled here) runs
  * on this host in test mode (`--unix`, `--root /`) and GuestChannel drives it over a unix socket.
- * SET_IDENTITY, NET_CONFIG and a real QUIESCE are not exercised: on the host they would change its
- * hostname, network or files.
+ * SET_IDENTITY and NET_CONFIG are not exercised: on the host they would change its hostname or
+ * network; QUIESCE only empties a temporary directory (and syncs the host's disks).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
@@ -296,6 +296,54 @@ describe('the guest channel against the real guest agent', () => {
     await agent.channel.closed;
     expect(await agentExit).toEqual([0, null]);
     await expect(agent.channel.health()).rejects.toThrow(/closed/);
+  });
+});
+
+describe('sealed frames', () => {
+  /** The frames of a byte stream: [type, payload] each. */
+  function frames(stream: Buffer): Array<[number, Buffer]> {
+    const out: Array<[number, Buffer]> = [];
+    for (let off = 0; off + 9 <= stream.length; ) {
+      const len = stream.readUInt32LE(off);
+      out.push([stream.readUInt8(off + 8), stream.subarray(off + 9, off + 9 + len)]);
+      off += 9 + len;
+    }
+    return out;
+  }
+
+  it('secrets cross the wire only sealed (EXEC environments, REPLACE_DIR files); QUIESCE makes the guest draw a new key', async () => {
+    const sock = join(dir, 'sealed.sock');
+    const server = createServer();
+    server.listen(sock);
+    await once(server, 'listening');
+    const accepted = once(server, 'connection') as Promise<[Socket]>;
+    // host-programs: none (the guest agent, compiled by this test)
+    const proc = spawn(bin, ['--unix', sock, '--root', '/'], { stdio: ['ignore', 'ignore', 'inherit'] });
+    const [conn] = await accepted;
+    // Everything the host sends, as the guest's receive buffers would keep it.
+    const sent: Buffer[] = [];
+    const write = conn.write.bind(conn) as (chunk: Buffer) => boolean;
+    conn.write = ((chunk: Buffer) => (sent.push(Buffer.from(chunk)), write(chunk))) as typeof conn.write;
+    const channel = await GuestChannel.open(conn);
+    agents.push({ proc, server, channel });
+    const secret = `SECRET${randomBytes(24).toString('hex')}`;
+    const secretsDir = mkdtempSync(join(dir, 'secrets-'));
+
+    await channel.replaceDir(secretsDir, [{ name: 'TOKEN', data: secret }]);
+    expect(readFileSync(join(secretsDir, 'TOKEN'), 'utf8')).toBe(secret);
+    expect((await run({ argv: ['sh', '-c', 'echo "$TOKEN"'], env: { TOKEN: secret } }, undefined, channel)).stdout).toBe(`${secret}\n`);
+    await channel.quiesce(secretsDir);
+    expect(readdirSync(secretsDir)).toEqual([]);
+    expect((await run({ argv: ['sh', '-c', 'echo "$TOKEN"'], env: { TOKEN: secret } }, undefined, channel)).stdout).toBe(`${secret}\n`);
+
+    expect(channel.sealing).toBe(true);
+    const wire = Buffer.concat(sent);
+    expect(wire.includes(secret)).toBe(false);
+    const types = frames(wire).map(([t]) => t);
+    // REPLACE_DIR and EXEC go as SEALED (0x13), never plain (0x0d, 0x02); one KEY (0x12) per key.
+    expect(types.filter((t) => t === 0x0d || t === 0x02)).toEqual([]);
+    expect(types.filter((t) => t === 0x13)).toHaveLength(3);
+    expect(types.filter((t) => t === 0x12)).toHaveLength(2);
   });
 });
 

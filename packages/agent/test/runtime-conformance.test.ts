@@ -5,7 +5,7 @@
  * delete that leaves nothing — must not depend on the runtime it runs on.
  */
 import { execFileSync } from 'node:child_process';
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { chmod, mkdtemp, rm } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -27,6 +27,11 @@ interface RuntimeUnderTest {
   memoryBytes: number;
   /** What of a box is still on the host. */
   leftovers(boxId: string): string[];
+  /**
+   * The host files that hold a box's memory and disks, where the runtime keeps them as files of
+   * their own (a VM's RAM file and disk images): no other box and no other user may read them.
+   */
+  privateFiles?(boxId: string): string[];
   teardown(): Promise<void>;
 }
 
@@ -74,10 +79,14 @@ const RUNTIMES: Record<string, () => Promise<RuntimeUnderTest>> = {
       driver,
       dataDir,
       memoryBytes: 256 * 1024 ** 2,
+      privateFiles: (boxId) => ['mem', 'root.qcow2', 'volume.ext4'].map((f) => join(dataDir, 'boxes', boxId, f)),
       leftovers: (boxId) => {
         const left: string[] = [];
         if (existsSync(`/sys/class/net/${driver.network.vethName(boxId)}`)) left.push('tap');
+        if (existsSync(join(dataDir, 'boxes', boxId, 'mem'))) left.push('RAM file');
         if (existsSync(join(dataDir, 'boxes', boxId))) left.push('box dir');
+        const uid = driver.vmUids.uidHeldBy(join(dataDir, 'boxes', boxId));
+        if (uid !== undefined) left.push(`uid ${uid} still allocated`);
         for (const pid of readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
           try {
             if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(join(dataDir, 'boxes', boxId))) left.push(`process ${pid}`);
@@ -269,6 +278,20 @@ describe.each(Object.keys(RUNTIMES))('runtime conformance: %s', (runtime) => {
     expect(cross.out).not.toContain('peer');
     listener.kill('SIGKILL');
     await listener.exited;
+  });
+
+  test("a box's memory and disks on the host are private to it", async (ctx) => {
+    if (!rt.privateFiles) ctx.skip();
+    const owners = new Map<string, number>();
+    for (const id of ['c_main', 'c_peer']) {
+      for (const f of rt.privateFiles!(id)) {
+        const st = statSync(f);
+        expect(st.mode & 0o077, `${f} is mode ${(st.mode & 0o777).toString(8)}`).toBe(0);
+        expect(st.uid, `${f} belongs to root`).not.toBe(0);
+        owners.set(id, st.uid);
+      }
+    }
+    expect(owners.get('c_main')).not.toBe(owners.get('c_peer'));
   });
 
   test('destroy leaves nothing behind', async () => {

@@ -19,7 +19,7 @@
  */
 import { createHash } from 'node:crypto';
 import { isIP } from 'node:net';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
 import { runHostCommand, runHostCommandRaw } from './host-command-runner.js';
 import { gatewayAddress, parseSubnet, subnetContains, type Ipv4Subnet } from './ipv4-subnet.js';
@@ -258,13 +258,14 @@ export class BridgeNetwork {
   /**
    * Creates the box's TAP device (a microVM's NIC) on the bridge, isolated and named like a
    * sandbox's veth, so the same NAT, drop rules and {@link detach} apply; replaces a stale one.
-   * The guest may only send from `mac` and `ip`.
+   * The guest may only send from `mac` and `ip`. With an `owner`, that uid and gid may attach to
+   * the device without any capability (the VM's unprivileged QEMU).
    */
-  async attachTap(boxId: string, ip: string, mac: string): Promise<string> {
+  async attachTap(boxId: string, ip: string, mac: string, owner?: { uid: number; gid: number }): Promise<string> {
     const tap = this.vethName(boxId);
     if (existsSync(`/sys/class/net/${tap}`)) await runHostCommandRaw(['ip', 'link', 'del', tap]);
     await this.unregisterPort(tap);
-    await runHostCommand(['ip', 'tuntap', 'add', 'dev', tap, 'mode', 'tap']);
+    await runHostCommand(['ip', 'tuntap', 'add', 'dev', tap, 'mode', 'tap', ...(owner ? ['user', String(owner.uid), 'group', String(owner.gid)] : [])]);
     await this.registerPort(tap, ip, mac);
     await runHostCommand(['ip', '-batch', '-'], {
       input:
@@ -273,6 +274,16 @@ export class BridgeNetwork {
         `link set ${tap} up\n`,
     });
     return tap;
+  }
+
+  /** The uid that may attach to the box's TAP device without privileges (undefined: none, or no device). */
+  tapOwner(boxId: string): number | undefined {
+    try {
+      const uid = Number(readFileSync(`/sys/class/net/${this.vethName(boxId)}/owner`, 'utf8').trim());
+      return uid >= 0 ? uid : undefined;
+    } catch {
+      return undefined;
+    }
   }
 
   /** Whether the box has a network namespace or a veth on this host. */

@@ -35,6 +35,7 @@ interface NetworkFlags {
   vmBridge?: string;
   vmSubnet?: string;
   vmSnapshot?: string;
+  vmZeroFreedMemory?: boolean;
   /** Registry hosts reached over plain HTTP (loopback ones always are). */
   insecureRegistries?: string[];
 }
@@ -58,6 +59,7 @@ function startAgent(o: { serverUrl: string; token: string; dataDir: string; name
     vmBridge: o.vmBridge,
     vmSubnet: o.vmSubnet,
     ...(o.vmSnapshot ? { vmSnapshotMode: parseSnapshotMode(o.vmSnapshot) } : {}),
+    ...(o.vmZeroFreedMemory ? { vmZeroFreedMemory: true } : {}),
     insecureRegistries: o.insecureRegistries,
     log: (msg: string, fields?: object) => o.log.info(fields ?? {}, msg),
   });
@@ -81,7 +83,8 @@ function runtimeOptions(c: Command): Command {
     .option('--runtimes <list>', 'runtimes this node offers (default: sandbox, plus microvm when QEMU is installed)')
     .option('--vm-bridge <name>', 'bridge interface for microVMs (default devyardvm0)')
     .option('--vm-subnet <cidr>', 'microVM subnet (default 10.214.0.0/16)')
-    .option('--vm-snapshot <mode>', 'how pause stores a microVM: fast (RAM file + device state) or portable (one compressed stream)', 'fast');
+    .option('--vm-snapshot <mode>', 'how pause stores a microVM: fast (RAM file + device state) or portable (one compressed stream)', 'fast')
+    .option('--vm-zero-freed-memory', 'microVM guest kernels zero memory as they free it, so that secrets exited processes held are not in RAM snapshots either (costs: each VM zeroes all its memory at boot, slow under TCG, and its RAM file is fully written)');
 }
 
 const portOption = (v: string): number => {
@@ -152,7 +155,7 @@ export function registerDaemonCommands(program: Command): void {
         if (e.code === 'EADDRINUSE') throw new Error(`port ${o.port} is in use: is another \`devyard up\` running? (choose another with --port)`);
         throw e;
       });
-      const { agent, images, runtimes } = startAgent({ serverUrl: cp.url, token: cp.tokens.nodeToken, dataDir: join(dataDir, 'node'), name: hostname(), bridge: o.bridge, subnet: o.subnet, runtimes: o.runtimes, vmBridge: o.vmBridge, vmSubnet: o.vmSubnet, vmSnapshot: o.vmSnapshot, prebuildCheckMs: o.prebuildCheckMs, log: log.child({ role: 'agent' }) });
+      const { agent, images, runtimes } = startAgent({ serverUrl: cp.url, token: cp.tokens.nodeToken, dataDir: join(dataDir, 'node'), name: hostname(), bridge: o.bridge, subnet: o.subnet, runtimes: o.runtimes, vmBridge: o.vmBridge, vmSubnet: o.vmSubnet, vmSnapshot: o.vmSnapshot, vmZeroFreedMemory: o.vmZeroFreedMemory, prebuildCheckMs: o.prebuildCheckMs, log: log.child({ role: 'agent' }) });
       await agent.start();
       for (let i = 0; i < 200 && !agent.nodeId; i++) await new Promise((r) => setTimeout(r, 25));
       if (!agent.nodeId) process.stderr.write(`warning: the node agent has not registered yet; see ${join(dataDir, 'devyard.log')}\n`);
@@ -258,7 +261,7 @@ export function registerDaemonCommands(program: Command): void {
     .action(async (o) => {
       requireRoot('devyard agent');
       const log = pino({ level: 'info' });
-      const { agent } = startAgent({ serverUrl: o.server, token: o.token, dataDir: resolve(o.dataDir), name: o.name, listen: o.listen, advertise: o.advertise, bridge: o.bridge, subnet: o.subnet, runtimes: o.runtimes, vmBridge: o.vmBridge, vmSubnet: o.vmSubnet, vmSnapshot: o.vmSnapshot, resyncMs: o.resyncMs, prebuildCheckMs: o.prebuildCheckMs, insecureRegistries: o.insecureRegistry, log });
+      const { agent } = startAgent({ serverUrl: o.server, token: o.token, dataDir: resolve(o.dataDir), name: o.name, listen: o.listen, advertise: o.advertise, bridge: o.bridge, subnet: o.subnet, runtimes: o.runtimes, vmBridge: o.vmBridge, vmSubnet: o.vmSubnet, vmSnapshot: o.vmSnapshot, vmZeroFreedMemory: o.vmZeroFreedMemory, resyncMs: o.resyncMs, prebuildCheckMs: o.prebuildCheckMs, insecureRegistries: o.insecureRegistry, log });
       await agent.start();
       onShutdown(() => agent.stop());
     });

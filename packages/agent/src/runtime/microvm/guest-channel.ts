@@ -19,7 +19,13 @@
  * The cost is head-of-line blocking within one box: while one of its consumers is behind, the
  * box's other sessions wait and its requests may time out; other boxes have links of their own.
  * GET_FILE replies accumulate up to a per-call limit (64 MiB by default).
+ *
+ * Frames that carry the box's secrets (EXEC: its environment; REPLACE_DIR: the secret files) go
+ * SEALED under a key the guest agent draws: the guest's virtio receive buffers keep every frame's
+ * bytes long after it was read, and a RAM snapshot must not hold secrets once the guest forgot
+ * the key on QUIESCE (PROTOCOL.md, "Secrets and RAM snapshots").
  */
+import { createCipheriv } from 'node:crypto';
 import { connect as netConnect, type Socket } from 'node:net';
 import { constants } from 'node:os';
 import { Duplex, Readable, Writable } from 'node:stream';
@@ -41,6 +47,8 @@ const MAX_GUEST_TEXT = 1024;
 const DEFAULT_TIMEOUT_MS = 10_000;
 const CONNECT_RETRY_MS = 20;
 const ECONNREFUSED = 111;
+/** A SEALED frame's own bytes: the nonce and the inner frame's type. */
+const SEAL_OVERHEAD = 13;
 
 /** How many bytes {@link GuestChannel.getFile} accepts unless the caller says otherwise (64 MiB). */
 export const DEFAULT_MAX_FILE_BYTES = 64 << 20;
@@ -64,6 +72,8 @@ const T = {
   SET_IDENTITY: 0x0f,
   QUIESCE: 0x10,
   NET_CONFIG: 0x11,
+  KEY: 0x12,
+  SEALED: 0x13,
 } as const;
 
 /** Guest → host frame types. */
@@ -410,6 +420,12 @@ export class GuestChannel {
   private boot = '';
   private readonly requestTimeoutMs: number;
   private readonly link: ChannelLink;
+  /** The sealing key the guest agent drew; null until asked for (after HELLO and QUIESCE). */
+  private key: Buffer | null = null;
+  private keyRequest: Promise<void> | null = null;
+  /** The guest agent predates sealing (it answered KEY with ERR): frames go plain. */
+  private unsealed = false;
+  private sealCount = 0n;
 
   private constructor(
     private readonly stream: Duplex,
@@ -497,6 +513,11 @@ export class GuestChannel {
     return n;
   }
 
+  /** Whether frames that carry secrets are sealed (false only with a guest agent that predates it). */
+  get sealing(): boolean {
+    return !this.unsealed;
+  }
+
   /** Re-handshakes on the same stream: the guest forgets every session, and so does this side. */
   async hello(): Promise<void> {
     await this.handshake(this.requestTimeoutMs);
@@ -506,6 +527,9 @@ export class GuestChannel {
     this.resetSessions(new Error('guest channel reset by HELLO'));
     const ns = Buffer.alloc(8);
     ns.writeBigUInt64LE(BigInt(Date.now()) * 1_000_000n);
+    // HELLO makes the guest forget its key: the first sealed frame asks for a new one.
+    this.key = null;
+    this.unsealed = false;
     const reply = await this.request(T.HELLO, ns, { timeoutMs });
     // Three NUL-terminated strings split into four parts, the last one empty.
     const parts = reply.toString('utf8').split('\0');
@@ -520,9 +544,48 @@ export class GuestChannel {
     [this.release, this.host, this.boot] = parts as [string, string, string];
   }
 
+  /** Asks the guest agent for a new sealing key (one request at a time). */
+  private fetchKey(): Promise<void> {
+    this.keyRequest ??= this.request(T.KEY, Buffer.alloc(0))
+      .then(
+        (key) => {
+          if (key.length !== 32) throw new Error(`the guest agent sent a ${key.length}-byte key`);
+          this.key = key;
+          this.sealCount = 0n;
+        },
+        (err: Error & { code?: string }) => {
+          // An agent that predates KEY refuses it: it cannot open sealed frames either.
+          if (err.code !== 'GUEST_ERROR') throw err;
+          this.unsealed = true;
+        },
+      )
+      .finally(() => (this.keyRequest = null));
+    return this.keyRequest;
+  }
+
+  /** Resolves once frames can be sealed (or are to go plain). */
+  private async readyToSeal(): Promise<void> {
+    if (this.key || this.unsealed) return;
+    await this.fetchKey();
+  }
+
+  /** The frame to send for `type` and `payload`: SEALED under the guest's key, or plain for an old agent. */
+  private seal(type: number, payload: Buffer): { type: number; payload: Buffer } {
+    if (this.unsealed) return { type, payload };
+    // Callers wait for readyToSeal first; without a key, nothing goes out in the clear.
+    if (!this.key) throw new Error('no sealing key from the guest agent');
+    const nonce = Buffer.alloc(12);
+    nonce.writeBigUInt64LE(this.sealCount++, 0);
+    const cipher = createCipheriv('chacha20', this.key, Buffer.concat([Buffer.alloc(4), nonce]));
+    return { type: T.SEALED, payload: Buffer.concat([nonce, cipher.update(Buffer.concat([Buffer.from([type]), payload])), cipher.final()]) };
+  }
+
   /** Starts a process in the guest; resolves once it runs, rejects with the guest's error text. */
-  exec(opts: ExecOptions): Promise<GuestExecProcess> {
-    if (this.isClosed) return Promise.reject(new Error('guest channel is closed'));
+  async exec(opts: ExecOptions): Promise<GuestExecProcess> {
+    if (this.isClosed) throw new Error('guest channel is closed');
+    // The environment carries the box's secrets.
+    await this.readyToSeal();
+    if (this.isClosed) throw new Error('guest channel is closed');
     const env = Object.entries(opts.env ?? {}).map(([k, v]) => `${k}=${v}`);
     let payload: Buffer;
     try {
@@ -537,7 +600,8 @@ export class GuestChannel {
       return Promise.reject(err as Error);
     }
     if (opts.argv.length === 0) return Promise.reject(new TypeError('exec needs a program'));
-    if (payload.length > MAX_PAYLOAD) return Promise.reject(new Error('exec command line and environment exceed 1 MiB'));
+    if (payload.length + SEAL_OVERHEAD > MAX_PAYLOAD) return Promise.reject(new Error('exec command line and environment exceed 1 MiB'));
+    const frame = this.seal(T.EXEC, payload);
     const id = this.nextId++;
     const session = new ExecSession(this.link, id, !!opts.tty);
     this.execs.set(id, session);
@@ -549,7 +613,7 @@ export class GuestChannel {
         reject(new Error(`exec ${opts.argv[0]}: the guest did not answer within ${this.requestTimeoutMs} ms`));
       }, this.requestTimeoutMs);
       this.pendingExecs.set(id, { session, resolve, reject, timer });
-      this.send(id, T.EXEC, payload);
+      this.send(id, frame.type, frame.payload);
     });
   }
 
@@ -592,7 +656,9 @@ export class GuestChannel {
       const data = toBuffer(f.data);
       parts.push(cstr(f.name), u32(data.length), data);
     }
-    await this.request(T.REPLACE_DIR, Buffer.concat(parts));
+    await this.readyToSeal();
+    const frame = this.seal(T.REPLACE_DIR, Buffer.concat(parts));
+    await this.request(frame.type, frame.payload);
   }
 
   /** Reads the guest's health figures (uptime, load1, mem_total_kb, mem_available_kb, procs, idle_ms). */
@@ -611,8 +677,13 @@ export class GuestChannel {
     await this.request(T.SET_IDENTITY, Buffer.concat([cstr(hostname), cstr(machineId)]));
   }
 
-  /** Removes every file of the secrets dir and syncs the disks, before a snapshot. */
+  /**
+   * Removes every file of the secrets dir and syncs the disks, before a snapshot; the guest forgets
+   * the sealing key, so sealed frames left in its memory cannot be opened from the snapshot. The
+   * next sealed frame asks for a new key.
+   */
   async quiesce(secretsDir: string): Promise<void> {
+    this.key = null;
     await this.request(T.QUIESCE, cstr(secretsDir));
   }
 
@@ -817,7 +888,8 @@ export class GuestChannel {
     if (type !== G.OK && type !== G.ERR) return this.unexpected(type, channel, `not allowed in reply to ${req.name}`);
     clearTimeout(req.timer);
     this.requests.delete(channel);
-    if (type === G.ERR) return req.reject(new Error(guestText(payload)));
+    // GUEST_ERROR: the guest refused the request (an agent that predates KEY refuses KEY).
+    if (type === G.ERR) return req.reject(Object.assign(new Error(guestText(payload)), { code: 'GUEST_ERROR' }));
     if (req.file && req.bytes + payload.length > req.file.maxBytes) {
       this.send(channel, T.CLOSE);
       return req.reject(new GuestChannelError('FILE_TOO_LARGE', `${req.file.path}: the file is larger than the limit of ${req.file.maxBytes} bytes`));

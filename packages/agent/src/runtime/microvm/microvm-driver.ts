@@ -7,9 +7,17 @@
  *
  * Layout of `<dataDir>`:
  *   base/<digest>.qcow2   image base disks, shared read-only (vm-disk-store.ts)
- *   boxes/<id>/           box.json, root.qcow2 (overlay), volume.ext4 (workspace volume),
- *                         mem (guest RAM file), snapshot/ (state + meta while paused),
- *                         qmp.sock, agent.sock, qemu.pid, console.log
+ *   boxes/<id>/           root's (0700): box.json, snapshot/ (state + meta while paused), and the
+ *                         VM's own files, owned by its uid (0600): root.qcow2 (overlay),
+ *                         volume.ext4 (workspace volume), mem (guest RAM file), run/ (qmp.sock,
+ *                         agent.sock, qemu.pid, console.log, qemu.log)
+ *   jail/                 empty: each QEMU's jail mounts its root here, in its own mount namespace
+ *
+ * Every QEMU runs jailed (host/devyard-vm-jail.c, like Firecracker's jailer): as a uid and gid of
+ * its box's own (vm-uid-allocator.ts) with no groups and no capabilities, under QEMU's seccomp
+ * filter, in a mount namespace whose root holds that VM's files (RAM file, disks, run/), the base
+ * disk its overlay reads, the boot assets and the host's /usr read-only — nothing of other boxes,
+ * of the data dir or of the host. The agent, as root, reaches the VM through the sockets in run/.
  *
  * Pause writes a snapshot and ends QEMU, so the VM's CPU and memory are released; resume restores
  * it in a new QEMU. Guest RAM lives in a shared RAM file, so a snapshot is the device state only
@@ -19,8 +27,8 @@
  */
 import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
-import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
-import { connect, type Socket } from 'node:net';
+import { chmod, chown, mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { connect, createServer, type Socket } from 'node:net';
 import { join } from 'node:path';
 import type { Duplex, Readable } from 'node:stream';
 import { spawn } from 'node:child_process';
@@ -34,11 +42,18 @@ import { GuestChannel, GuestChannelError } from './guest-channel.js';
 import { QmpClient } from './qmp-client.js';
 import { prepareMicrovmHost } from './microvm-host.js';
 import { hostTscKhz, qemuArgs, waitForExit, type Accel, type QemuVmConfig } from './qemu-command.js';
-import { VmDiskStore } from './vm-disk-store.js';
+import { qcow2BackingFile, VmDiskStore } from './vm-disk-store.js';
+import { VmUidAllocator, type VmUidAllocatorOptions } from './vm-uid-allocator.js';
 
 /** Where secrets appear in the guest (the same path as in a sandbox). */
 const SECRETS_DIR = '/run/devyard/secrets';
 const MiB = 1024 ** 2;
+/** What QEMU runs from: the host's, read-only in every jail (what a host does not have is left out). */
+const JAIL_HOST_PATHS = ['/usr', '/bin', '/sbin', '/lib', '/lib32', '/lib64', '/libx32', '/etc/ld.so.cache'];
+/** Device nodes every VM's QEMU opens (the jail makes them the VM's own). */
+const JAIL_DEVICES = ['/dev/null', '/dev/zero', '/dev/random', '/dev/urandom'];
+/** The VM's files QEMU creates (sockets, pid file, logs), in a directory the VM's uid owns. */
+const RUN_DIR = 'run';
 
 /** How pause stores a VM. */
 export type SnapshotMode = 'fast' | 'portable';
@@ -77,6 +92,15 @@ export interface MicrovmDriverOptions {
   bootTimeoutMs?: number;
   /** Workspace volume size when the box's resources give none (default 10 GiB, sparse). */
   defaultVolumeBytes?: number;
+  /**
+   * Guest kernels zero memory as they free it (`init_on_free=1`), so that what exited processes
+   * held — every session's environment holds the box's secrets — is not in a RAM snapshot either.
+   * The kernel then also zeroes all of a VM's memory at boot: every page of its RAM file is
+   * written (no longer sparse), and under TCG a boot takes seconds longer per GiB.
+   */
+  zeroFreedMemory?: boolean;
+  /** The node-wide range and registry of the uids VMs run as (default /var/lib/devyard/vm-uids). */
+  vmUids?: VmUidAllocatorOptions;
   log?: (msg: string, fields?: object) => void;
 }
 
@@ -93,6 +117,8 @@ interface BoxRecord {
   createdAt: string;
   /** Why the VM ended without a stop, until the next start. */
   failure?: string;
+  /** The host uid (and gid) the box's QEMU runs as and its files belong to, for the box's life. */
+  uid?: number;
   /** Whether a QEMU started by this driver should be running (cleared by stop/pause). */
   expectRunning?: boolean;
   /**
@@ -132,6 +158,10 @@ export class MicrovmDriver implements RuntimeDriver {
   private readonly disks: VmDiskStore;
   private readonly log: (msg: string, fields?: object) => void;
   private assets: GuestBootAssets | null = null;
+  private jail = '';
+  private readonly jailRoot: string;
+  /** The uids VMs run as. */
+  readonly vmUids: VmUidAllocator;
   private accelInfo: { accel: Accel; reason: string } | null = null;
   private qemuVer = '';
   private readonly tscKhz = hostTscKhz();
@@ -148,6 +178,8 @@ export class MicrovmDriver implements RuntimeDriver {
 
   constructor(private readonly opts: MicrovmDriverOptions) {
     this.boxesDir = join(opts.dataDir, 'boxes');
+    this.jailRoot = join(opts.dataDir, 'jail');
+    this.vmUids = new VmUidAllocator(opts.vmUids);
     this.network = new BridgeNetwork({ bridge: 'devyardvm0', subnet: '10.214.0.0/16', nftTable: 'devyard_vm', ...opts.network });
     this.disks = new VmDiskStore({ dir: join(opts.dataDir, 'base'), uidShift: opts.uidShift, log: opts.log });
     this.log = opts.log ?? (() => {});
@@ -180,10 +212,15 @@ export class MicrovmDriver implements RuntimeDriver {
   }
 
   async init(): Promise<void> {
-    await mkdir(this.boxesDir, { recursive: true });
+    await mkdir(this.boxesDir, { recursive: true, mode: 0o700 });
+    await chmod(this.boxesDir, 0o700);
+    await mkdir(this.jailRoot, { recursive: true, mode: 0o700 });
     await this.network.init();
     const host = await prepareMicrovmHost({ assetsDir: this.opts.assetsDir, busybox: this.opts.busybox, accel: this.opts.accel, log: this.log });
     this.assets = host.assets;
+    this.jail = host.jail;
+    const freed = await this.vmUids.collectStale();
+    if (freed.length) this.log('microvm: freed the uids of boxes that are gone', { uids: freed });
     this.qemuVer = host.qemuVersion;
     this.accelInfo = host.accel;
     this.log('microvm runtime ready', { accel: this.accelInfo.accel, why: this.accelInfo.reason, kernel: this.assets.kernel.release, qemu: this.qemuVer });
@@ -191,6 +228,15 @@ export class MicrovmDriver implements RuntimeDriver {
 
   private boxDir(boxId: string): string {
     return join(this.boxesDir, boxId);
+  }
+
+  /**
+   * Where the box's QEMU keeps its sockets, pid file and logs: run/, or the box dir itself for a
+   * VM started before QEMU was jailed, which runs on (unjailed) until it next stops or pauses.
+   */
+  private runDir(boxId: string): string {
+    const dir = this.boxDir(boxId);
+    return existsSync(join(dir, 'qemu.pid')) ? dir : join(dir, RUN_DIR);
   }
 
   private withLock<T>(boxId: string, fn: () => Promise<T>): Promise<T> {
@@ -217,18 +263,19 @@ export class MicrovmDriver implements RuntimeDriver {
 
   private async writeRecord(rec: BoxRecord): Promise<void> {
     const tmp = join(this.boxDir(rec.boxId), `.box.json.${process.pid}`);
-    await writeFile(tmp, JSON.stringify(rec, null, 2));
+    await writeFile(tmp, JSON.stringify(rec, null, 2), { mode: 0o600 });
     await rename(tmp, join(this.boxDir(rec.boxId), 'box.json'));
   }
 
   /** Pid of the box's QEMU while it runs. */
   private qemuPid(boxId: string): number | undefined {
+    const run = this.runDir(boxId);
     try {
-      const pid = Number(readFileSync(join(this.boxDir(boxId), 'qemu.pid'), 'utf8').trim());
+      const pid = Number(readFileSync(join(run, 'qemu.pid'), 'utf8').trim());
       if (!Number.isInteger(pid) || pid <= 0) return undefined;
       // A recycled pid is some other process: QEMU's command line names the box's own files.
       const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-      return cmdline.includes(join(this.boxDir(boxId), 'qmp.sock')) ? pid : undefined;
+      return cmdline.includes(join(run, 'qmp.sock')) ? pid : undefined;
     } catch {
       return undefined;
     }
@@ -243,7 +290,8 @@ export class MicrovmDriver implements RuntimeDriver {
   private async ensureDisks(spec: BoxRuntimeSpec): Promise<BoxRecord> {
     if (spec.layers?.length || spec.workspaceBase) throw new MicrovmError('INVALID_SPEC', 'the microvm runtime does not run prebuilds yet');
     const dir = this.boxDir(spec.boxId);
-    await mkdir(join(dir, 'snapshot'), { recursive: true });
+    await mkdir(join(dir, 'snapshot'), { recursive: true, mode: 0o700 });
+    await chmod(dir, 0o700);
     const existing = await this.readRecord(spec.boxId);
     const root = join(dir, 'root.qcow2');
     if (!existsSync(root)) {
@@ -264,9 +312,37 @@ export class MicrovmDriver implements RuntimeDriver {
       mac: existing?.mac ?? boxMac(spec.boxId),
       createdAt: existing?.createdAt ?? new Date().toISOString(),
       ...(existing?.failure ? { failure: existing.failure } : {}),
+      ...(existing?.uid !== undefined ? { uid: existing.uid } : {}),
     };
     await this.writeRecord(rec);
+    await this.ownFiles(rec);
     return rec;
+  }
+
+  /** The box's uid (gid the same), allocated on first need and kept in its record until delete. */
+  private async ensureUid(rec: BoxRecord): Promise<number> {
+    const dir = this.boxDir(rec.boxId);
+    // A record copied from another box (a fork) or node (a move) names a uid that is not this box's.
+    if (rec.uid !== undefined && this.vmUids.holder(rec.uid) === dir) return rec.uid;
+    rec.uid = await this.vmUids.allocate(dir);
+    await this.writeRecord(rec);
+    return rec.uid;
+  }
+
+  /**
+   * Makes the VM's own files (RAM file, disks, run/) belong to its uid, readable by nobody else:
+   * its jailed QEMU opens them as that uid. Copies made by a fork or an import are root's until then.
+   */
+  private async ownFiles(rec: BoxRecord): Promise<number> {
+    const uid = await this.ensureUid(rec);
+    const dir = this.boxDir(rec.boxId);
+    for (const f of ['mem', 'root.qcow2', 'volume.ext4']) {
+      const path = join(dir, f);
+      if (!existsSync(path)) continue;
+      await chown(path, uid, uid);
+      await chmod(path, 0o600);
+    }
+    return uid;
   }
 
   private allocateIp(boxId: string): Promise<string> {
@@ -285,6 +361,7 @@ export class MicrovmDriver implements RuntimeDriver {
 
   private vmConfig(rec: BoxRecord, incoming: boolean): QemuVmConfig {
     const dir = this.boxDir(rec.boxId);
+    const run = join(dir, RUN_DIR);
     const a = this.assets!;
     return {
       accel: this.accel.accel,
@@ -304,28 +381,59 @@ export class MicrovmDriver implements RuntimeDriver {
       toolsDisk: a.toolsDisk,
       tap: this.network.vethName(rec.boxId),
       mac: rec.mac,
-      agentSocket: join(dir, 'agent.sock'),
-      qmpSocket: join(dir, 'qmp.sock'),
+      agentSocket: join(run, 'agent.sock'),
+      qmpSocket: join(run, 'qmp.sock'),
       memFile: join(dir, 'mem'),
-      pidFile: join(dir, 'qemu.pid'),
-      consoleLog: join(dir, 'console.log'),
+      pidFile: join(run, 'qemu.pid'),
+      consoleLog: join(run, 'console.log'),
       incoming,
+      sandboxed: true,
+      zeroFreedMemory: this.opts.zeroFreedMemory ?? false,
     };
   }
   private dns = '';
 
-  /** Starts QEMU (daemonized: VMs outlive an agent restart) and connects QMP. */
+  /**
+   * Starts the VM's QEMU in its jail and connects QMP. The jail daemonizes QEMU (VMs outlive an
+   * agent restart) and returns once QEMU runs, or with QEMU's exit status and reason.
+   */
   private async launch(rec: BoxRecord, incoming: boolean): Promise<QmpClient> {
     const dir = this.boxDir(rec.boxId);
-    for (const f of ['qmp.sock', 'agent.sock', 'qemu.pid']) await rm(join(dir, f), { force: true });
+    const run = join(dir, RUN_DIR);
+    // What a VM started before QEMU was jailed kept in the box dir itself.
+    for (const f of ['qmp.sock', 'agent.sock', 'qemu.pid', 'console.log']) await rm(join(dir, f), { force: true });
+    await rm(run, { recursive: true, force: true });
+    await mkdir(run, { mode: 0o700 });
+    // QEMU sizes the RAM file; it must exist to be bound into the jail.
+    if (!existsSync(join(dir, 'mem'))) await writeFile(join(dir, 'mem'), '', { mode: 0o600 });
+    const uid = await this.ownFiles(rec);
+    await chown(run, uid, uid);
     if (!this.dns) this.dns = (await this.network.resolvConf()).split('\n').filter((l) => l.startsWith('nameserver ')).map((l) => l.slice(11)).join(',');
-    // A paused box kept its TAP device; anything else gets a fresh one.
-    if (!existsSync(`/sys/class/net/${this.network.vethName(rec.boxId)}`) || !incoming) await this.network.attachTap(rec.boxId, rec.ip, rec.mac);
-    const args = qemuArgs(this.vmConfig(rec, incoming));
-    // -daemonize: the command returns once QEMU runs (or failed to start, with its reason on stderr).
-    const { code, stderr } = await runHostCommandRaw(['qemu-system-x86_64', ...args]);
+    // A paused box kept its TAP device; anything else gets a fresh one, and so does a device the
+    // VM's uid may not attach to (kept from before QEMU was jailed).
+    if (!incoming || !existsSync(`/sys/class/net/${this.network.vethName(rec.boxId)}`) || this.network.tapOwner(rec.boxId) !== uid) {
+      await this.network.attachTap(rec.boxId, rec.ip, rec.mac, { uid, gid: uid });
+    }
+    const cfg = this.vmConfig(rec, incoming);
+    // The overlay reads its image's base disk by the path in its header: that one file is bound.
+    const base = await qcow2BackingFile(cfg.rootDisk);
+    const readOnly = [...JAIL_HOST_PATHS, cfg.kernel, cfg.initramfs, cfg.toolsDisk, ...(base ? [base] : [])];
+    const writable = [cfg.memFile, cfg.rootDisk, cfg.volumeDisk, run];
+    const devices = [...JAIL_DEVICES, ...(cfg.tap ? ['/dev/net/tun'] : []), ...(cfg.accel === 'kvm' ? ['/dev/kvm'] : [])];
+    const argv = [
+      this.jail,
+      ...['--root', this.jailRoot, '--uid', String(uid), '--gid', String(uid), '--qmp', cfg.qmpSocket, '--log', join(run, 'qemu.log')],
+      ...readOnly.flatMap((p) => ['--ro', p]),
+      ...writable.flatMap((p) => ['--rw', p]),
+      ...devices.flatMap((p) => ['--dev', p]),
+      '--',
+      'qemu-system-x86_64',
+      ...qemuArgs(cfg),
+    ];
+    // host-programs: qemu-system-x86_64
+    const { code, stderr } = await runHostCommandRaw(argv);
     if (code !== 0) throw new MicrovmError('BOOT_FAILED', `qemu exited ${code}: ${stderr.trim().split('\n').slice(-3).join(' | ')}`);
-    return QmpClient.connect(join(dir, 'qmp.sock'));
+    return QmpClient.connect(cfg.qmpSocket);
   }
 
   async start(spec: BoxRuntimeSpec): Promise<void> {
@@ -347,7 +455,7 @@ export class MicrovmDriver implements RuntimeDriver {
       let qmp: QmpClient | undefined;
       try {
         qmp = await this.launch(rec, false);
-        const channel = await GuestChannel.connect(join(dir, 'agent.sock'), { timeoutMs });
+        const channel = await GuestChannel.connect(join(dir, RUN_DIR, 'agent.sock'), { timeoutMs });
         this.attachLive(spec.boxId, { qmp, channel });
         // Images ship without a machine-id (or with the one of their build): each box gets its own.
         await channel.setIdentity(rec.name, machineIdFor(spec.boxId));
@@ -390,9 +498,9 @@ export class MicrovmDriver implements RuntimeDriver {
         if (existsSync(join(this.boxDir(boxId), 'snapshot', 'meta.json'))) throw new MicrovmError('BOX_PAUSED', `box ${boxId} is paused`);
         throw new MicrovmError('BOX_NOT_RUNNING', `box ${boxId} is not running`);
       }
-      const dir = this.boxDir(boxId);
-      const qmp = await QmpClient.connect(join(dir, 'qmp.sock'), 5000);
-      const channel = await GuestChannel.connect(join(dir, 'agent.sock'), { timeoutMs: 15_000 }).catch((e: unknown) => {
+      const run = this.runDir(boxId);
+      const qmp = await QmpClient.connect(join(run, 'qmp.sock'), 5000);
+      const channel = await GuestChannel.connect(join(run, 'agent.sock'), { timeoutMs: 15_000 }).catch((e: unknown) => {
         qmp.close();
         throw e;
       });
@@ -405,7 +513,7 @@ export class MicrovmDriver implements RuntimeDriver {
   }
 
   private async consoleTail(boxId: string): Promise<string> {
-    const text = await readFile(join(this.boxDir(boxId), 'console.log'), 'utf8').catch(() => '');
+    const text = await readFile(join(this.runDir(boxId), 'console.log'), 'utf8').catch(() => '');
     return text.trim().split('\n').slice(-3).join(' | ').slice(0, 500);
   }
 
@@ -428,7 +536,8 @@ export class MicrovmDriver implements RuntimeDriver {
       await waitForExit(pid, 5000);
     }
     if (!opts.keepNic) await this.network.detach(boxId);
-    for (const f of ['qmp.sock', 'agent.sock', 'qemu.pid']) await rm(join(this.boxDir(boxId), f), { force: true });
+    const run = this.runDir(boxId);
+    for (const f of ['qmp.sock', 'agent.sock', 'qemu.pid', 'migrate.sock']) await rm(join(run, f), { force: true });
   }
 
   async stop(boxId: string, opts: { graceMs?: number } = {}): Promise<void> {
@@ -461,7 +570,7 @@ export class MicrovmDriver implements RuntimeDriver {
   private async dropSnapshot(boxId: string): Promise<void> {
     const snap = join(this.boxDir(boxId), 'snapshot');
     await rm(snap, { recursive: true, force: true });
-    await mkdir(snap, { recursive: true });
+    await mkdir(snap, { recursive: true, mode: 0o700 });
   }
 
   /** Snapshots the VM and ends its QEMU; `mode` overrides the driver's snapshot mode for this pause. */
@@ -491,7 +600,7 @@ export class MicrovmDriver implements RuntimeDriver {
     await vm.qmp.execute('stop');
     let meta: SnapshotMeta;
     try {
-      meta = await this.writeState(vm, rec, mode, tmp);
+      meta = await this.writeState(boxId, vm, rec, mode, tmp);
     } catch (e) {
       // The VM keeps running as it was: a failed pause loses nothing.
       await vm.qmp.execute('cont').catch(() => undefined);
@@ -506,6 +615,7 @@ export class MicrovmDriver implements RuntimeDriver {
       // file's holes (the RAM the guest never touched): reading them would cost ~1.4 s/GiB.
       try {
         await runHostCommand(['bash', '-c', 'set -o pipefail; tar --sparse -C "$1" -cf - mem | zstd -1 -T0 -q -f -o "$2"', 'bash', dir, join(snap, 'mem.tar.zst')]);
+        await chmod(join(snap, 'mem.tar.zst'), 0o600);
       } catch (e) {
         await vm.qmp.execute('cont').catch(() => undefined);
         await this.injectSecrets(boxId, vm.channel).catch(() => undefined);
@@ -528,13 +638,18 @@ export class MicrovmDriver implements RuntimeDriver {
    * Writes a stopped VM's device state to `file`. Guest RAM is in the shared RAM file and skipped
    * (`x-ignore-shared`): streaming it through QEMU's migration under TCG costs ~1.7 s/GiB, while
    * compressing the file afterwards (portable mode) reads holes and zero pages at disk speed.
+   * The state streams to a unix socket the agent listens on: QEMU's seccomp filter forbids the
+   * process an `exec:` migration would spawn, and its jail has no file of the snapshot's.
    */
-  private async writeState(vm: LiveVm, rec: BoxRecord, mode: SnapshotMode, file: string): Promise<SnapshotMeta> {
+  private async writeState(boxId: string, vm: LiveVm, rec: BoxRecord, mode: SnapshotMode, file: string): Promise<SnapshotMeta> {
     await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
     await vm.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
-    await vm.qmp.execute('migrate', { uri: `exec:cat > ${shellQuote(file)}` });
-    await waitMigration(vm.qmp, 120_000);
-    const data = await readFile(file);
+    const sock = join(this.runDir(boxId), 'migrate.sock');
+    const data = await receiveOnce(sock, rec.uid, async () => {
+      await vm.qmp.execute('migrate', { uri: `unix:${sock}` });
+      await waitMigration(vm.qmp, 120_000);
+    });
+    await writeFile(file, data, { mode: 0o600 });
     return {
       mode,
       qemuVersion: this.qemuVer,
@@ -565,6 +680,8 @@ export class MicrovmDriver implements RuntimeDriver {
       expectRunning: false,
     };
     delete rec.failure;
+    // Its own uid comes with its first launch.
+    delete rec.uid;
     return rec;
   }
 
@@ -583,14 +700,14 @@ export class MicrovmDriver implements RuntimeDriver {
       if (!src) throw new MicrovmError('BOX_NOT_FOUND', `fork source ${sourceId} does not exist on this node`);
       const srcDir = this.boxDir(sourceId);
       await rm(dst, { recursive: true, force: true });
-      await mkdir(join(dst, 'snapshot'), { recursive: true });
+      await mkdir(join(dst, 'snapshot'), { recursive: true, mode: 0o700 });
       let meta: SnapshotMeta;
       if (this.qemuPid(sourceId)) {
         const vm = await this.liveVm(sourceId);
         await vm.channel.quiesce(SECRETS_DIR);
         await vm.qmp.execute('stop');
         try {
-          meta = await this.writeState(vm, src, 'fast', join(dst, 'snapshot', 'state'));
+          meta = await this.writeState(sourceId, vm, src, 'fast', join(dst, 'snapshot', 'state'));
           await copyFiles(srcDir, dst, ['mem', 'root.qcow2', 'volume.ext4']);
         } finally {
           await vm.qmp.execute('cont').catch(() => undefined);
@@ -658,7 +775,8 @@ export class MicrovmDriver implements RuntimeDriver {
       await mkdir(tmp, { recursive: true });
       try {
         await new Promise<void>((resolve, reject) => {
-          const c = spawn('bash', ['-c', 'set -o pipefail; zstd -dcq | tar --sparse -xf - -C "$1"', 'sh', tmp], { stdio: ['pipe', 'ignore', 'pipe'] });
+          // Files come out root's: the owners on the other node mean nothing here.
+          const c = spawn('bash', ['-c', 'set -o pipefail; zstd -dcq | tar --sparse --no-same-owner -xf - -C "$1"', 'sh', tmp], { stdio: ['pipe', 'ignore', 'pipe'] });
           let err = '';
           c.stderr.on('data', (b: Buffer) => (err += b.toString()));
           bundle.on('error', (e) => c.kill() && reject(e));
@@ -673,7 +791,8 @@ export class MicrovmDriver implements RuntimeDriver {
         const base = await this.disks.ensureBase(spec.imageRootfs, spec.imageDigest);
         await runHostCommand(['qemu-img', 'rebase', '-u', '-b', base, '-F', 'qcow2', join(tmp, 'root.qcow2')]);
         const rec = await this.restoredRecord(src, spec.boxId, { imageRootfs: spec.imageRootfs, imageDigest: spec.imageDigest, env: spec.env });
-        await writeFile(join(tmp, 'box.json'), JSON.stringify(rec, null, 2));
+        await writeFile(join(tmp, 'box.json'), JSON.stringify(rec, null, 2), { mode: 0o600 });
+        await chmod(tmp, 0o700);
         await rename(tmp, this.boxDir(spec.boxId));
       } finally {
         await rm(tmp, { recursive: true, force: true });
@@ -732,7 +851,7 @@ export class MicrovmDriver implements RuntimeDriver {
     if (meta.ramFile) {
       // A portable snapshot: the RAM file comes back from its compressed copy (zstd checks it).
       await rm(join(dir, 'mem'), { force: true });
-      await runHostCommand(['bash', '-c', 'set -o pipefail; zstd -dcq "$1" | tar --sparse -xf - -C "$2" mem', 'bash', join(dir, 'snapshot', meta.ramFile), dir]).catch((e: Error) => {
+      await runHostCommand(['bash', '-c', 'set -o pipefail; zstd -dcq "$1" | tar --sparse --no-same-owner -xf - -C "$2" mem', 'bash', join(dir, 'snapshot', meta.ramFile), dir]).catch((e: Error) => {
         throw new MicrovmError('SNAPSHOT_INVALID', `the snapshot's RAM file ${meta.ramFile} is corrupt or truncated: ${e.message}`);
       });
     }
@@ -745,10 +864,14 @@ export class MicrovmDriver implements RuntimeDriver {
     const qmp = await this.launch(sized, true);
     try {
       await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
-      await qmp.execute('migrate-incoming', { uri: `exec:cat ${shellQuote(state)}` });
+      // QEMU listens on a socket of its run dir, and the agent streams the state file into it (the
+      // jail holds no snapshot file, and the seccomp filter forbids spawning `cat`).
+      const incomingSock = join(dir, RUN_DIR, 'migrate.sock');
+      await qmp.execute('migrate-incoming', { uri: `unix:${incomingSock}` });
+      await sendOnce(incomingSock, data);
       await waitIncoming(qmp, 120_000, () => this.qemuPid(boxId) !== undefined);
       // Connect before cont: the guest agent reads EOF until a host is there.
-      const sock = await connectUnix(join(dir, 'agent.sock'));
+      const sock = await connectUnix(join(dir, RUN_DIR, 'agent.sock'));
       await qmp.execute('cont');
       const channel = await GuestChannel.open(sock, { timeoutMs: 15_000 });
       const vm = { qmp, channel };
@@ -772,8 +895,14 @@ export class MicrovmDriver implements RuntimeDriver {
   async destroy(boxId: string): Promise<void> {
     checkBoxId(boxId);
     await this.withLock(boxId, async () => {
+      const dir = this.boxDir(boxId);
+      const rec = await this.readRecord(boxId);
       await this.kill(boxId);
-      await rm(this.boxDir(boxId), { recursive: true, force: true });
+      await rm(dir, { recursive: true, force: true });
+      // The uid goes last: no process and no file of the box is left that it could reach.
+      if (rec?.uid !== undefined) await this.vmUids.free(rec.uid, dir);
+      const held = this.vmUids.uidHeldBy(dir);
+      if (held !== undefined) await this.vmUids.free(held, dir);
       this.secrets.delete(boxId);
     });
   }
@@ -911,7 +1040,7 @@ export class MicrovmDriver implements RuntimeDriver {
 }
 
 async function writeSnapshotMeta(dir: string, meta: SnapshotMeta): Promise<void> {
-  await writeFile(join(dir, 'meta.json.tmp'), JSON.stringify(meta, null, 2));
+  await writeFile(join(dir, 'meta.json.tmp'), JSON.stringify(meta, null, 2), { mode: 0o600 });
   await rename(join(dir, 'meta.json.tmp'), join(dir, 'meta.json'));
 }
 
@@ -929,8 +1058,45 @@ export function machineIdFor(boxId: string): string {
   return createHash('sha256').update(`machine-id:${boxId}`).digest('hex').slice(0, 32);
 }
 
-function shellQuote(s: string): string {
-  return `'${s.replace(/'/g, `'\\''`)}'`;
+/**
+ * Receives the bytes of one connection to a unix socket at `path` while `drive` runs (and makes
+ * QEMU connect and send). `uid` may connect: the jailed QEMU that sends.
+ */
+async function receiveOnce(path: string, uid: number | undefined, drive: () => Promise<void>): Promise<Buffer> {
+  await rm(path, { force: true });
+  const chunks: Buffer[] = [];
+  const server = createServer();
+  const received = new Promise<void>((resolve, reject) => {
+    server.once('connection', (s) => {
+      server.close();
+      s.on('data', (b: Buffer) => chunks.push(b));
+      s.once('end', () => resolve());
+      s.once('error', reject);
+    });
+  });
+  received.catch(() => undefined);
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(path, () => resolve());
+  });
+  try {
+    if (uid !== undefined) await chown(path, uid, uid);
+    await drive();
+    await withTimeout(received, 30_000);
+  } finally {
+    server.close();
+    await rm(path, { force: true });
+  }
+  return Buffer.concat(chunks);
+}
+
+/** Sends `data` as one connection to the unix socket at `path` (QEMU's incoming migration). */
+async function sendOnce(path: string, data: Buffer): Promise<void> {
+  const s = await connectUnix(path);
+  await new Promise<void>((resolve, reject) => {
+    s.once('error', reject);
+    s.end(data, () => resolve());
+  });
 }
 
 async function waitMigration(qmp: QmpClient, timeoutMs: number): Promise<void> {

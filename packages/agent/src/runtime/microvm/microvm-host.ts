@@ -1,7 +1,8 @@
 /**
  * What a host needs before its first microVM, the same for every data dir of the host and so kept
  * in one shared directory (default /var/cache/devyard/microvm): the box tools bundle, the guest
- * kernel, initramfs and tools disk (guest-boot-assets.ts), QEMU's version and the accelerator
+ * kernel, initramfs and tools disk (guest-boot-assets.ts), the jailer every QEMU starts through
+ * (vm-jail-binary.ts), QEMU's version and the accelerator
  * (KVM when a probe boot works, TCG otherwise). The driver prepares it at init; a test suite
  * prepares it once before its first test, so no test pays for a cold cache.
  */
@@ -11,6 +12,7 @@ import { join } from 'node:path';
 import { ensureBoxToolsBundle } from '../box-tools-bundle.js';
 import { ensureGuestBootAssets, type GuestBootAssets } from './guest-boot-assets.js';
 import { probeKvm, qemuVersion, type Accel } from './qemu-command.js';
+import { ensureVmJail } from './vm-jail-binary.js';
 
 /** Where a host keeps its microVM assets unless told otherwise. */
 export const DEFAULT_MICROVM_ASSETS_DIR = '/var/cache/devyard/microvm';
@@ -30,6 +32,8 @@ export interface MicrovmHostOptions {
 export interface MicrovmHost {
   /** Kernel, initramfs and tools disk. */
   assets: GuestBootAssets;
+  /** The jailer QEMU is started through (host/devyard-vm-jail.c). */
+  jail: string;
   /** `qemu-system-x86_64 --version`, which snapshots must match. */
   qemuVersion: string;
   /** The accelerator VMs use, and why. */
@@ -41,11 +45,12 @@ export async function prepareMicrovmHost(opts: MicrovmHostOptions): Promise<Micr
   const dir = opts.assetsDir ?? DEFAULT_MICROVM_ASSETS_DIR;
   const bundle = await ensureBoxToolsBundle({ dir: join(dir, 'tools'), log: opts.log });
   const assets = await ensureGuestBootAssets({ dir, busybox: opts.busybox, toolsBundle: bundle.dir, log: opts.log });
+  const jail = await ensureVmJail(join(dir, 'jail'));
   const qemu = await qemuVersion();
   const forced = opts.accel ?? (process.env.DEVYARD_MICROVM_ACCEL as Accel | undefined);
-  if (forced === 'kvm' || forced === 'tcg') return { assets, qemuVersion: qemu, accel: { accel: forced, reason: 'configured' } };
+  if (forced === 'kvm' || forced === 'tcg') return { assets, jail, qemuVersion: qemu, accel: { accel: forced, reason: 'configured' } };
   const probe = await cachedKvmProbe(dir, assets, qemu);
-  return { assets, qemuVersion: qemu, accel: probe.usable ? { accel: 'kvm', reason: probe.reason } : { accel: 'tcg', reason: `${probe.reason}; using TCG` } };
+  return { assets, jail, qemuVersion: qemu, accel: probe.usable ? { accel: 'kvm', reason: probe.reason } : { accel: 'tcg', reason: `${probe.reason}; using TCG` } };
 }
 
 /**

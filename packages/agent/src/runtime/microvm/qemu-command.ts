@@ -14,6 +14,14 @@ import { runHostCommand } from '../../network/host-command-runner.js';
 /** Accelerator a VM runs under. */
 export type Accel = 'kvm' | 'tcg';
 
+/**
+ * QEMU's seccomp filter for a VM: besides the default (no obsolete system calls), no privilege
+ * changes, no new processes and no scheduler or resource-limit changes. Everything QEMU needs
+ * is set up before it starts (the jail), and snapshots stream over unix sockets, not through a
+ * spawned `exec:` command.
+ */
+export const QEMU_SANDBOX = 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny';
+
 /** Everything that goes into one VM's command line. */
 export interface QemuVmConfig {
   accel: Accel;
@@ -38,6 +46,16 @@ export interface QemuVmConfig {
   consoleLog: string;
   /** Start paused, waiting for `migrate-incoming` (snapshot restore). */
   incoming?: boolean;
+  /**
+   * The guest kernel zeroes memory as it frees it (`init_on_free=1`). It also zeroes all of the
+   * VM's memory once at boot, which writes every page of the RAM file.
+   */
+  zeroFreedMemory?: boolean;
+  /**
+   * Run under {@link QEMU_SANDBOX}. QEMU then cannot daemonize itself (the filter denies its fork
+   * and setsid): whoever starts it does that (the jail, devyard-vm-jail.c).
+   */
+  sandboxed?: boolean;
 }
 
 /** The argv (after the binary) of a VM. */
@@ -49,6 +67,9 @@ export function qemuArgs(c: QemuVmConfig): string[] {
     `tsc_early_khz=${c.tscKhz}`,
     // A panic reboots at once, and -no-reboot turns that into QEMU exiting: the driver notices.
     'panic=-1',
+    // Freed guest memory is zeroed: what an exited process held (a session's environment with the
+    // box's secrets) does not live on in free pages, and so not in a RAM snapshot either.
+    ...(c.zeroFreedMemory ? ['init_on_free=1'] : []),
     ...Object.entries(c.guestParams).map(([k, v]) => `${k}=${v}`),
   ].join(' ');
   return [
@@ -74,7 +95,7 @@ export function qemuArgs(c: QemuVmConfig): string[] {
     '-device', 'virtserialport,chardev=agent,name=devyard.agent',
     '-qmp', `unix:${c.qmpSocket},server=on,wait=off`,
     '-pidfile', c.pidFile,
-    '-daemonize',
+    ...(c.sandboxed ? ['-sandbox', QEMU_SANDBOX] : ['-daemonize']),
     ...(c.incoming ? ['-S', '-incoming', 'defer'] : []),
   ];
 }

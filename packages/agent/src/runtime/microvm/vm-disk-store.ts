@@ -11,7 +11,7 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { chown, mkdir, open, rename, rm, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, open, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { runHostCommand } from '../../network/host-command-runner.js';
 
@@ -51,7 +51,9 @@ export class VmDiskStore {
   }
 
   private async buildBase(rootfs: string, out: string): Promise<string> {
-    await mkdir(this.opts.dir, { recursive: true });
+    // Root's alone: a base is readable by every VM (see below), but only through their jails.
+    await mkdir(this.opts.dir, { recursive: true, mode: 0o700 });
+    await chmod(this.opts.dir, 0o700);
     const raw = `${out}.${randomBytes(4).toString('hex')}.raw`;
     const tmp = `${out}.${randomBytes(4).toString('hex')}.tmp`;
     try {
@@ -63,6 +65,9 @@ export class VmDiskStore {
       await this.mkfsFromShiftedTree(rootfs, raw);
       // qcow2 keeps only the written clusters: the base costs what the image holds, not its size.
       await runHostCommand(['qemu-img', 'convert', '-O', 'qcow2', raw, tmp]);
+      // Every VM of the image reads it, each as its own uid (inside its jail, which holds this one
+      // base file read-only; the directories above it on the host stay root's).
+      await chmod(tmp, 0o644);
       await rename(tmp, out);
       return out;
     } finally {
@@ -118,19 +123,43 @@ export class VmDiskStore {
     await chown(raw, 0, 0);
   }
 
-  /** Creates a box's root overlay on its image's base disk (replacing a stale one). */
+  /** Creates a box's root overlay on its image's base disk (replacing a stale one); readable by root only. */
   async createOverlay(base: string, path: string): Promise<void> {
     const tmp = `${path}.tmp`;
     await runHostCommand(['qemu-img', 'create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', tmp]);
+    await chmod(tmp, 0o600);
     await rename(tmp, path);
   }
 
-  /** Creates an empty ext4 workspace volume of `bytes` (sparse: it costs what is written). */
+  /** Creates an empty ext4 workspace volume of `bytes` (sparse: it costs what is written); readable by root only. */
   async createVolume(path: string, bytes: number): Promise<void> {
     const tmp = `${path}.tmp`;
-    await writeFile(tmp, '');
+    await writeFile(tmp, '', { mode: 0o600 });
     await runHostCommand(['truncate', '-s', String(bytes), tmp]);
     await runHostCommand(['mkfs.ext4', '-q', '-F', '-E', 'root_owner=0:0', tmp]);
     await rename(tmp, path);
+  }
+}
+
+/**
+ * The backing file a qcow2 image names in its header (undefined: none, or not a qcow2 image).
+ * A box's overlay is one level above its image's base, so this is every file the disk reads.
+ */
+export async function qcow2BackingFile(path: string): Promise<string | undefined> {
+  const fh = await open(path, 'r').catch(() => null);
+  if (!fh) return undefined;
+  try {
+    const head = Buffer.alloc(20);
+    const { bytesRead } = await fh.read(head, 0, 20, 0);
+    // QFI\xfb, then big-endian: version (4), backing_file_offset (8), backing_file_size (4).
+    if (bytesRead < 20 || head.readUInt32BE(0) !== 0x514649fb) return undefined;
+    const offset = Number(head.readBigUInt64BE(8));
+    const size = head.readUInt32BE(16);
+    if (offset === 0 || size === 0 || size > 1023) return undefined;
+    const name = Buffer.alloc(size);
+    await fh.read(name, 0, size, offset);
+    return name.toString('utf8');
+  } finally {
+    await fh.close();
   }
 }
