@@ -745,7 +745,9 @@ describe('the guest agent against malformed host frames', () => {
     ['NET_CONFIG with five strings', HOST.NET_CONFIG, cstrs('lo', '10.0.0.2/24', '10.0.0.1', '02:00:00:00:00:01', 'x')],
     ['NET_CONFIG whose MAC lacks its NUL', HOST.NET_CONFIG, Buffer.concat([cstrs('lo', '10.0.0.2/24', '10.0.0.1'), Buffer.from('02:00')])],
     ['type 0x00', 0x00, Buffer.alloc(0)],
-    ['type 0x12', 0x12, Buffer.alloc(4)],
+    ['KEY with a payload', HOST.KEY, Buffer.alloc(4)],
+    ['SEALED shorter than a nonce and a type', HOST.SEALED, Buffer.alloc(4)],
+    ['type 0x14', 0x14, Buffer.alloc(4)],
     ['a guest → host type', GUEST.OK, Buffer.alloc(0)],
     ['type 0xff', 0xff, Buffer.alloc(1)],
   ];
@@ -756,7 +758,9 @@ describe('the guest agent against malformed host frames', () => {
     const id = nextId++;
     const reply = await Promise.race([host.request(id, type, payload), new Promise<string>((r) => setTimeout(() => r('no reply within 1 s'), 1000))]);
     expect(reply).toMatchObject({ type: GUEST.ERR, payload: expect.any(Buffer) });
-    expect((reply as Frame).payload.toString()).toMatch(type >= 0x01 && type <= 0x11 ? /^malformed [A-Z_]+ frame/ : /^unknown frame type/);
+    // SEALED without a key is refused before its layout is looked at.
+    const want = type === HOST.SEALED ? /^sealed frame without a key/ : type >= 0x01 && type <= 0x13 ? /^malformed [A-Z_]+ frame/ : /^unknown frame type/;
+    expect((reply as Frame).payload.toString()).toMatch(want);
     // Nothing was started, written or removed.
     expect(host.received.filter((f) => f.channel === id).map((f) => f.type)).toEqual([GUEST.ERR]);
     expect(readdirSync(join(root, 'secrets'))).toEqual(['KEEP']);

@@ -30,6 +30,8 @@ export const HOST = {
   SET_IDENTITY: 0x0f,
   QUIESCE: 0x10,
   NET_CONFIG: 0x11,
+  KEY: 0x12,
+  SEALED: 0x13,
 } as const;
 
 /** Guest → host frame types (PROTOCOL.md). */
@@ -168,6 +170,8 @@ export class FakeGuest {
 
   private onFrame(f: Frame): void {
     this.received.push(f);
+    // Unless a test plays a guest agent that seals, this one predates KEY: frames then go plain.
+    if (f.type === HOST.KEY && !this.handlers.has(HOST.KEY)) this.send(f.channel, GUEST.ERR, Buffer.from('unknown frame type 0x12'));
     this.handlers.get(f.type)?.(f);
     const ready = this.waiters.filter((w) => w.match(f));
     this.waiters = this.waiters.filter((w) => !w.match(f));

@@ -561,6 +561,11 @@ function verdict(type: number, p: Buffer, rootLength: number): Verdict {
       }
       return exact(off === p.length);
     }
+    case HOST.KEY:
+      return exact(p.length === 0);
+    case HOST.SEALED:
+      // Never opened here (no KEY is ever sent): refused with its own ERR, whatever it holds.
+      return 'taken';
     case HOST.NET_CONFIG: {
       const three = strings(p, 0, 3);
       if (!three) return 'malformed';
@@ -617,8 +622,11 @@ function hostPayload(rng: Rng, type: number): Buffer {
   }
 }
 
-/** The types a well-formed frame may have here: every one but EXEC and SIGNAL. */
-const SAFE_TYPES: number[] = Object.values(HOST).filter((t) => t !== HOST.EXEC && t !== HOST.SIGNAL);
+/**
+ * The types a well-formed frame may have here: every one but EXEC and SIGNAL, and KEY: without a
+ * key every SEALED frame is refused unopened, so random bytes are never decrypted into a frame.
+ */
+const SAFE_TYPES: number[] = Object.values(HOST).filter((t) => t !== HOST.EXEC && t !== HOST.SIGNAL && t !== HOST.KEY);
 
 /** One mutation of a payload (the header always tells its true length: the agent stays in step). */
 function mutatePayload(rng: Rng, p: Buffer): Buffer {
@@ -704,6 +712,7 @@ async function fuzzGuestAgent(agentBin: string, frames: number, seed: number, en
         } else if (r < 40) {
           // Another type (unknown ones included) on the payload.
           type = rng.chance(0.5) ? rng.int(256) : rng.pick(SAFE_TYPES);
+          if (type === HOST.KEY) type = HOST.SEALED;
         } else if (r < 46) {
           type = rng.pick([HOST.EXEC, HOST.SIGNAL]);
         }
