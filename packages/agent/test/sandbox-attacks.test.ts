@@ -4,13 +4,15 @@
  * boxes, and checks that it fails — and that ordinary development work in the box still succeeds.
  */
 import { execFileSync } from 'node:child_process';
-import { copyFile, chown, mkdtemp, rm } from 'node:fs/promises';
+import { spawnSync } from 'node:child_process';
+import { readFileSync, statSync } from 'node:fs';
+import { copyFile, chown, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { BuiltinImageStore, type BuiltImage } from '@devyard/agent/images/builtin-image-store';
-import type { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
+import { DEFAULT_ID_RANGE, SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
 import type { BoxRuntimeSpec } from '@devyard/agent/runtime/runtime-driver';
 import { boxLeftovers, run, startBox, testBoxSpec, testDriver, TEST_RESOURCES } from './sandbox-test-host.js';
 
@@ -110,6 +112,78 @@ describe('sandbox boundary: attacks from box root', () => {
       const r = await run(driver, 'a_dev', ['bash', '-c', script]);
       expect(r.err).toBe('');
       expect(r.out).toBe('1\ngc-ok\napt-ok\nremoved\n');
+    });
+  });
+
+  describe('host ids: every box has a range of its own', () => {
+    const hostIds = (pid: number) => {
+      const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+      return { uid: Number(status.match(/^Uid:\s+(\d+)/m)![1]), gid: Number(status.match(/^Gid:\s+(\d+)/m)![1]) };
+    };
+    /** Runs argv on the host as the given uid/gid, with no supplementary groups (what an escaped box process is). */
+    const asHostUser = (id: { uid: number; gid: number }, argv: string[]) =>
+      spawnSync('setpriv', [`--reuid=${id.uid}`, `--regid=${id.gid}`, '--clear-groups', '--', ...argv], { encoding: 'utf8' });
+
+    test("two boxes' root processes are different host users, neither in the image range", async () => {
+      await upWithProbe(testBoxSpec('a_ida', tiny));
+      await upWithProbe(testBoxSpec('a_idb', tiny));
+      const [a, b] = await Promise.all(['a_ida', 'a_idb'].map(async (id) => hostIds((await driver.inspect(id)).pid!)));
+      expect(a!.uid).not.toBe(b!.uid);
+      expect(a!.gid).not.toBe(b!.gid);
+      for (const id of [a!, b!]) {
+        expect(id.uid === DEFAULT_ID_RANGE.hostId || Math.abs(id.uid - DEFAULT_ID_RANGE.hostId) < DEFAULT_ID_RANGE.size).toBe(false);
+      }
+      // Inside, each is root, and the shared image is root's.
+      const inside = await run(driver, 'a_ida', ['sh', '-c', 'id -u; stat -c %u /bin/busybox /etc/passwd; cat /proc/self/uid_map']);
+      expect(inside.out.split('\n').slice(0, 3)).toEqual(['0', '0', '0']);
+      expect(inside.out.split('\n')[3]!.trim().split(/\s+/)).toEqual(['0', String(a!.uid), '65536']);
+      expect(driver.boxHostPaths('a_ida').owner).toEqual(a);
+    });
+
+    test("what a box writes (volumes, root changes) is owned by its range only", async () => {
+      const { uid } = driver.boxHostPaths('a_ida').owner;
+      // Nobody else's: not the image range's, not the other box's.
+      expect(uid).not.toBe(DEFAULT_ID_RANGE.hostId);
+      expect(uid).not.toBe(driver.boxHostPaths('a_idb').owner.uid);
+      const w = await run(driver, 'a_ida', ['sh', '-c', 'echo x > /workspace/mine && echo y > /root/mine && echo z >> /etc/passwd && echo d > /tmp/dev && chown 1000:1000 /tmp/dev && echo ok']);
+      expect(w.out.trim()).toBe('ok');
+      const paths = driver.boxHostPaths('a_ida');
+      expect(statSync(join(paths.workspace, 'mine')).uid).toBe(uid);
+      expect(statSync(join(paths.dir, 'volume/home/mine')).uid).toBe(uid);
+      // Copied up from the shared image: the copy is the box's.
+      expect(statSync(join(paths.rootUpper, 'etc/passwd')).uid).toBe(uid);
+      expect(statSync(join(paths.rootUpper, 'tmp/dev')).uid).toBe(uid + 1000);
+      // The image itself still belongs to the image range, unchanged.
+      expect(statSync(join(tiny.rootfs, 'etc/passwd')).uid).toBe(DEFAULT_ID_RANGE.hostId);
+      expect(await readFile(join(tiny.rootfs, 'etc/passwd'), 'utf8')).not.toContain('z');
+    });
+
+    test("a process with one box's host uid can neither signal the other box's processes nor write its files", async () => {
+      const a = driver.boxHostPaths('a_ida');
+      const b = driver.boxHostPaths('a_idb');
+      const bPid = (await driver.inspect('a_idb')).pid!;
+      const kill = asHostUser(a.owner, ['kill', '-0', String(bPid)]);
+      expect(kill.status).not.toBe(0);
+      expect(kill.stderr).toMatch(/not permitted/i);
+      const write = asHostUser(a.owner, ['sh', '-c', `echo evil > ${join(b.workspace, 'evil')}`]);
+      expect(write.status).not.toBe(0);
+      expect(write.stderr).toMatch(/denied/i);
+      // Its own box's files, it can: the same probe is meaningful.
+      expect(asHostUser(a.owner, ['kill', '-0', String((await driver.inspect('a_ida')).pid!)]).status).toBe(0);
+    });
+
+    test('the range is recorded, kept across a driver restart and stop/start, and freed on delete', async () => {
+      const range = driver.boxHostPaths('a_idb').idRange;
+      expect(JSON.parse(await readFile(join(driver.boxHostPaths('a_idb').dir, 'box.json'), 'utf8')).idRange).toEqual(range);
+      expect(await driver.idRanges.holder(range)).toBe(driver.boxHostPaths('a_idb').dir);
+      const spec = testBoxSpec('a_idb', tiny);
+      await driver.stop('a_idb');
+      const d2 = new SandboxDriver({ dataDir, network: { bridge: driver.network.bridge, subnet: '10.233.0.0/16', netnsPrefix: 'dyt-', vethPrefix: 'dyt' }, cgroupParent: driver.cgroups.parent });
+      expect(d2.boxHostPaths('a_idb').idRange).toEqual(range);
+      await driver.start(spec);
+      expect(hostIds((await driver.inspect('a_idb')).pid!).uid).toBe(range.hostId);
+      await driver.destroy('a_idb');
+      expect(await driver.idRanges.holder(range)).toBeUndefined();
     });
   });
 });

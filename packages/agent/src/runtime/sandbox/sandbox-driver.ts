@@ -13,6 +13,13 @@
  * volume/workspace, work = volume/.workspace-work, mounted at ws-merged/ in the same private
  * namespace), so a box from a prebuild is a copy-on-write clone of it and its workspace volume holds
  * only its own changes.
+ *
+ * Ids: every box's root maps to a host id range of its own (IdRangeAllocator), recorded in box.json
+ * and freed on destroy. Images and prebuild layers are stored once, in the image id range, and
+ * shared: they enter a box's overlay as idmapped mounts (image range → the box's range, made by the
+ * devyard-idmap-mount helper in the same private namespace), the way Kubernetes' user-namespaced
+ * pods and LXD's isolated containers see shared layers. What the box writes (upper, volumes, its
+ * secrets) belongs to its own range on the host.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, realpathSync, statSync } from 'node:fs';
@@ -37,8 +44,15 @@ import { CgroupLayout, type CgroupMode } from './cgroup-layout.js';
 import { CrunCli } from './crun-cli.js';
 import { DialError, NetnsDialer } from './netns-dialer-process.js';
 import { buildOciSpec, type IdRange } from './oci-spec-builder.js';
+import { IdRangeAllocator } from './id-range-allocator.js';
+import { ensureIdmapMountHelper } from './idmap-mount-helper.js';
+import { shiftTreeIds } from '../../images/tree-id-shift.js';
 
-/** Host uid/gid range box root maps to; the image store shifts image ownership by the same offset. */
+/**
+ * The image id range: image stores shift image ownership into it (root = 100000) and shared layers
+ * are kept in it. No box runs as it: each box has a range of its own, and sees images through an
+ * idmapped mount.
+ */
 export const DEFAULT_ID_RANGE: IdRange = { hostId: 100_000, size: 65_536 };
 
 /** Options of {@link SandboxDriver}. */
@@ -49,8 +63,10 @@ export interface SandboxDriverOptions {
   network?: BridgeNetworkOptions;
   /** Parent cgroup of every box (default `devyard`). */
   cgroupParent?: string;
-  /** Host id range of box root (default 100000/65536); must match the image store's shift. */
-  idRange?: IdRange;
+  /** The image id range (default 100000/65536); must match the image stores' shift. */
+  imageIdRange?: IdRange;
+  /** Where the boxes' own id ranges come from (default: the host-wide pool). */
+  idRanges?: IdRangeAllocator;
   /** Static busybox on the host, bound read-only into every box as its init (default: found in PATH dirs). */
   busyboxPath?: string;
   /** crun state directory (default /run/crun). */
@@ -78,6 +94,8 @@ interface BoxRecord {
   layers?: string[];
   workspaceBase?: string;
   ip: string;
+  /** The box's own host id range; absent on boxes made before boxes had one (they use the image range until their next start). */
+  idRange?: IdRange;
   createdAt: string;
 }
 
@@ -91,6 +109,10 @@ export interface BoxHostPaths {
   workspace: string;
   /** Host uid/gid box root maps to: files placed in the box's disk state must belong to it. */
   owner: { uid: number; gid: number };
+  /** The box's host id range (owner is its first id). */
+  idRange: IdRange;
+  /** Where shared layers captured from the box (prebuilds, recipe images) must be moved to. */
+  imageIdRange: IdRange;
 }
 
 const BOX_ID = /^[a-z0-9_]{1,40}$/;
@@ -114,6 +136,8 @@ export class SandboxError extends Error {
       | 'BOX_PAUSED'
       | 'INVALID_BOX_ID'
       | 'INVALID_SPEC'
+      /** Another box holds the host id range this box's record names. */
+      | 'ID_RANGE_CONFLICT'
       /** Nothing listens on the dialed port inside the box. */
       | 'PORT_REFUSED'
       /** A dial failed otherwise (timeout, reset, the dialer died). */
@@ -141,7 +165,10 @@ export class SandboxDriver implements RuntimeDriver {
   /** The boxes directory inside the data dir. */
   private readonly hostBoxesDir: string;
   private preparing: Promise<void> = Promise.resolve();
-  private readonly idRange: IdRange;
+  private readonly imageIdRange: IdRange;
+  /** The boxes' own host id ranges. */
+  readonly idRanges: IdRangeAllocator;
+  private idmapHelper: Promise<string> | undefined;
   /** The static busybox every box gets at /.devyard/busybox (the microVM runtime reuses it). */
   readonly busyboxPath: string;
   private readonly log: (msg: string, fields?: object) => void;
@@ -167,19 +194,21 @@ export class SandboxDriver implements RuntimeDriver {
     this.network = new BridgeNetwork(opts.network);
     this.cgroups = new CgroupLayout({ parent: opts.cgroupParent ?? 'devyard', mode: opts.cgroupMode });
     this.crun = new CrunCli(this.cgroups.mode, { stateRoot: opts.crunStateRoot });
-    this.idRange = opts.idRange ?? DEFAULT_ID_RANGE;
+    this.imageIdRange = opts.imageIdRange ?? DEFAULT_ID_RANGE;
+    this.idRanges = opts.idRanges ?? new IdRangeAllocator({ reserved: [this.imageIdRange] });
     this.busyboxPath = opts.busyboxPath ?? findBusybox();
     this.log = opts.log ?? (() => {});
     this.toolsDir = join(opts.dataDir, 'tools');
     this.boxTools = opts.boxTools;
     this.dialerIdleMs = opts.dialerIdleMs;
-    this.secrets = new BoxSecretsDir({ root: opts.secretsRoot, owner: { uid: this.idRange.hostId, gid: this.idRange.hostId }, log: this.log });
+    this.secrets = new BoxSecretsDir({ root: opts.secretsRoot, owner: (boxId) => this.boxOwner(boxId), log: this.log });
   }
 
   /** Prepares the bridge, NAT, cgroup parent and data directory. */
   async init(): Promise<void> {
     await this.prepareBoxesDir();
     await this.prepareTools();
+    await this.idmapMountHelper();
     await this.network.init();
     await this.cgroups.init();
     this.log('sandbox: host ready', { cgroupMode: this.cgroups.mode, bridge: this.network.bridge });
@@ -257,12 +286,21 @@ export class SandboxDriver implements RuntimeDriver {
     checkLayers(spec);
     await this.withLock(spec.boxId, async () => {
       const t0 = performance.now();
-      const rec = await this.createLocked(spec);
+      let rec = await this.createLocked(spec);
       const existing = await this.crunState(spec.boxId);
       if (existing && (existing.status === 'running' || existing.status === 'paused')) return;
       if (existing) await this.releaseRuntime(spec.boxId, 0);
       const dir = this.boxDir(spec.boxId);
+      rec = await this.ensureOwnIdRange(rec);
+      const range = rec.idRange ?? this.imageIdRange;
+      // Shared layers show as the box's own through idmapped mounts (none for a box still on the image range).
+      const lowers = [...(rec.layers ?? []), rec.imageRootfs];
+      const idmapped = range.hostId !== this.imageIdRange.hostId;
+      const lowerAt = idmapped ? lowers.map((_, i) => join(dir, 'lower', String(i))) : lowers;
+      const wsBaseAt = rec.workspaceBase && idmapped ? join(dir, 'ws-lower') : rec.workspaceBase;
       try {
+        const helper = idmapped ? await this.idmapMountHelper() : '';
+        if (idmapped) for (const p of [...lowerAt, ...(wsBaseAt ? [wsBaseAt] : [])]) await mkdir(p, { recursive: true, mode: 0o755 });
         // The agent wrote the box's secrets before starting it; an empty directory otherwise.
         const secretsSource = spec.secrets ? await this.secrets.ensure(spec.boxId) : undefined;
         const netnsPath = await this.network.createNamespace(spec.boxId);
@@ -286,16 +324,28 @@ export class SandboxDriver implements RuntimeDriver {
             spec.boxId,
             dir,
             {
+              idmapped: idmapped
+                ? {
+                    helper,
+                    from: this.imageIdRange.hostId,
+                    to: range.hostId,
+                    count: Math.min(range.size, this.imageIdRange.size),
+                    mounts: [
+                      ...lowers.map((source, i) => ({ source, target: lowerAt[i]! })),
+                      ...(rec.workspaceBase && wsBaseAt ? [{ source: rec.workspaceBase, target: wsBaseAt }] : []),
+                    ],
+                  }
+                : undefined,
               overlay: {
-                lower: [...(rec.layers ?? []), rec.imageRootfs].join(':'),
+                lower: lowerAt.join(':'),
                 upper: join(dir, 'upper'),
                 work: join(dir, 'work'),
                 target: join(dir, 'merged'),
               },
-              overlays: rec.workspaceBase
+              overlays: wsBaseAt
                 ? [
                     {
-                      lower: rec.workspaceBase,
+                      lower: wsBaseAt,
                       upper: join(dir, 'volume/workspace'),
                       work: join(dir, WORKSPACE_WORK),
                       target: join(dir, WORKSPACE_MERGED),
@@ -380,11 +430,14 @@ export class SandboxDriver implements RuntimeDriver {
     await this.withLock(boxId, async () => {
       await this.releaseRuntime(boxId, 0);
       await this.secrets.remove(boxId);
+      const range = (await this.readRecord(boxId))?.idRange;
       const dir = this.boxDir(boxId);
       // Mounts on the host under the box (none normally: they live in crun's private namespace).
       for (const m of await hostMountsUnder(dir)) await runHostCommandRaw(['umount', '-l', m]);
       await rm(dir, { recursive: true, force: true });
       this.records.delete(boxId);
+      // Only once nothing of the box is left that its range owns.
+      if (range) await this.idRanges.free(range, join(this.hostBoxesDir, boxId));
       this.log('sandbox: destroyed', { boxId });
     });
   }
@@ -525,12 +578,74 @@ export class SandboxDriver implements RuntimeDriver {
   boxHostPaths(boxId: string): BoxHostPaths {
     checkBoxId(boxId);
     const dir = join(this.hostBoxesDir, boxId);
+    const idRange = this.idRangeOfSync(boxId);
     return {
       dir,
       rootUpper: join(dir, 'upper'),
       workspace: join(dir, 'volume/workspace'),
-      owner: { uid: this.idRange.hostId, gid: this.idRange.hostId },
+      owner: { uid: idRange.hostId, gid: idRange.hostId },
+      idRange,
+      imageIdRange: { ...this.imageIdRange },
     };
+  }
+
+  /** The box's host id range from its record (the image range for a box without one, or none yet). */
+  private idRangeOfSync(boxId: string): IdRange {
+    let rec = this.records.get(boxId);
+    if (!rec) {
+      try {
+        rec = JSON.parse(readFileSync(join(this.boxDir(boxId), 'box.json'), 'utf8')) as BoxRecord;
+      } catch {}
+    }
+    return rec?.idRange ?? this.imageIdRange;
+  }
+
+  /** Host uid/gid of the box's root. */
+  private async boxOwner(boxId: string): Promise<{ uid: number; gid: number }> {
+    const range = (await this.readRecord(boxId))?.idRange ?? this.imageIdRange;
+    return { uid: range.hostId, gid: range.hostId };
+  }
+
+  /** The helper that makes idmapped mounts, compiled on first use. */
+  private idmapMountHelper(): Promise<string> {
+    this.idmapHelper ??= ensureIdmapMountHelper(join(this.dataDir, 'helpers')).catch((err: unknown) => {
+      this.idmapHelper = undefined;
+      throw err;
+    });
+    return this.idmapHelper;
+  }
+
+  /**
+   * Gives a box made before boxes had ranges of their own a range, moving its disk state's
+   * ownership from the image range into it (the box is stopped: called before it starts); makes
+   * sure the registry still knows the range of any other box.
+   */
+  private async ensureOwnIdRange(rec: BoxRecord): Promise<BoxRecord> {
+    const owner = join(this.hostBoxesDir, rec.boxId);
+    if (rec.idRange) {
+      if (!(await this.idRanges.confirm(rec.idRange, owner))) {
+        throw new SandboxError('ID_RANGE_CONFLICT', `box ${rec.boxId}: its host id range ${rec.idRange.hostId} is held by ${await this.idRanges.holder(rec.idRange)}`);
+      }
+      return rec;
+    }
+    const idRange = await this.idRanges.allocate(owner);
+    const dir = this.boxDir(rec.boxId);
+    const t0 = performance.now();
+    for (const sub of ['upper', 'volume', 'etc']) {
+      if (existsSync(join(dir, sub))) await shiftTreeIds(join(dir, sub), this.imageIdRange, idRange);
+    }
+    const next = { ...rec, idRange };
+    await this.writeRecord(next);
+    this.log('sandbox: box moved to its own id range', { boxId: rec.boxId, hostId: idRange.hostId, ms: Math.round(performance.now() - t0) });
+    return next;
+  }
+
+  private async writeRecord(rec: BoxRecord): Promise<void> {
+    const dir = this.boxDir(rec.boxId);
+    const tmp = join(dir, `.box.json.${process.pid}`);
+    await writeFile(tmp, JSON.stringify(rec, null, 2));
+    await rename(tmp, join(dir, 'box.json'));
+    this.records.set(rec.boxId, rec);
   }
 
   /** crun keeps a directory per container: a cheap check before spawning `crun state`. */
@@ -553,7 +668,7 @@ export class SandboxDriver implements RuntimeDriver {
       resources: rec.resources,
       cgroupsPath: this.cgroups.cgroupsPath(rec.boxId),
       netnsPath,
-      idRange: this.idRange,
+      idRange: rec.idRange ?? this.imageIdRange,
       sysfsSource: join(dir, 'sys'),
       binds: [
         { source: this.busyboxPath, destination: BUSYBOX_IN_BOX, readonly: true },
@@ -576,24 +691,16 @@ export class SandboxDriver implements RuntimeDriver {
     const dir = this.boxDir(spec.boxId);
     const existing = await this.readRecord(spec.boxId);
     if (existing && existing.imageRootfs === spec.imageRootfs && sameSpec(existing, spec)) return existing;
-    const root = this.idRange.hostId;
+    let idRange = existing ? existing.idRange : undefined;
     if (!existing) {
       await this.prepareBoxesDir();
-      await mkdir(dir, { recursive: true, mode: 0o711 });
-      for (const sub of ['work', 'merged', 'sys', 'etc', 'volume']) await mkdir(join(dir, sub), { recursive: true });
-      // The overlay's root directory takes the upper's owner and mode: box root must own it.
-      for (const [sub, mode] of [
-        ['upper', 0o755],
-        ['volume/workspace', 0o755],
-        ['volume/home', 0o700],
-      ] as const) {
-        await mkdir(join(dir, sub), { recursive: true });
-        await chown(join(dir, sub), root, root);
-        await chmod(join(dir, sub), mode);
-      }
-      for (const f of ['hosts', 'hostname', 'resolv.conf']) {
-        await writeFile(join(dir, 'etc', f), '');
-        await chown(join(dir, 'etc', f), root, root);
+      idRange = await this.idRanges.allocate(join(this.hostBoxesDir, spec.boxId));
+      try {
+        await this.makeBoxDirs(dir, idRange.hostId);
+      } catch (err) {
+        await rm(dir, { recursive: true, force: true });
+        await this.idRanges.free(idRange, join(this.hostBoxesDir, spec.boxId));
+        throw err;
       }
     }
     if (spec.workspaceBase) {
@@ -612,13 +719,31 @@ export class SandboxDriver implements RuntimeDriver {
       ...(spec.layers?.length ? { layers: [...spec.layers] } : {}),
       ...(spec.workspaceBase ? { workspaceBase: spec.workspaceBase } : {}),
       ip,
+      ...(idRange ? { idRange } : {}),
       createdAt: existing?.createdAt ?? new Date().toISOString(),
     };
-    const tmp = join(dir, `.box.json.${process.pid}`);
-    await writeFile(tmp, JSON.stringify(rec, null, 2));
-    await rename(tmp, join(dir, 'box.json'));
-    this.records.set(spec.boxId, rec);
+    await this.writeRecord(rec);
     return rec;
+  }
+
+  /** A new box's directories: everything box root writes to belongs to its range (root = its first id). */
+  private async makeBoxDirs(dir: string, root: number): Promise<void> {
+    await mkdir(dir, { recursive: true, mode: 0o711 });
+    for (const sub of ['work', 'merged', 'sys', 'etc', 'volume']) await mkdir(join(dir, sub), { recursive: true });
+    // The overlay's root directory takes the upper's owner and mode: box root must own it.
+    for (const [sub, mode] of [
+      ['upper', 0o755],
+      ['volume/workspace', 0o755],
+      ['volume/home', 0o700],
+    ] as const) {
+      await mkdir(join(dir, sub), { recursive: true });
+      await chown(join(dir, sub), root, root);
+      await chmod(join(dir, sub), mode);
+    }
+    for (const f of ['hosts', 'hostname', 'resolv.conf']) {
+      await writeFile(join(dir, 'etc', f), '');
+      await chown(join(dir, 'etc', f), root, root);
+    }
   }
 
   /** Picks the lowest free address; serialized so two creates never take the same one. */
