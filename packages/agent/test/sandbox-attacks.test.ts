@@ -5,7 +5,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { spawnSync } from 'node:child_process';
-import { readFileSync, statSync } from 'node:fs';
+import { existsSync, readFileSync, statfsSync, statSync } from 'node:fs';
 import { copyFile, chown, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -184,6 +184,74 @@ describe('sandbox boundary: attacks from box root', () => {
       expect(hostIds((await driver.inspect('a_idb')).pid!).uid).toBe(range.hostId);
       await driver.destroy('a_idb');
       expect(await driver.idRanges.holder(range)).toBeUndefined();
+    });
+  });
+
+  describe('disk: a box cannot fill the node', () => {
+    const DISK = 128 * 1024 ** 2;
+    const hostFree = () => {
+      const s = statfsSync(dataDir);
+      return s.bavail * s.bsize;
+    };
+
+    test('writing past the disk size is ENOSPC inside the box (volumes and root), and the node only holds the disk image', async () => {
+      const spec = testBoxSpec('a_disk', tiny, { resources: { ...TEST_RESOURCES, diskBytes: DISK } });
+      boxes.add(spec.boxId);
+      await startBox(driver, spec);
+      const before = hostFree();
+      for (const target of ['/workspace/big', '/root/big', '/big']) {
+        const w = await run(driver, 'a_disk', ['sh', '-c', `dd if=/dev/zero of=${target} bs=1M count=512; rc=$?; sync; rm -f ${target}; exit $rc`]);
+        expect([target, w.code]).not.toEqual([target, 0]);
+        expect(w.err).toContain('No space left on device');
+      }
+      // 1.5 GiB attempted; the host gave at most the image's size.
+      const image = join(driver.boxHostPaths('a_disk').dir, 'disk.ext4');
+      expect(statSync(image).blocks * 512).toBeLessThanOrEqual(DISK);
+      expect(before - hostFree()).toBeLessThan(DISK + 256 * 1024 ** 2);
+      // The box works on once it deleted what it wrote.
+      const after = await run(driver, 'a_disk', ['sh', '-c', 'echo fine > /workspace/after && cat /workspace/after && df -k /workspace | tail -1']);
+      expect(after.out.split('\n')[0]).toBe('fine');
+      const sizeKb = Number(after.out.split('\n')[1]!.trim().split(/\s+/)[1]);
+      expect(sizeKb * 1024).toBeLessThanOrEqual(DISK);
+    });
+
+    test('the disk survives stop and start; destroy leaves no mount and no loop device', async () => {
+      const spec = testBoxSpec('a_disk', tiny, { resources: { ...TEST_RESOURCES, diskBytes: DISK } });
+      await run(driver, 'a_disk', ['sh', '-c', 'echo ws > /workspace/keep; echo home > /root/keep; echo rootfs > /etc/keep; sync']);
+      await driver.stop('a_disk');
+      await driver.start(spec);
+      expect((await run(driver, 'a_disk', ['cat', '/workspace/keep', '/root/keep', '/etc/keep'])).out).toBe('ws\nhome\nrootfs\n');
+      const image = join(driver.boxHostPaths('a_disk').dir, 'disk.ext4');
+      await driver.destroy('a_disk');
+      expect(boxLeftovers(driver, dataDir, 'a_disk')).toEqual([]);
+      expect(existsSync(image)).toBe(false);
+      expect(execFileSync('losetup', ['-a'], { encoding: 'utf8' })).not.toContain(image);
+    });
+
+    test('create → start → first exec with and without a disk (timing)', async () => {
+      const phases = { plain: [] as number[][], disk: [] as number[][] };
+      const time = async (boxId: string, diskBytes?: number) => {
+        const spec = testBoxSpec(boxId, tiny, { resources: { ...TEST_RESOURCES, ...(diskBytes ? { diskBytes } : {}) } });
+        boxes.add(boxId);
+        const t0 = performance.now();
+        await driver.create(spec);
+        const t1 = performance.now();
+        await driver.start(spec);
+        const t2 = performance.now();
+        expect((await run(driver, boxId, ['true'])).code).toBe(0);
+        const t3 = performance.now();
+        await driver.destroy(boxId);
+        return [t1 - t0, t2 - t1, t3 - t2, t3 - t0];
+      };
+      for (let i = 0; i < 7; i++) {
+        phases.plain.push(await time(`a_tp${i}`));
+        phases.disk.push(await time(`a_td${i}`, 5 * 1024 ** 3));
+      }
+      const median = (a: number[]) => [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)]!;
+      for (const [name, runs] of Object.entries(phases)) {
+        const m = [0, 1, 2, 3].map((i) => median(runs.map((r) => r[i]!)).toFixed(1));
+        console.log(`${name}: create ${m[0]} ms, start ${m[1]} ms, first exec ${m[2]} ms, total ${m[3]} ms (medians of 7)`);
+      }
     });
   });
 });

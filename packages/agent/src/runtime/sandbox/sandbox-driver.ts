@@ -20,6 +20,11 @@
  * devyard-idmap-mount helper in the same private namespace), the way Kubernetes' user-namespaced
  * pods and LXD's isolated containers see shared layers. What the box writes (upper, volumes, its
  * secrets) belongs to its own range on the host.
+ *
+ * Disk: a box with a disk size (`resources.diskBytes`) keeps upper/, work/ and volume/ on a
+ * filesystem of that size of its own (box-disk.ts: disk.ext4, loop-mounted at disk/), so filling it
+ * is ENOSPC inside the box and nothing on the node's filesystem. A box without one keeps them in
+ * the box directory, unbounded.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, realpathSync, statSync } from 'node:fs';
@@ -47,6 +52,7 @@ import { buildOciSpec, type IdRange } from './oci-spec-builder.js';
 import { IdRangeAllocator } from './id-range-allocator.js';
 import { ensureIdmapMountHelper } from './idmap-mount-helper.js';
 import { shiftTreeIds } from '../../images/tree-id-shift.js';
+import { BOX_DISK_FILE, BOX_DISK_MOUNT, BoxDiskPool, mountBoxDisk, unmountBoxDisk } from './box-disk.js';
 
 /**
  * The image id range: image stores shift image ownership into it (root = 100000) and shared layers
@@ -67,6 +73,8 @@ export interface SandboxDriverOptions {
   imageIdRange?: IdRange;
   /** Where the boxes' own id ranges come from (default: the host-wide pool). */
   idRanges?: IdRangeAllocator;
+  /** Formatted box disks kept ready per recently used disk size, so a create does not wait for mkfs (default 1; 0: none). */
+  spareDisks?: number;
   /** Static busybox on the host, bound read-only into every box as its init (default: found in PATH dirs). */
   busyboxPath?: string;
   /** crun state directory (default /run/crun). */
@@ -96,6 +104,8 @@ interface BoxRecord {
   ip: string;
   /** The box's own host id range; absent on boxes made before boxes had one (they use the image range until their next start). */
   idRange?: IdRange;
+  /** The box's own filesystem, made at create from `resources.diskBytes`; absent: unbounded, in the box directory. */
+  disk?: { bytes: number };
   createdAt: string;
 }
 
@@ -169,6 +179,8 @@ export class SandboxDriver implements RuntimeDriver {
   /** The boxes' own host id ranges. */
   readonly idRanges: IdRangeAllocator;
   private idmapHelper: Promise<string> | undefined;
+  /** Makes the boxes' own disks. */
+  private readonly disks: BoxDiskPool;
   /** The static busybox every box gets at /.devyard/busybox (the microVM runtime reuses it). */
   readonly busyboxPath: string;
   private readonly log: (msg: string, fields?: object) => void;
@@ -198,6 +210,7 @@ export class SandboxDriver implements RuntimeDriver {
     this.idRanges = opts.idRanges ?? new IdRangeAllocator({ reserved: [this.imageIdRange] });
     this.busyboxPath = opts.busyboxPath ?? findBusybox();
     this.log = opts.log ?? (() => {});
+    this.disks = new BoxDiskPool({ dir: join(this.boxesDir, '.spare-disks'), sparesPerSize: opts.spareDisks, log: this.log });
     this.toolsDir = join(opts.dataDir, 'tools');
     this.boxTools = opts.boxTools;
     this.dialerIdleMs = opts.dialerIdleMs;
@@ -207,6 +220,8 @@ export class SandboxDriver implements RuntimeDriver {
   /** Prepares the bridge, NAT, cgroup parent and data directory. */
   async init(): Promise<void> {
     await this.prepareBoxesDir();
+    // Spares an earlier agent process left (maybe half made): made again on demand.
+    await this.disks.clear();
     await this.prepareTools();
     await this.idmapMountHelper();
     await this.network.init();
@@ -217,6 +232,7 @@ export class SandboxDriver implements RuntimeDriver {
   /** Removes the bridge, NAT table and cgroup parents (uninstall and tests); destroy boxes first. */
   async teardownHost(): Promise<void> {
     try {
+      await this.disks.clear();
       await this.network.teardown();
       await this.cgroups.removeParent();
     } finally {
@@ -291,8 +307,10 @@ export class SandboxDriver implements RuntimeDriver {
       if (existing && (existing.status === 'running' || existing.status === 'paused')) return;
       if (existing) await this.releaseRuntime(spec.boxId, 0);
       const dir = this.boxDir(spec.boxId);
+      if (rec.disk) await mountBoxDisk(join(dir, BOX_DISK_FILE), join(dir, BOX_DISK_MOUNT));
       rec = await this.ensureOwnIdRange(rec);
       const range = rec.idRange ?? this.imageIdRange;
+      const data = dataRoot(dir, rec);
       // Shared layers show as the box's own through idmapped mounts (none for a box still on the image range).
       const lowers = [...(rec.layers ?? []), rec.imageRootfs];
       const idmapped = range.hostId !== this.imageIdRange.hostId;
@@ -338,16 +356,16 @@ export class SandboxDriver implements RuntimeDriver {
                 : undefined,
               overlay: {
                 lower: lowerAt.join(':'),
-                upper: join(dir, 'upper'),
-                work: join(dir, 'work'),
+                upper: join(data, 'upper'),
+                work: join(data, 'work'),
                 target: join(dir, 'merged'),
               },
               overlays: wsBaseAt
                 ? [
                     {
                       lower: wsBaseAt,
-                      upper: join(dir, 'volume/workspace'),
-                      work: join(dir, WORKSPACE_WORK),
+                      upper: join(data, 'volume/workspace'),
+                      work: join(data, WORKSPACE_WORK),
                       target: join(dir, WORKSPACE_MERGED),
                     },
                   ]
@@ -363,6 +381,7 @@ export class SandboxDriver implements RuntimeDriver {
         throw err;
       }
       this.log('sandbox: started', { boxId: spec.boxId, ms: Math.round(performance.now() - t0) });
+      this.disks.refillTaken();
     });
   }
 
@@ -432,7 +451,8 @@ export class SandboxDriver implements RuntimeDriver {
       await this.secrets.remove(boxId);
       const range = (await this.readRecord(boxId))?.idRange;
       const dir = this.boxDir(boxId);
-      // Mounts on the host under the box (none normally: they live in crun's private namespace).
+      await unmountBoxDisk(join(dir, BOX_DISK_MOUNT));
+      // Other mounts on the host under the box (none normally: they live in crun's private namespace).
       for (const m of await hostMountsUnder(dir)) await runHostCommandRaw(['umount', '-l', m]);
       await rm(dir, { recursive: true, force: true });
       this.records.delete(boxId);
@@ -578,26 +598,29 @@ export class SandboxDriver implements RuntimeDriver {
   boxHostPaths(boxId: string): BoxHostPaths {
     checkBoxId(boxId);
     const dir = join(this.hostBoxesDir, boxId);
-    const idRange = this.idRangeOfSync(boxId);
+    const rec = this.recordSync(boxId);
+    const idRange = rec?.idRange ?? this.imageIdRange;
+    // A box's own disk is mounted where crun sees the box (see exposedBoxesDir).
+    const data = rec?.disk ? join(this.boxDir(boxId), BOX_DISK_MOUNT) : dir;
     return {
       dir,
-      rootUpper: join(dir, 'upper'),
-      workspace: join(dir, 'volume/workspace'),
+      rootUpper: join(data, 'upper'),
+      workspace: join(data, 'volume/workspace'),
       owner: { uid: idRange.hostId, gid: idRange.hostId },
       idRange,
       imageIdRange: { ...this.imageIdRange },
     };
   }
 
-  /** The box's host id range from its record (the image range for a box without one, or none yet). */
-  private idRangeOfSync(boxId: string): IdRange {
+  /** The box's record, read synchronously when it is not cached (undefined when there is none). */
+  private recordSync(boxId: string): BoxRecord | undefined {
     let rec = this.records.get(boxId);
     if (!rec) {
       try {
         rec = JSON.parse(readFileSync(join(this.boxDir(boxId), 'box.json'), 'utf8')) as BoxRecord;
       } catch {}
     }
-    return rec?.idRange ?? this.imageIdRange;
+    return rec;
   }
 
   /** Host uid/gid of the box's root. */
@@ -631,8 +654,8 @@ export class SandboxDriver implements RuntimeDriver {
     const idRange = await this.idRanges.allocate(owner);
     const dir = this.boxDir(rec.boxId);
     const t0 = performance.now();
-    for (const sub of ['upper', 'volume', 'etc']) {
-      if (existsSync(join(dir, sub))) await shiftTreeIds(join(dir, sub), this.imageIdRange, idRange);
+    for (const sub of [join(dataRoot(dir, rec), 'upper'), join(dataRoot(dir, rec), 'volume'), join(dir, 'etc')]) {
+      if (existsSync(sub)) await shiftTreeIds(sub, this.imageIdRange, idRange);
     }
     const next = { ...rec, idRange };
     await this.writeRecord(next);
@@ -660,6 +683,7 @@ export class SandboxDriver implements RuntimeDriver {
 
   private ociSpec(rec: BoxRecord, netnsPath: string, secretsSource?: string): Record<string, unknown> {
     const dir = this.boxDir(rec.boxId);
+    const data = dataRoot(dir, rec);
     return buildOciSpec({
       rootfs: join(dir, 'merged'),
       hostname: rec.name,
@@ -674,11 +698,11 @@ export class SandboxDriver implements RuntimeDriver {
         { source: this.busyboxPath, destination: BUSYBOX_IN_BOX, readonly: true },
         ...(this.toolsSource ? [{ source: this.toolsSource, destination: BOX_TOOLS_DIR, readonly: true }] : []),
         {
-          source: join(dir, rec.workspaceBase ? WORKSPACE_MERGED : 'volume/workspace'),
+          source: rec.workspaceBase ? join(dir, WORKSPACE_MERGED) : join(data, 'volume/workspace'),
           destination: '/workspace',
           readonly: false,
         },
-        { source: join(dir, 'volume/home'), destination: '/root', readonly: false },
+        { source: join(data, 'volume/home'), destination: '/root', readonly: false },
         { source: join(dir, 'etc/hosts'), destination: '/etc/hosts', readonly: false },
         { source: join(dir, 'etc/hostname'), destination: '/etc/hostname', readonly: false },
         { source: join(dir, 'etc/resolv.conf'), destination: '/etc/resolv.conf', readonly: false },
@@ -692,12 +716,18 @@ export class SandboxDriver implements RuntimeDriver {
     const existing = await this.readRecord(spec.boxId);
     if (existing && existing.imageRootfs === spec.imageRootfs && sameSpec(existing, spec)) return existing;
     let idRange = existing ? existing.idRange : undefined;
+    // The disk size is the one the box was made with (growing or shrinking it is not supported).
+    const disk = existing ? existing.disk : spec.resources.diskBytes ? { bytes: spec.resources.diskBytes } : undefined;
+    if (existing && (existing.disk?.bytes ?? 0) !== (spec.resources.diskBytes ?? 0)) {
+      this.log('sandbox: disk size change ignored; a box keeps the disk it was made with', { boxId: spec.boxId, disk: existing.disk?.bytes ?? null, asked: spec.resources.diskBytes ?? null });
+    }
     if (!existing) {
       await this.prepareBoxesDir();
       idRange = await this.idRanges.allocate(join(this.hostBoxesDir, spec.boxId));
       try {
-        await this.makeBoxDirs(dir, idRange.hostId);
+        await this.makeBoxDirs(dir, idRange.hostId, disk);
       } catch (err) {
+        await unmountBoxDisk(join(dir, BOX_DISK_MOUNT));
         await rm(dir, { recursive: true, force: true });
         await this.idRanges.free(idRange, join(this.hostBoxesDir, spec.boxId));
         throw err;
@@ -705,7 +735,7 @@ export class SandboxDriver implements RuntimeDriver {
     }
     if (spec.workspaceBase) {
       // Only boxes with a workspace base get these, so plain boxes keep exactly their old layout.
-      await mkdir(join(dir, WORKSPACE_WORK), { recursive: true, mode: 0o700 });
+      await mkdir(join(dataRoot(dir, { disk }), WORKSPACE_WORK), { recursive: true, mode: 0o700 });
       await mkdir(join(dir, WORKSPACE_MERGED), { recursive: true, mode: 0o755 });
     }
     const ip = existing?.ip ?? (await this.allocateIp(spec.boxId));
@@ -720,25 +750,37 @@ export class SandboxDriver implements RuntimeDriver {
       ...(spec.workspaceBase ? { workspaceBase: spec.workspaceBase } : {}),
       ip,
       ...(idRange ? { idRange } : {}),
+      ...(disk ? { disk } : {}),
       createdAt: existing?.createdAt ?? new Date().toISOString(),
     };
     await this.writeRecord(rec);
     return rec;
   }
 
-  /** A new box's directories: everything box root writes to belongs to its range (root = its first id). */
-  private async makeBoxDirs(dir: string, root: number): Promise<void> {
+  /**
+   * A new box's directories (and its own filesystem when it has a disk size): everything box root
+   * writes to belongs to its range (root = its first id).
+   */
+  private async makeBoxDirs(dir: string, root: number, disk: BoxRecord['disk']): Promise<void> {
     await mkdir(dir, { recursive: true, mode: 0o711 });
-    for (const sub of ['work', 'merged', 'sys', 'etc', 'volume']) await mkdir(join(dir, sub), { recursive: true });
+    for (const sub of ['merged', 'sys', 'etc']) await mkdir(join(dir, sub), { recursive: true });
+    if (disk) {
+      await mkdir(join(dir, BOX_DISK_MOUNT), { mode: 0o711 });
+      await this.disks.provide(join(dir, BOX_DISK_FILE), join(dir, BOX_DISK_MOUNT), disk.bytes);
+      // Box root reaches its volumes from inside its user namespace, as "other" to host root.
+      await chmod(join(dir, BOX_DISK_MOUNT), 0o711);
+    }
+    const data = dataRoot(dir, { disk });
+    for (const sub of ['work', 'volume']) await mkdir(join(data, sub), { recursive: true });
     // The overlay's root directory takes the upper's owner and mode: box root must own it.
     for (const [sub, mode] of [
       ['upper', 0o755],
       ['volume/workspace', 0o755],
       ['volume/home', 0o700],
     ] as const) {
-      await mkdir(join(dir, sub), { recursive: true });
-      await chown(join(dir, sub), root, root);
-      await chmod(join(dir, sub), mode);
+      await mkdir(join(data, sub), { recursive: true });
+      await chown(join(data, sub), root, root);
+      await chmod(join(data, sub), mode);
     }
     for (const f of ['hosts', 'hostname', 'resolv.conf']) {
       await writeFile(join(dir, 'etc', f), '');
@@ -829,6 +871,11 @@ export class SandboxDriver implements RuntimeDriver {
     });
     return next;
   }
+}
+
+/** Where the box's upper, work and volume directories are: its own disk, or the box directory. */
+function dataRoot(dir: string, rec: Pick<BoxRecord, 'disk'>): string {
+  return rec.disk ? join(dir, BOX_DISK_MOUNT) : dir;
 }
 
 /** A PATH set by a template or session still finds the bundled tools, after its own directories. */
