@@ -6,13 +6,15 @@
 import { execFileSync } from 'node:child_process';
 import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync, statfsSync, statSync } from 'node:fs';
-import { copyFile, chown, mkdtemp, readFile, rm } from 'node:fs/promises';
+import { copyFile, chown, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { BuiltinImageStore, type BuiltImage } from '@devyard/agent/images/builtin-image-store';
 import { DEFAULT_ID_RANGE, SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
+import type { BridgeNetworkOptions } from '@devyard/agent/network/bridge-network';
+import { shiftTreeIds } from '@devyard/agent/images/tree-id-shift';
 import type { BoxRuntimeSpec } from '@devyard/agent/runtime/runtime-driver';
 import { boxLeftovers, run, startBox, testBoxSpec, testDriver, TEST_RESOURCES } from './sandbox-test-host.js';
 
@@ -21,6 +23,8 @@ const PROBE_SOURCE = fileURLToPath(new URL('./fixtures/syscall-probe.c', import.
 describe('sandbox boundary: attacks from box root', () => {
   let driver: SandboxDriver;
   let dataDir: string;
+  let network: BridgeNetworkOptions;
+  let cgroupParent: string;
   let tiny: BuiltImage;
   let probeDir: string;
   const boxes = new Set<string>();
@@ -37,7 +41,7 @@ describe('sandbox boundary: attacks from box root', () => {
   const probe = async (boxId: string, what: string) => (await run(driver, boxId, ['/workspace/probe', what])).out.trim();
 
   beforeAll(async () => {
-    ({ driver, dataDir } = await testDriver('atk', 233));
+    ({ driver, dataDir, network, cgroupParent } = await testDriver('atk', 233));
     await driver.init();
     tiny = await new BuiltinImageStore({ dataDir }).ensure('tiny');
     probeDir = await mkdtemp(join(tmpdir(), 'dy-probe-'));
@@ -184,6 +188,33 @@ describe('sandbox boundary: attacks from box root', () => {
       expect(hostIds((await driver.inspect('a_idb')).pid!).uid).toBe(range.hostId);
       await driver.destroy('a_idb');
       expect(await driver.idRanges.holder(range)).toBeUndefined();
+    });
+
+    test('a box made when all boxes shared the image range moves to a range of its own at its next start', async () => {
+      const spec = testBoxSpec('a_legacy', tiny);
+      await startBox(driver, spec);
+      await run(driver, 'a_legacy', ['sh', '-c', 'echo old > /workspace/old && echo old > /etc/old && chown 7:7 /etc/old']);
+      await driver.stop('a_legacy');
+      // What such a box looks like: no range in its record, its files in the image range, no claim.
+      const paths = driver.boxHostPaths('a_legacy');
+      for (const sub of ['upper', 'volume', 'etc']) await shiftTreeIds(join(paths.dir, sub), paths.idRange, DEFAULT_ID_RANGE);
+      const { idRange: _dropped, ...legacy } = JSON.parse(await readFile(join(paths.dir, 'box.json'), 'utf8'));
+      await writeFile(join(paths.dir, 'box.json'), JSON.stringify(legacy));
+      await driver.idRanges.free(paths.idRange, paths.dir);
+      expect(statSync(join(paths.workspace, 'old')).uid).toBe(DEFAULT_ID_RANGE.hostId);
+      // A new agent process starts it.
+      const d2 = new SandboxDriver({ dataDir, network, cgroupParent });
+      try {
+        await d2.start(spec);
+        const moved = d2.boxHostPaths('a_legacy');
+        expect(moved.idRange.hostId).not.toBe(DEFAULT_ID_RANGE.hostId);
+        expect(statSync(join(moved.workspace, 'old')).uid).toBe(moved.owner.uid);
+        expect(statSync(join(moved.rootUpper, 'etc/old')).uid).toBe(moved.owner.uid + 7);
+        expect((await run(d2, 'a_legacy', ['sh', '-c', 'cat /workspace/old; stat -c %u /workspace/old /etc/old; echo new >> /workspace/old && echo ok'])).out).toBe('old\n0\n7\nok\n');
+      } finally {
+        await d2.destroy('a_legacy');
+      }
+      expect(boxLeftovers(d2, dataDir, 'a_legacy')).toEqual([]);
     });
   });
 
