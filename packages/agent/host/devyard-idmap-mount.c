@@ -1,7 +1,7 @@
 /*
  * devyard-idmap-mount FROM TO COUNT SOURCE TARGET [SOURCE TARGET]...
  *
- * Bind-mounts each SOURCE at TARGET as an idmapped mount (Linux >= 5.12): a file owned on disk by
+ * Bind-mounts each SOURCE at TARGET as a read-only idmapped mount (Linux >= 5.12): a file owned on disk by
  * uid/gid FROM+n (n < COUNT) shows as TO+n through the mount; ids outside the range show as the
  * overflow id and cannot be changed through it. The sandbox runtime stacks these mounts as the
  * read-only lower layers of a box's overlay, so one shared image tree stored in the image id range
@@ -104,7 +104,8 @@ int main(int argc, char **argv) {
   for (int i = 4; i < argc; i += 2) {
     int tree = (int)syscall(SYS_open_tree, AT_FDCWD, argv[i], OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
     if (tree < 0) return fail("open_tree", argv[i]);
-    struct mount_attr attr = {.attr_set = MOUNT_ATTR_IDMAP, .userns_fd = (unsigned long long)userns};
+    /* Read-only too: the mounts are lower layers, written by nobody. */
+    struct mount_attr attr = {.attr_set = MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY, .userns_fd = (unsigned long long)userns};
     if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &attr, sizeof attr)) return fail("idmapping", argv[i]);
     if (syscall(SYS_move_mount, tree, "", AT_FDCWD, argv[i + 1], MOVE_MOUNT_F_EMPTY_PATH)) return fail("move_mount to", argv[i + 1]);
     close(tree);
