@@ -30,7 +30,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, realpathSync, statSync } from 'node:fs';
 import { chmod, chown, mkdir, readdir, readFile, rename, rm, rmdir, stat, writeFile } from 'node:fs/promises';
 import type { Socket } from 'node:net';
-import { dirname, join, resolve } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { BridgeNetwork, type BridgeNetworkOptions } from '../../network/bridge-network.js';
 import { runHostCommand, runHostCommandRaw } from '../../network/host-command-runner.js';
 import { allocateAddress } from '../../network/ipv4-subnet.js';
@@ -52,7 +52,7 @@ import { buildOciSpec, type IdRange } from './oci-spec-builder.js';
 import { IdRangeAllocator } from './id-range-allocator.js';
 import { ensureIdmapMountHelper } from './idmap-mount-helper.js';
 import { shiftTreeIds } from '../../images/tree-id-shift.js';
-import { BOX_DISK_FILE, BOX_DISK_MOUNT, BoxDiskPool, mountBoxDisk, unmountBoxDisk } from './box-disk.js';
+import { BOX_DISK_FILE, BOX_DISK_MOUNT, BoxDiskPool, isMountPoint as isDiskMounted, mountBoxDisk, unmountBoxDisk } from './box-disk.js';
 
 /**
  * The image id range: image stores shift image ownership into it (root = 100000) and shared layers
@@ -210,7 +210,8 @@ export class SandboxDriver implements RuntimeDriver {
     this.idRanges = opts.idRanges ?? new IdRangeAllocator({ reserved: [this.imageIdRange] });
     this.busyboxPath = opts.busyboxPath ?? findBusybox();
     this.log = opts.log ?? (() => {});
-    this.disks = new BoxDiskPool({ dir: join(this.boxesDir, '.spare-disks'), sparesPerSize: opts.spareDisks, log: this.log });
+    // Next to the boxes directory, on the same mount as the data dir's path of it (renames).
+    this.disks = new BoxDiskPool({ dir: join(opts.dataDir, 'spare-disks'), sparesPerSize: opts.spareDisks, log: this.log });
     this.toolsDir = join(opts.dataDir, 'tools');
     this.boxTools = opts.boxTools;
     this.dialerIdleMs = opts.dialerIdleMs;
@@ -307,7 +308,7 @@ export class SandboxDriver implements RuntimeDriver {
       if (existing && (existing.status === 'running' || existing.status === 'paused')) return;
       if (existing) await this.releaseRuntime(spec.boxId, 0);
       const dir = this.boxDir(spec.boxId);
-      if (rec.disk) await mountBoxDisk(join(dir, BOX_DISK_FILE), join(dir, BOX_DISK_MOUNT));
+      if (rec.disk) await this.mountDisk(spec.boxId);
       rec = await this.ensureOwnIdRange(rec);
       const range = rec.idRange ?? this.imageIdRange;
       const data = dataRoot(dir, rec);
@@ -451,6 +452,7 @@ export class SandboxDriver implements RuntimeDriver {
       await this.secrets.remove(boxId);
       const range = (await this.readRecord(boxId))?.idRange;
       const dir = this.boxDir(boxId);
+      await unmountBoxDisk(join(this.hostBoxesDir, boxId, BOX_DISK_MOUNT));
       await unmountBoxDisk(join(dir, BOX_DISK_MOUNT));
       // Other mounts on the host under the box (none normally: they live in crun's private namespace).
       for (const m of await hostMountsUnder(dir)) await runHostCommandRaw(['umount', '-l', m]);
@@ -600,8 +602,7 @@ export class SandboxDriver implements RuntimeDriver {
     const dir = join(this.hostBoxesDir, boxId);
     const rec = this.recordSync(boxId);
     const idRange = rec?.idRange ?? this.imageIdRange;
-    // A box's own disk is mounted where crun sees the box (see exposedBoxesDir).
-    const data = rec?.disk ? join(this.boxDir(boxId), BOX_DISK_MOUNT) : dir;
+    const data = rec?.disk ? join(dir, BOX_DISK_MOUNT) : dir;
     return {
       dir,
       rootUpper: join(data, 'upper'),
@@ -610,6 +611,22 @@ export class SandboxDriver implements RuntimeDriver {
       idRange,
       imageIdRange: { ...this.imageIdRange },
     };
+  }
+
+  /**
+   * Mounts the box's disk where crun sees the box and, when that is a bind under /run (see
+   * exposedBoxesDir: later mounts do not propagate between the two), at the data dir's path too.
+   */
+  private async mountDisk(boxId: string): Promise<void> {
+    const dir = this.boxDir(boxId);
+    await mountBoxDisk(join(dir, BOX_DISK_FILE), join(dir, BOX_DISK_MOUNT));
+    await this.showDiskAtHostPath(boxId);
+  }
+
+  private async showDiskAtHostPath(boxId: string): Promise<void> {
+    if (this.boxesDir === this.hostBoxesDir) return;
+    const at = join(this.hostBoxesDir, boxId, BOX_DISK_MOUNT);
+    if (!isDiskMounted(at)) await runHostCommand(['mount', '--bind', join(this.boxDir(boxId), BOX_DISK_MOUNT), at]);
   }
 
   /** The box's record, read synchronously when it is not cached (undefined when there is none). */
@@ -727,6 +744,7 @@ export class SandboxDriver implements RuntimeDriver {
       try {
         await this.makeBoxDirs(dir, idRange.hostId, disk);
       } catch (err) {
+        await unmountBoxDisk(join(this.hostBoxesDir, spec.boxId, BOX_DISK_MOUNT));
         await unmountBoxDisk(join(dir, BOX_DISK_MOUNT));
         await rm(dir, { recursive: true, force: true });
         await this.idRanges.free(idRange, join(this.hostBoxesDir, spec.boxId));
@@ -766,7 +784,9 @@ export class SandboxDriver implements RuntimeDriver {
     for (const sub of ['merged', 'sys', 'etc']) await mkdir(join(dir, sub), { recursive: true });
     if (disk) {
       await mkdir(join(dir, BOX_DISK_MOUNT), { mode: 0o711 });
-      await this.disks.provide(join(dir, BOX_DISK_FILE), join(dir, BOX_DISK_MOUNT), disk.bytes);
+      // The file by its data dir path: the spare is renamed there from a sibling directory.
+      await this.disks.provide(join(this.hostBoxesDir, basename(dir), BOX_DISK_FILE), join(dir, BOX_DISK_MOUNT), disk.bytes);
+      await this.showDiskAtHostPath(basename(dir));
       // Box root reaches its volumes from inside its user namespace, as "other" to host root.
       await chmod(join(dir, BOX_DISK_MOUNT), 0o711);
     }
