@@ -5,7 +5,7 @@
  * refreshes them; stop removes them; and afterwards no file of the installation (database and WAL,
  * the box's whole disk state, images, agent state) nor any captured log holds a value.
  */
-import { existsSync, lstatSync, readdirSync, readFileSync, statSync, statfsSync } from 'node:fs';
+import { existsSync, lstatSync, readdirSync, readFileSync, realpathSync, statSync, statfsSync } from 'node:fs';
 import { chmod, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -80,7 +80,10 @@ function filesUnder(root: string): string[] {
       const p = join(d, e);
       const st = lstatSync(p);
       if (st.isDirectory()) walk(p);
-      else if (st.isFile()) out.push(p);
+      // A box's own disk: its files are read through its mount (the box directory's disk symlink),
+      // not as one image file of the disk's full size.
+      else if (st.isSymbolicLink() && e === 'disk') walk(realpathSync(p));
+      else if (st.isFile() && !p.endsWith('.ext4')) out.push(p);
     }
   };
   walk(root);

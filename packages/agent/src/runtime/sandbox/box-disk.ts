@@ -1,9 +1,12 @@
 /**
- * A sandbox box's disk: a sparse ext4 image of the box's disk size (`resources.diskBytes`),
- * loop-mounted on the host at `<box>/disk` from create until destroy. Everything the box writes
- * lives on it — its root overlay's upper and work directories and its /workspace and /root volumes —
- * so a box that fills it gets ENOSPC inside, and the node's own filesystem only ever holds the
- * image file, which cannot grow past the size it was made with.
+ * Sandbox boxes' own disks. A box with a disk size (`resources.diskBytes`) gets a sparse ext4 image
+ * of that size, loop-mounted on the host; the box directory's `disk` is a symlink to the mount.
+ * Everything the box writes lives there — its root overlay's upper and work directories and its
+ * /workspace and /root volumes — so a box that fills it gets ENOSPC inside, and the node's own
+ * filesystem only ever holds the image file, which cannot grow past the size it was made with.
+ *
+ *   <disks dir>/<id>.ext4   the image (0600, host root's)
+ *   <disks dir>/<id>/       its mount point, from create until destroy
  *
  * A filesystem per box rather than quotas on a shared one: the host's data directory is plain ext4
  * here, whose quotas overlayfs bypasses (copy-up and writes through the overlay run with the
@@ -15,183 +18,191 @@
  * box (repository checkouts, prebuild and recipe captures) sees it at a fixed path, starts do not
  * pay for a mount, and after a reboot the next start mounts it again.
  *
- * mkfs and the loop mount cost about 50 ms, more than a third of a box's create → first exec, so a
- * {@link BoxDiskPool} keeps a formatted, mounted spare of each recently used size: a create takes
- * it with a rename and a `mount --move`, and a new spare is made in the background once the box has
- * started (made during the start, its mkfs would compete with it for the CPU).
+ * mkfs and the loop mount take 50–100 ms here (each `mount` process alone is 15–20 ms on a busy
+ * node), more than a third of a box's create → first exec. So disks are made ahead: the pool keeps
+ * a formatted, mounted spare of each recently used size, and a create only points the box's
+ * symlink at one — no process is started; a new spare is made, at low priority, once the box runs.
  */
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { mkdir, open, readdir, rename, rm } from 'node:fs/promises';
+import { chmod, mkdir, open, readdir, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { runHostCommand, runHostCommandRaw } from '../../network/host-command-runner.js';
 
-/** The image file in the box directory. */
-export const BOX_DISK_FILE = 'disk.ext4';
-/** Its mount point in the box directory. */
-export const BOX_DISK_MOUNT = 'disk';
 /** Smaller disks are made this size: ext4's own structures need room, and a box needs a little. */
 export const MIN_BOX_DISK_BYTES = 64 * 1024 ** 2;
-
-/**
- * Makes the box's filesystem image: sparse, `bytes` long (at least {@link MIN_BOX_DISK_BYTES}).
- * Written under a temporary name and renamed, so a crash never leaves a half-made image in place.
- */
-export async function createBoxDisk(file: string, bytes: number): Promise<void> {
-  const size = diskSize(bytes);
-  const tmp = `${file}.tmp-${process.pid}`;
-  try {
-    const fh = await open(tmp, 'w', 0o600);
-    try {
-      await fh.truncate(size);
-    } finally {
-      await fh.close();
-    }
-    // Lazy init: inode tables and the journal are zeroed in the background, not at create.
-    await runHostCommand([
-      'mkfs.ext4', '-q', '-F', '-m', '0', '-L', 'devyard-box',
-      '-E', 'lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0',
-      tmp,
-    ]);
-    await rename(tmp, file);
-  } catch (err) {
-    await rm(tmp, { force: true });
-    throw err;
-  }
-}
-
-/** Mounts the image at `mountPoint` unless it already is (after a reboot, or on create). */
-export async function mountBoxDisk(file: string, mountPoint: string): Promise<void> {
-  if (isMountPoint(mountPoint)) return;
-  // `loop` sets autoclear: the loop device goes away with the last unmount.
-  await runHostCommand(['mount', '-o', 'loop,nodev,nosuid,noatime', file, mountPoint]);
-}
+const DISK_ID = /^[0-9a-f]{16}$/;
+const REFILL_DELAY_MS = 300;
 
 /** Options of {@link BoxDiskPool}. */
 export interface BoxDiskPoolOptions {
-  /** Directory of the spares, on the boxes' filesystem and mount (renames and mount moves). */
+  /** Directory of the images and their mount points, reachable by box root (see exposedBoxesDir). */
   dir: string;
-  /** Spares kept per size (default 1; 0: every disk is made at create). */
+  /** Spares kept per size (default 2; 0: every disk is made at create). */
   sparesPerSize?: number;
-  /** Sizes kept spares for, the most recently used ones (default 2). */
+  /** Sizes spares are kept for, the most recently used ones (default 2). */
   sizes?: number;
   /** Structured log sink. */
   log?: (msg: string, fields?: object) => void;
 }
 
-interface Spare {
-  dir: string;
-  file: string;
-  mount: string;
-}
-
-/** Makes box disks, from a spare of the size when one is ready. */
+/** Makes, mounts and removes box disks, from a spare of the size when one is ready. */
 export class BoxDiskPool {
-  private readonly ready = new Map<number, Spare[]>();
+  /** Directory of the images and mount points. */
+  readonly dir: string;
+  /** Spare disk ids by size, most recently used size last. */
+  private readonly ready = new Map<number, string[]>();
   private readonly filling = new Map<number, Promise<void>>();
   /** Sizes whose spare was taken and not yet made again. */
   private readonly wanted = new Set<number>();
+  private refillTimer: NodeJS.Timeout | undefined;
   private readonly spares: number;
   private readonly sizes: number;
   private readonly log: (msg: string, fields?: object) => void;
 
-  constructor(private readonly opts: BoxDiskPoolOptions) {
-    this.spares = opts.sparesPerSize ?? 1;
+  constructor(opts: BoxDiskPoolOptions) {
+    this.dir = opts.dir;
+    this.spares = opts.sparesPerSize ?? 2;
     this.sizes = opts.sizes ?? 2;
     this.log = opts.log ?? (() => {});
   }
 
-  /** Gives the box a disk of `bytes` at `file`, mounted at `mountPoint`; true when it was a spare. */
-  async provide(file: string, mountPoint: string, bytes: number): Promise<boolean> {
+  /** Mount point of a disk: what a box's `disk` symlink points at. */
+  mountPoint(id: string): string {
+    if (!DISK_ID.test(id)) throw new Error(`invalid disk id: ${id}`);
+    return join(this.dir, id);
+  }
+
+  /** A mounted disk of `bytes` for a new box (a spare when one is ready); returns its id. */
+  async take(bytes: number): Promise<string> {
     const size = diskSize(bytes);
-    // Most recently used sizes last: the first one is the one to drop.
     const spares = this.ready.get(size) ?? [];
     this.ready.delete(size);
     this.ready.set(size, spares);
-    const spare = spares.shift();
-    let used = false;
-    if (spare) {
-      try {
-        await rename(spare.file, file);
-        await runHostCommand(['mount', '--move', spare.mount, mountPoint]);
-        used = true;
-      } catch (err) {
-        this.log('box disks: spare unusable, making a disk', { error: (err as Error).message });
-        await unmountBoxDisk(spare.mount);
-        await rm(file, { force: true });
-      }
-      await rm(spare.dir, { recursive: true, force: true });
-    }
-    if (!used) {
-      await createBoxDisk(file, size);
-      await mountBoxDisk(file, mountPoint);
-    }
     if (this.spares > 0) this.wanted.add(size);
-    return used;
+    for (let id = spares.shift(); id !== undefined; id = spares.shift()) {
+      if (isMountPoint(this.mountPoint(id))) return id;
+      await this.remove(id);
+    }
+    return this.make(size, false);
   }
 
-  /** Makes the spares taken since the last call, in the background. */
+  /** Mounts the disk unless it is (after a reboot); idempotent. */
+  async ensureMounted(id: string): Promise<void> {
+    const at = this.mountPoint(id);
+    if (isMountPoint(at)) return;
+    await mkdir(at, { recursive: true, mode: 0o711 });
+    await mountImage(this.image(id), at, false);
+  }
+
+  /** Unmounts the disk (lazily when something still holds it) and deletes it; idempotent. */
+  async remove(id: string): Promise<void> {
+    const at = this.mountPoint(id);
+    for (let i = 0; i < 8 && isMountPoint(at); i++) {
+      const r = await runHostCommandRaw(['umount', at]);
+      if (r.code !== 0) await runHostCommandRaw(['umount', '-l', at]);
+    }
+    await rm(at, { recursive: true, force: true });
+    await rm(this.image(id), { force: true });
+  }
+
+  /**
+   * Makes the spares taken since the last call, in the background, a moment from now: right after a
+   * start the box's first exec is still to come, and on a busy node mkfs would slow it down.
+   */
   refillTaken(): void {
-    for (const size of this.wanted) this.refill(size);
-    this.wanted.clear();
+    if (this.wanted.size === 0 || this.refillTimer) return;
+    this.refillTimer = setTimeout(() => {
+      this.refillTimer = undefined;
+      for (const size of this.wanted) this.refill(size);
+      this.wanted.clear();
+    }, REFILL_DELAY_MS);
+    this.refillTimer.unref();
   }
 
-  /** Unmounts and removes every spare (teardown, and leftovers of an earlier process at init). */
-  async clear(): Promise<void> {
+  /** Removes every disk but those in `keep` (the boxes'): spares, and what a crashed process left. */
+  async clear(keep: ReadonlySet<string>): Promise<void> {
+    clearTimeout(this.refillTimer);
+    this.refillTimer = undefined;
     await Promise.all([...this.filling.values()].map((p) => p.catch(() => undefined)));
     this.ready.clear();
     this.wanted.clear();
-    for (const name of await readdir(this.opts.dir).catch(() => [] as string[])) {
-      await unmountBoxDisk(join(this.opts.dir, name, 'mnt'));
-      await rm(join(this.opts.dir, name), { recursive: true, force: true });
+    const ids = new Set<string>();
+    for (const name of await readdir(this.dir).catch(() => [] as string[])) {
+      const id = name.replace(/\.ext4(\.tmp-\d+)?$/, '');
+      if (DISK_ID.test(id) && !keep.has(id)) ids.add(id);
     }
-    await rm(this.opts.dir, { recursive: true, force: true });
+    for (const id of ids) {
+      await this.remove(id);
+      for (const name of await readdir(this.dir).catch(() => [] as string[])) {
+        if (name.startsWith(`${id}.ext4.tmp-`)) await rm(join(this.dir, name), { force: true });
+      }
+    }
+  }
+
+  private image(id: string): string {
+    return `${this.mountPoint(id)}.ext4`;
+  }
+
+  /** A new disk, formatted and mounted; `background` lowers its CPU and I/O priority. */
+  private async make(size: number, background: boolean): Promise<string> {
+    const id = randomBytes(8).toString('hex');
+    const file = this.image(id);
+    const tmp = `${file}.tmp-${process.pid}`;
+    try {
+      await mkdir(this.mountPoint(id), { recursive: true, mode: 0o711 });
+      const fh = await open(tmp, 'w', 0o600);
+      try {
+        await fh.truncate(size);
+      } finally {
+        await fh.close();
+      }
+      // Lazy init: inode tables and the journal are zeroed in the background, not here.
+      const mkfs = ['mkfs.ext4', '-q', '-F', '-m', '0', '-L', 'devyard-box', '-E', 'lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0', tmp];
+      await runHostCommand(background ? ['nice', '-n', '19', ...mkfs] : mkfs);
+      await rename(tmp, file);
+      await mountImage(file, this.mountPoint(id), background);
+      return id;
+    } catch (err) {
+      await rm(tmp, { force: true });
+      await this.remove(id).catch(() => undefined);
+      throw err;
+    }
   }
 
   private refill(size: number): void {
     if (this.spares === 0 || this.filling.has(size)) return;
     const job = (async () => {
       while ((this.ready.get(size)?.length ?? 0) < this.spares && this.ready.has(size)) {
-        const dir = join(this.opts.dir, `${size}-${randomBytes(6).toString('hex')}`);
-        const spare = { dir, file: join(dir, BOX_DISK_FILE), mount: join(dir, 'mnt') };
-        await mkdir(spare.mount, { recursive: true, mode: 0o700 });
-        await createBoxDisk(spare.file, size);
-        await mountBoxDisk(spare.file, spare.mount);
+        const id = await this.make(size, true);
         const list = this.ready.get(size);
-        if (list) list.push(spare);
-        else await this.drop([spare]);
+        if (list) list.push(id);
+        else await this.remove(id);
       }
       // Sizes beyond the most recent few give their spares back.
       while (this.ready.size > this.sizes) {
-        const [oldest, spares] = this.ready.entries().next().value as [number, Spare[]];
+        const [oldest, ids] = this.ready.entries().next().value as [number, string[]];
         this.ready.delete(oldest);
-        await this.drop(spares);
+        for (const id of ids) await this.remove(id);
       }
     })()
       .catch((err: unknown) => this.log('box disks: no spare made', { size, error: (err as Error).message }))
       .finally(() => this.filling.delete(size));
     this.filling.set(size, job);
   }
+}
 
-  private async drop(spares: Spare[]): Promise<void> {
-    for (const s of spares) {
-      await unmountBoxDisk(s.mount);
-      await rm(s.dir, { recursive: true, force: true });
-    }
-  }
+/** Mounts an image; `loop` sets autoclear, so the loop device goes away with the last unmount. */
+async function mountImage(file: string, at: string, background: boolean): Promise<void> {
+  const mount = ['mount', '-o', 'loop,nodev,nosuid,noatime', file, at];
+  await runHostCommand(background ? ['nice', '-n', '19', ...mount] : mount);
+  // Box root reaches its volumes from inside its user namespace, as "other" to host root.
+  await chmod(at, 0o711);
 }
 
 /** The size a disk of `bytes` is made with. */
 function diskSize(bytes: number): number {
   return Math.max(Math.floor(bytes / 4096) * 4096, MIN_BOX_DISK_BYTES);
-}
-
-/** Unmounts the box's disk, lazily when something still holds it; idempotent. */
-export async function unmountBoxDisk(mountPoint: string): Promise<void> {
-  for (let i = 0; i < 8 && isMountPoint(mountPoint); i++) {
-    const r = await runHostCommandRaw(['umount', mountPoint]);
-    if (r.code !== 0) await runHostCommandRaw(['umount', '-l', mountPoint]);
-  }
 }
 
 /** Whether `path` is a mount point in this mount namespace. */

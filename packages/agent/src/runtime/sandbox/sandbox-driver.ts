@@ -22,15 +22,15 @@
  * secrets) belongs to its own range on the host.
  *
  * Disk: a box with a disk size (`resources.diskBytes`) keeps upper/, work/ and volume/ on a
- * filesystem of that size of its own (box-disk.ts: disk.ext4, loop-mounted at disk/), so filling it
- * is ENOSPC inside the box and nothing on the node's filesystem. A box without one keeps them in
- * the box directory, unbounded.
+ * filesystem of that size of its own (box-disk.ts: an image under `<dataDir>/disks`, loop-mounted;
+ * the box directory's `disk` is a symlink to the mount), so filling it is ENOSPC inside the box and
+ * nothing on the node's filesystem. A box without one keeps them in the box directory, unbounded.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, realpathSync, statSync } from 'node:fs';
-import { chmod, chown, mkdir, readdir, readFile, rename, rm, rmdir, stat, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, readdir, readFile, rename, rm, rmdir, stat, symlink, writeFile } from 'node:fs/promises';
 import type { Socket } from 'node:net';
-import { basename, dirname, join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { BridgeNetwork, type BridgeNetworkOptions } from '../../network/bridge-network.js';
 import { runHostCommand, runHostCommandRaw } from '../../network/host-command-runner.js';
 import { allocateAddress } from '../../network/ipv4-subnet.js';
@@ -52,7 +52,7 @@ import { buildOciSpec, type IdRange } from './oci-spec-builder.js';
 import { IdRangeAllocator } from './id-range-allocator.js';
 import { ensureIdmapMountHelper } from './idmap-mount-helper.js';
 import { shiftTreeIds } from '../../images/tree-id-shift.js';
-import { BOX_DISK_FILE, BOX_DISK_MOUNT, BoxDiskPool, isMountPoint as isDiskMounted, mountBoxDisk, unmountBoxDisk } from './box-disk.js';
+import { BoxDiskPool } from './box-disk.js';
 
 /**
  * The image id range: image stores shift image ownership into it (root = 100000) and shared layers
@@ -73,7 +73,7 @@ export interface SandboxDriverOptions {
   imageIdRange?: IdRange;
   /** Where the boxes' own id ranges come from (default: the host-wide pool). */
   idRanges?: IdRangeAllocator;
-  /** Formatted box disks kept ready per recently used disk size, so a create does not wait for mkfs (default 1; 0: none). */
+  /** Formatted box disks kept ready per recently used disk size, so a create does not wait for mkfs (default 2; 0: none). */
   spareDisks?: number;
   /** Static busybox on the host, bound read-only into every box as its init (default: found in PATH dirs). */
   busyboxPath?: string;
@@ -104,8 +104,8 @@ interface BoxRecord {
   ip: string;
   /** The box's own host id range; absent on boxes made before boxes had one (they use the image range until their next start). */
   idRange?: IdRange;
-  /** The box's own filesystem, made at create from `resources.diskBytes`; absent: unbounded, in the box directory. */
-  disk?: { bytes: number };
+  /** The box's own filesystem (its size and the pool's id of it), made at create from `resources.diskBytes`; absent: unbounded, in the box directory. */
+  disk?: { bytes: number; id: string };
   createdAt: string;
 }
 
@@ -130,6 +130,8 @@ const BOX_ID = /^[a-z0-9_]{1,40}$/;
 const BUSYBOX_IN_BOX = '/.devyard/busybox';
 /** Overlay work dir of a copy-on-write /workspace: next to its upper (same filesystem), in the volume. */
 const WORKSPACE_WORK = 'volume/.workspace-work';
+/** Symlink in the box directory to the box's own disk (box-disk.ts). */
+const DISK_LINK = 'disk';
 /** Mount point of a copy-on-write /workspace, bound into the box by crun. */
 const WORKSPACE_MERGED = 'ws-merged';
 /** Init: reaps every child (ash's wait uses waitpid(-1)) and exits on SIGTERM. */
@@ -181,6 +183,8 @@ export class SandboxDriver implements RuntimeDriver {
   private idmapHelper: Promise<string> | undefined;
   /** Makes the boxes' own disks. */
   private readonly disks: BoxDiskPool;
+  /** The disks directory inside the data dir (the pool may see it through a bind under /run). */
+  private readonly hostDisksDir: string;
   /** The static busybox every box gets at /.devyard/busybox (the microVM runtime reuses it). */
   readonly busyboxPath: string;
   private readonly log: (msg: string, fields?: object) => void;
@@ -210,8 +214,8 @@ export class SandboxDriver implements RuntimeDriver {
     this.idRanges = opts.idRanges ?? new IdRangeAllocator({ reserved: [this.imageIdRange] });
     this.busyboxPath = opts.busyboxPath ?? findBusybox();
     this.log = opts.log ?? (() => {});
-    // Next to the boxes directory, on the same mount as the data dir's path of it (renames).
-    this.disks = new BoxDiskPool({ dir: join(opts.dataDir, 'spare-disks'), sparesPerSize: opts.spareDisks, log: this.log });
+    this.hostDisksDir = join(opts.dataDir, 'disks');
+    this.disks = new BoxDiskPool({ dir: this.exposedDir(this.hostDisksDir, 'disks'), sparesPerSize: opts.spareDisks, log: this.log });
     this.toolsDir = join(opts.dataDir, 'tools');
     this.boxTools = opts.boxTools;
     this.dialerIdleMs = opts.dialerIdleMs;
@@ -221,8 +225,9 @@ export class SandboxDriver implements RuntimeDriver {
   /** Prepares the bridge, NAT, cgroup parent and data directory. */
   async init(): Promise<void> {
     await this.prepareBoxesDir();
-    // Spares an earlier agent process left (maybe half made): made again on demand.
-    await this.disks.clear();
+    // Spares an earlier agent process left (maybe half made) go; boxes' disks stay.
+    await this.prepareDisksDir();
+    await this.disks.clear(await this.disksInUse());
     await this.prepareTools();
     await this.idmapMountHelper();
     await this.network.init();
@@ -233,10 +238,11 @@ export class SandboxDriver implements RuntimeDriver {
   /** Removes the bridge, NAT table and cgroup parents (uninstall and tests); destroy boxes first. */
   async teardownHost(): Promise<void> {
     try {
-      await this.disks.clear();
+      await this.disks.clear(await this.disksInUse());
       await this.network.teardown();
       await this.cgroups.removeParent();
     } finally {
+      await this.unexposeDisksDir();
       await this.unexposeBoxesDir();
       await this.unexposeTools();
       await this.secrets.teardown().catch(() => undefined);
@@ -308,7 +314,11 @@ export class SandboxDriver implements RuntimeDriver {
       if (existing && (existing.status === 'running' || existing.status === 'paused')) return;
       if (existing) await this.releaseRuntime(spec.boxId, 0);
       const dir = this.boxDir(spec.boxId);
-      if (rec.disk) await this.mountDisk(spec.boxId);
+      if (rec.disk) {
+        // After a reboot: the /run bind and the mount are made again.
+        await this.prepareDisksDir();
+        await this.disks.ensureMounted(rec.disk.id);
+      }
       rec = await this.ensureOwnIdRange(rec);
       const range = rec.idRange ?? this.imageIdRange;
       const data = dataRoot(dir, rec);
@@ -452,8 +462,11 @@ export class SandboxDriver implements RuntimeDriver {
       await this.secrets.remove(boxId);
       const range = (await this.readRecord(boxId))?.idRange;
       const dir = this.boxDir(boxId);
-      await unmountBoxDisk(join(this.hostBoxesDir, boxId, BOX_DISK_MOUNT));
-      await unmountBoxDisk(join(dir, BOX_DISK_MOUNT));
+      const disk = (await this.readRecord(boxId))?.disk;
+      if (disk) {
+        await this.prepareDisksDir();
+        await this.disks.remove(disk.id);
+      }
       // Other mounts on the host under the box (none normally: they live in crun's private namespace).
       for (const m of await hostMountsUnder(dir)) await runHostCommandRaw(['umount', '-l', m]);
       await rm(dir, { recursive: true, force: true });
@@ -602,7 +615,7 @@ export class SandboxDriver implements RuntimeDriver {
     const dir = join(this.hostBoxesDir, boxId);
     const rec = this.recordSync(boxId);
     const idRange = rec?.idRange ?? this.imageIdRange;
-    const data = rec?.disk ? join(dir, BOX_DISK_MOUNT) : dir;
+    const data = rec?.disk ? join(dir, DISK_LINK) : dir;
     return {
       dir,
       rootUpper: join(data, 'upper'),
@@ -613,20 +626,45 @@ export class SandboxDriver implements RuntimeDriver {
     };
   }
 
-  /**
-   * Mounts the box's disk where crun sees the box and, when that is a bind under /run (see
-   * exposedBoxesDir: later mounts do not propagate between the two), at the data dir's path too.
-   */
-  private async mountDisk(boxId: string): Promise<void> {
-    const dir = this.boxDir(boxId);
-    await mountBoxDisk(join(dir, BOX_DISK_FILE), join(dir, BOX_DISK_MOUNT));
-    await this.showDiskAtHostPath(boxId);
+  /** Ids of the disks boxes on this data dir hold (the pool removes every other). */
+  private async disksInUse(): Promise<Set<string>> {
+    const ids = new Set<string>();
+    for (const name of await readdir(this.boxesDir).catch(() => [] as string[])) {
+      if (!BOX_ID.test(name)) continue;
+      const id = (await this.readRecord(name))?.disk?.id;
+      if (id) ids.add(id);
+    }
+    return ids;
   }
 
-  private async showDiskAtHostPath(boxId: string): Promise<void> {
-    if (this.boxesDir === this.hostBoxesDir) return;
-    const at = join(this.hostBoxesDir, boxId, BOX_DISK_MOUNT);
-    if (!isDiskMounted(at)) await runHostCommand(['mount', '--bind', join(this.boxDir(boxId), BOX_DISK_MOUNT), at]);
+  /**
+   * The disks directory as box root can reach it: like the boxes directory, a bind under /run when
+   * the data dir is not searchable by others. Mounts are made on that path, so the box's `disk`
+   * symlink (absolute) leads to them from either view of the box directory.
+   */
+  private async prepareDisksDir(): Promise<void> {
+    await mkdir(this.hostDisksDir, { recursive: true, mode: 0o711 });
+    await chmod(this.hostDisksDir, 0o711);
+    if (this.disks.dir !== this.hostDisksDir && !isMountPoint(this.disks.dir)) {
+      await mkdir(this.disks.dir, { recursive: true, mode: 0o711 });
+      await runHostCommand(['mount', '--bind', this.hostDisksDir, this.disks.dir]);
+    }
+  }
+
+  private async unexposeDisksDir(): Promise<void> {
+    if (this.disks.dir === this.hostDisksDir) return;
+    // A box's disk still mounted under it keeps it busy: it stays, with the disks it shows.
+    for (let i = 0; i < 64 && isMountPoint(this.disks.dir); i++) {
+      if ((await runHostCommandRaw(['umount', this.disks.dir])).code !== 0) return;
+    }
+    await rmdir(this.disks.dir).catch(() => undefined);
+  }
+
+  /** A path under /run for a data dir directory box root must reach (see exposedBoxesDir), or the directory itself. */
+  private exposedDir(hostDir: string, kind: string): string {
+    if (this.boxesDir === this.hostBoxesDir) return hostDir;
+    const hash = createHash('sha256').update(resolve(hostDir)).digest('hex').slice(0, 16);
+    return `/run/devyard/${kind}-${hash}`;
   }
 
   /** The box's record, read synchronously when it is not cached (undefined when there is none). */
@@ -734,7 +772,7 @@ export class SandboxDriver implements RuntimeDriver {
     if (existing && existing.imageRootfs === spec.imageRootfs && sameSpec(existing, spec)) return existing;
     let idRange = existing ? existing.idRange : undefined;
     // The disk size is the one the box was made with (growing or shrinking it is not supported).
-    const disk = existing ? existing.disk : spec.resources.diskBytes ? { bytes: spec.resources.diskBytes } : undefined;
+    let disk = existing?.disk;
     if (existing && (existing.disk?.bytes ?? 0) !== (spec.resources.diskBytes ?? 0)) {
       this.log('sandbox: disk size change ignored; a box keeps the disk it was made with', { boxId: spec.boxId, disk: existing.disk?.bytes ?? null, asked: spec.resources.diskBytes ?? null });
     }
@@ -742,10 +780,13 @@ export class SandboxDriver implements RuntimeDriver {
       await this.prepareBoxesDir();
       idRange = await this.idRanges.allocate(join(this.hostBoxesDir, spec.boxId));
       try {
+        if (spec.resources.diskBytes) {
+          await this.prepareDisksDir();
+          disk = { bytes: spec.resources.diskBytes, id: await this.disks.take(spec.resources.diskBytes) };
+        }
         await this.makeBoxDirs(dir, idRange.hostId, disk);
       } catch (err) {
-        await unmountBoxDisk(join(this.hostBoxesDir, spec.boxId, BOX_DISK_MOUNT));
-        await unmountBoxDisk(join(dir, BOX_DISK_MOUNT));
+        if (disk) await this.disks.remove(disk.id);
         await rm(dir, { recursive: true, force: true });
         await this.idRanges.free(idRange, join(this.hostBoxesDir, spec.boxId));
         throw err;
@@ -779,17 +820,10 @@ export class SandboxDriver implements RuntimeDriver {
    * A new box's directories (and its own filesystem when it has a disk size): everything box root
    * writes to belongs to its range (root = its first id).
    */
-  private async makeBoxDirs(dir: string, root: number, disk: BoxRecord['disk']): Promise<void> {
+  private async makeBoxDirs(dir: string, root: number, disk: BoxRecord['disk'] | undefined): Promise<void> {
     await mkdir(dir, { recursive: true, mode: 0o711 });
     for (const sub of ['merged', 'sys', 'etc']) await mkdir(join(dir, sub), { recursive: true });
-    if (disk) {
-      await mkdir(join(dir, BOX_DISK_MOUNT), { mode: 0o711 });
-      // The file by its data dir path: the spare is renamed there from a sibling directory.
-      await this.disks.provide(join(this.hostBoxesDir, basename(dir), BOX_DISK_FILE), join(dir, BOX_DISK_MOUNT), disk.bytes);
-      await this.showDiskAtHostPath(basename(dir));
-      // Box root reaches its volumes from inside its user namespace, as "other" to host root.
-      await chmod(join(dir, BOX_DISK_MOUNT), 0o711);
-    }
+    if (disk) await symlink(this.disks.mountPoint(disk.id), join(dir, DISK_LINK));
     const data = dataRoot(dir, { disk });
     for (const sub of ['work', 'volume']) await mkdir(join(data, sub), { recursive: true });
     // The overlay's root directory takes the upper's owner and mode: box root must own it.
@@ -895,7 +929,7 @@ export class SandboxDriver implements RuntimeDriver {
 
 /** Where the box's upper, work and volume directories are: its own disk, or the box directory. */
 function dataRoot(dir: string, rec: Pick<BoxRecord, 'disk'>): string {
-  return rec.disk ? join(dir, BOX_DISK_MOUNT) : dir;
+  return rec.disk ? join(dir, DISK_LINK) : dir;
 }
 
 /** A PATH set by a template or session still finds the bundled tools, after its own directories. */
