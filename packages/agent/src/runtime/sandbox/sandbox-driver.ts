@@ -823,7 +823,11 @@ export class SandboxDriver implements RuntimeDriver {
   private async makeBoxDirs(dir: string, root: number, disk: BoxRecord['disk'] | undefined): Promise<void> {
     await mkdir(dir, { recursive: true, mode: 0o711 });
     for (const sub of ['merged', 'sys', 'etc']) await mkdir(join(dir, sub), { recursive: true });
-    if (disk) await symlink(this.disks.mountPoint(disk.id), join(dir, DISK_LINK));
+    if (disk) {
+      // A link left by a create that crashed before it wrote the record points at a disk now gone.
+      await rm(join(dir, DISK_LINK), { force: true });
+      await symlink(this.disks.mountPoint(disk.id), join(dir, DISK_LINK));
+    }
     const data = dataRoot(dir, { disk });
     for (const sub of ['work', 'volume']) await mkdir(join(data, sub), { recursive: true });
     // The overlay's root directory takes the upper's owner and mode: box root must own it.
