@@ -81,7 +81,10 @@ describe('devyard CLI against devyard up', () => {
     const box = json<{ id: string }>(['pause', 'demo', '--wait']);
     expect(box).toMatchObject({ phase: 'paused', desiredState: 'paused' });
     // Read the counter from the host side of the box's overlay: exec is refused while paused.
-    const onHost = () => Number(readFileSync(join(h.dataDir, 'node/sandbox/boxes', box.id, 'upper/tmp/counter'), 'utf8'));
+    // A box with a disk size keeps its upper on its own disk, mounted at disk/ in its directory.
+    const boxDir = join(h.dataDir, 'node/sandbox/boxes', box.id);
+    const upper = existsSync(join(boxDir, 'disk/upper')) ? join(boxDir, 'disk/upper') : join(boxDir, 'upper');
+    const onHost = () => Number(readFileSync(join(upper, 'tmp/counter'), 'utf8'));
     const frozen = onHost();
     const refused = cli(h, ['exec', 'demo', '--', 'true']);
     expect(refused.code).not.toBe(0);

@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DomainError } from '@devyard/core/domain-error';
 import { RegistryClient } from '@devyard/oci/registry-client';
 import { parseOciReference } from '@devyard/oci/oci-reference';
-import { OciImageStore } from '@devyard/agent/images/oci-image-store';
+import { LAYER_EXPANSION_FLOOR_BYTES, OciImageStore } from '@devyard/agent/images/oci-image-store';
 import { ImageResolver } from '@devyard/agent/images/image-resolver';
 import { OciLayoutBuilder, tarLayer } from '../../oci/test/oci-layout-builder.js';
 import { TestRegistry } from '../../oci/test/registry-test-host.js';
@@ -83,11 +83,18 @@ describe('OciImageStore against docker-registry', () => {
     corruptLayer = JSON.parse(await readFile(join(layout.dir, 'blobs', 'sha256', corrupt.digest.slice(7)), 'utf8')).layers[0].digest;
     await layout.tag('corrupt', corrupt);
     await layout.tag('evil', await layout.image([await tarLayer([{ path: 'ok', content: 'ok' }, { path: '../escaped', content: 'x' }])]));
+    // Decompression bombs: zeros compress about a thousand times. A 300 MiB file is a few hundred
+    // KB of gzip (past the per-layer expansion bound); the 48 MiB one is only past a small image limit.
+    const zeros = (mib: number) => tarLayer([{ path: 'ok', content: 'ok' }, { path: 'zeros', content: Buffer.alloc(mib * 1024 ** 2) }]);
+    await layout.tag('bomb', await layout.image([await tarLayer([{ path: 'first', content: '1' }]), await zeros(300)]));
+    await layout.tag('big', await layout.image([await zeros(48)], { compression: 'none' }));
     await registry.push(layout.dir, 'app', 'team/app:1');
     await registry.push(layout.dir, 'app-raw', 'team/zapp:1', { zstd: true });
     await registry.push(layout.dir, 'other', 'team/other:1');
     await registry.push(layout.dir, 'corrupt', 'team/corrupt:1');
     await registry.push(layout.dir, 'evil', 'team/evil:1');
+    await registry.push(layout.dir, 'bomb', 'team/bomb:1');
+    await registry.push(layout.dir, 'big', 'team/zbig:1', { zstd: true });
     // Same length, different bytes: only the digest check can notice.
     const blob = registry.blobPath(corruptLayer);
     const bytes = await readFile(blob);
@@ -200,6 +207,39 @@ describe('OciImageStore against docker-registry', () => {
     expect(existsSync(join(dataDir, 'oci', 'escaped'))).toBe(false);
     expect(await readdir(join(dataDir, 'oci', 'rootfs'))).toEqual([]);
     expect(await readdir(join(dataDir, 'oci', 'tmp'))).toEqual([]);
+  });
+
+  it('refuses a gzip layer that decompresses far beyond its size, keeping nothing of the image', async () => {
+    const dataDir = await newDataDir();
+    const { client } = counting();
+    const layers = (await client.resolve(parseOciReference(ref('team/bomb:1')))).manifest.layers;
+    expect(layers[1]!.size).toBeLessThan(2 * 1024 ** 2);
+    const store = new OciImageStore({ dataDir, registry: client, idShift: SHIFT });
+    const err = await store.ensure(ref('team/bomb:1')).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(DomainError);
+    expect(err).toMatchObject({ code: 'invalid-input', details: { reason: 'decompression-bomb', limit: LAYER_EXPANSION_FLOOR_BYTES } });
+    expect((err as Error).message).toMatch(/layer 2 decompresses to more than \d+ bytes \(\d+ compressed\); refused as a decompression bomb/);
+    expect(await readdir(join(dataDir, 'oci', 'rootfs'))).toEqual([]);
+    expect(await readdir(join(dataDir, 'oci', 'tmp'))).toEqual([]);
+    expect(await readdir(join(dataDir, 'oci', 'images'))).toEqual([]);
+    // The bomb's own blob is gone; the harmless first layer may stay for gc.
+    expect(await readdir(join(dataDir, 'oci', 'blobs', 'sha256'))).not.toContain(layers[1]!.digest.slice(7));
+    expect(await store.list()).toEqual([]);
+  });
+
+  it("refuses a zstd image over the store's unpacked size limit", async () => {
+    const dataDir = await newDataDir();
+    const store = new OciImageStore({ dataDir, registry: counting().client, idShift: SHIFT, maxUnpackedBytes: 32 * 1024 ** 2 });
+    await expect(store.ensure(ref('team/zbig:1'))).rejects.toMatchObject({
+      code: 'invalid-input',
+      message: expect.stringMatching(/decompress to more than the image size limit of 33554432 bytes \(at layer 1\)/),
+    });
+    expect(await readdir(join(dataDir, 'oci', 'rootfs'))).toEqual([]);
+    expect(await readdir(join(dataDir, 'oci', 'tmp'))).toEqual([]);
+    expect(await readdir(join(dataDir, 'oci', 'blobs', 'sha256'))).toEqual([]);
+    // The same image within the limit unpacks.
+    const roomy = new OciImageStore({ dataDir: await newDataDir(), registry: counting().client, idShift: SHIFT });
+    expect((await lstat(join((await roomy.ensure(ref('team/zbig:1'))).rootfs, 'zeros'))).size).toBe(48 * 1024 ** 2);
   });
 
   it('dedupes concurrent ensures in one store, and two stores racing on one directory agree', async () => {

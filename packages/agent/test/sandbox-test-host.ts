@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { SandboxDriver } from '@devyard/agent/runtime/sandbox/sandbox-driver';
 import type { BoxRuntimeSpec, ExecProcess, RuntimeDriver } from '@devyard/agent/runtime/runtime-driver';
+import type { BridgeNetworkOptions } from '@devyard/agent/network/bridge-network';
 
 /** Small limits that every test box gets unless it is about limits. */
 export const TEST_RESOURCES: BoxRuntimeSpec['resources'] = { cpuMillis: 500, memoryBytes: 64 * 1024 * 1024, pids: 64 };
@@ -33,13 +34,13 @@ export async function startBox(driver: Pick<RuntimeDriver, 'create' | 'start'>, 
 }
 
 /** A driver on a fresh temp dataDir with its own bridge, subnet, nft table and cgroup parent. */
-export async function testDriver(tag: string, octet: number): Promise<{ driver: SandboxDriver; dataDir: string; cgroupParent: string }> {
+export async function testDriver(tag: string, octet: number): Promise<{ driver: SandboxDriver; dataDir: string; cgroupParent: string; network: BridgeNetworkOptions }> {
   const dataDir = await mkdtemp(join(tmpdir(), `dy-${tag}-`));
   await chmod(dataDir, 0o711);
   const suffix = Math.random().toString(36).slice(2, 7);
   const cgroupParent = `devyard-test-${tag}-${suffix}`;
   const network = { bridge: `dyt${suffix}`, subnet: `10.${octet}.0.0/16`, nftTable: `devyard_test_${suffix}`, netnsPrefix: 'dyt-', vethPrefix: 'dyt' };
-  return { driver: new SandboxDriver({ dataDir, network, cgroupParent }), dataDir, cgroupParent };
+  return { driver: new SandboxDriver({ dataDir, network, cgroupParent }), dataDir, cgroupParent, network };
 }
 
 /** Everything of a box still on the host (empty when it is fully gone). */

@@ -11,6 +11,10 @@
  * never see half an object; the worst case is duplicated work. Ownership is shifted by `idShift`
  * exactly like the built-in images, because box root is host uid `idShift` in the box's user
  * namespace (see DEFAULT_ID_RANGE in the sandbox driver).
+ *
+ * Decompression is bounded: each layer by a multiple of its compressed size (with a floor), the
+ * image by `maxUnpackedBytes`, counted on the decompressed stream, so a small download of zeros
+ * cannot fill the node's disk; a refused image leaves nothing but its harmless blobs for gc.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
@@ -65,6 +69,17 @@ export interface OciImageStoreOptions {
   idRangeSize?: number;
   /** Bytes the cache may use; `gc()` (run after each fresh pull too) evicts down to it. */
   diskBudgetBytes?: number;
+  /**
+   * Most bytes the layers of one image may decompress to, all layers together (default 20 GiB): a
+   * bigger image is refused before it fills the node's disk.
+   */
+  maxUnpackedBytes?: number;
+  /**
+   * A layer may decompress to at most this many times its compressed size, or
+   * {@link LAYER_EXPANSION_FLOOR_BYTES}, whichever is more (default 100): real layers compress a few
+   * times, a decompression bomb (a small download of zeros) thousands of times.
+   */
+  maxLayerExpansion?: number;
   /** Digests of images boxes currently use: gc never removes these. */
   inUse?: () => Set<string> | Promise<Set<string>>;
   /** Structured log sink. */
@@ -98,6 +113,10 @@ const OVERFLOW_ID = 65_534;
 /** Temp entries older than this are leftovers of a crashed process; gc removes them. */
 const STALE_TMP_MS = 6 * 3600_000;
 const PROGRESS_INTERVAL_MS = 500;
+const DEFAULT_MAX_UNPACKED_BYTES = 20 * 1024 ** 3;
+const DEFAULT_MAX_LAYER_EXPANSION = 100;
+/** Every layer may decompress to this much, whatever its compressed size (small layers of text compress well). */
+export const LAYER_EXPANSION_FLOOR_BYTES = 256 * 1024 ** 2;
 
 const hexOf = (digest: string) => digest.slice('sha256:'.length);
 const mb = (n: number) => (n / 1e6).toFixed(1);
@@ -261,12 +280,19 @@ export class OciImageStore {
     try {
       await mkdir(tmpRoot, { mode: 0o755 });
       await lchown(tmpRoot, this.opts.idShift, this.opts.idShift);
-      const ctx: UnpackContext = { root: tmpRoot, name, dirTimes: new Map(), skipped: 0, remappedIds: 0, layerPaths: new Set(), layer: 0 };
+      const ctx: UnpackContext = { root: tmpRoot, name, dirTimes: new Map(), skipped: 0, remappedIds: 0, layerPaths: new Set(), layer: 0, unpackedBytes: 0 };
       for (const [i, layer] of layers.entries()) {
         progress(`unpack ${name}: layer ${i + 1}/${layers.length}`);
         ctx.layer = i + 1;
         ctx.layerPaths = new Set();
-        await this.applyLayer(ctx, join(this.root, 'blobs', 'sha256', hexOf(layer.digest)), diffIds[i]!);
+        const blob = join(this.root, 'blobs', 'sha256', hexOf(layer.digest));
+        try {
+          await this.applyLayer(ctx, blob, diffIds[i]!, layer.size);
+        } catch (err) {
+          // A refused bomb is not kept for the next pull to unpack again.
+          if (err instanceof DomainError && err.details.reason === 'decompression-bomb') await rm(blob, { force: true });
+          throw err;
+        }
       }
       // Directory times last: creating children bumps the parent's mtime.
       const dirs = [...ctx.dirTimes].sort((a, b) => b[0].length - a[0].length);
@@ -354,11 +380,25 @@ export class OciImageStore {
     }
   }
 
-  private async applyLayer(ctx: UnpackContext, blobPath: string, diffId: string): Promise<void> {
+  private async applyLayer(ctx: UnpackContext, blobPath: string, diffId: string, compressedBytes: number): Promise<void> {
     const decompress = await decompressorFor(blobPath);
     const diffHash = createHash('sha256');
+    const imageLimit = this.opts.maxUnpackedBytes ?? DEFAULT_MAX_UNPACKED_BYTES;
+    const layerLimit = Math.max(compressedBytes * (this.opts.maxLayerExpansion ?? DEFAULT_MAX_LAYER_EXPANSION), LAYER_EXPANSION_FLOOR_BYTES);
+    let layerBytes = 0;
     const tee = new Transform({
       transform(chunk: Buffer, _enc, cb) {
+        layerBytes += chunk.length;
+        ctx.unpackedBytes += chunk.length;
+        // Counted on the decompressed stream, before the tar parser writes anything of the chunk.
+        if (layerBytes > layerLimit || ctx.unpackedBytes > imageLimit) {
+          const what =
+            layerBytes > layerLimit
+              ? `layer ${ctx.layer} decompresses to more than ${layerLimit} bytes (${compressedBytes} compressed)`
+              : `its layers decompress to more than the image size limit of ${imageLimit} bytes (at layer ${ctx.layer})`;
+          cb(new DomainError('invalid-input', `image ${ctx.name}: ${what}; refused as a decompression bomb, nothing of it was kept`, { field: 'image', reason: 'decompression-bomb', limit: layerBytes > layerLimit ? layerLimit : imageLimit }));
+          return;
+        }
         diffHash.update(chunk);
         cb(null, chunk);
       },
@@ -600,6 +640,8 @@ interface UnpackContext {
   dirTimes: Map<string, Date>;
   skipped: number;
   remappedIds: number;
+  /** Decompressed bytes of every layer so far. */
+  unpackedBytes: number;
 }
 
 /** Image-relative components of an entry name; leading `/` is ignored, `..` is refused. */

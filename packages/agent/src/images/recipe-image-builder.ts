@@ -10,8 +10,8 @@
  * like any other image (one read-only lower) and does not depend on the base staying in its store.
  * The flattening replays the box's overlay upper onto a copy of the base: overlayfs whiteouts (0/0
  * character devices) delete, opaque directories (`trusted.overlay.opaque=y`) replace their lower
- * content. Ownership needs no shift: the base is already in the box's host id range and everything
- * the box wrote is too.
+ * content. What the box wrote belongs to the build box's own host id range: it is moved to the image
+ * range (where the base already is) before it is replayed.
  *
  * /root and /workspace are volumes in every box, not part of its root overlay: what a recipe
  * command writes there is not part of the image (as in a box, where they start from the volume).
@@ -23,6 +23,7 @@ import { join } from 'node:path';
 import { HostCommandError, runHostCommand, runHostCommandRaw } from '../network/host-command-runner.js';
 import type { BoxRuntimeSpec, RuntimeDriver, RuntimeResources } from '../runtime/runtime-driver.js';
 import { HookFailedError, OutputTail, runHook } from '../workspace/lifecycle-hooks.js';
+import { shiftTreeIds, type HostIdRange } from './tree-id-shift.js';
 
 /** A build recipe, as in a template's `build`. */
 export interface BuildRecipe {
@@ -46,8 +47,8 @@ export interface RecipeImage {
 
 /** What the builder needs of a runtime: the box lifecycle plus host access to a stopped box's root upper. */
 export interface RecipeBuildDriver extends Pick<RuntimeDriver, 'create' | 'start' | 'stop' | 'destroy' | 'exec'> {
-  /** Host path of the upper directory of a box's root overlay. */
-  boxHostPaths(boxId: string): { rootUpper: string };
+  /** Host path of the upper directory of a box's root overlay, the box's host id range and the image range. */
+  boxHostPaths(boxId: string): { rootUpper: string; idRange: HostIdRange; imageIdRange: HostIdRange };
 }
 
 /** Where base images come from (the agent's ImageResolver, without recipe support). */
@@ -251,7 +252,9 @@ export class RecipeImageBuilder {
       await driver.stop(boxId, { graceMs: 2000 });
       log('build: capturing');
       await copying;
-      await applyUpper(driver.boxHostPaths(boxId).rootUpper, rootfs);
+      const paths = driver.boxHostPaths(boxId);
+      await shiftTreeIds(paths.rootUpper, paths.idRange, paths.imageIdRange);
+      await applyUpper(paths.rootUpper, rootfs);
       await dropIdentity(rootfs);
       const seconds = (performance.now() - t0) / 1000;
       log(`build: ${imageName(hex)} built in ${seconds.toFixed(1)} s`);

@@ -10,7 +10,9 @@
  *
  * Both directories are moved, not copied, out of the stopped box: a rename keeps the overlay
  * whiteouts (0/0 char devices) and `trusted.overlay.*` xattrs that make an upper valid as a lower,
- * and keeps ownership in the box's host id range. The temporary box gets only the template's env:
+ * and keeps ownership, which then moves from the build box's own host id range to the image range
+ * (the build box's range goes to another box later; boxes see the layers through idmapped mounts).
+ * The temporary box gets only the template's env:
  * no user secrets, and the checkout's credentials stay on the host (see repository-checkout.ts).
  */
 import { createHash, randomBytes } from 'node:crypto';
@@ -18,14 +20,24 @@ import { existsSync } from 'node:fs';
 import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { runHostCommand } from '../network/host-command-runner.js';
+import { shiftTreeIds, type HostIdRange } from '../images/tree-id-shift.js';
 import type { BoxRuntimeSpec, RuntimeDriver, RuntimeResources } from '../runtime/runtime-driver.js';
 import { checkoutRepository, resolveRemoteRef, repoNameFromUrl, type GitCredentials } from '../workspace/repository-checkout.js';
 import { OutputTail, runHook, type LifecycleCommand } from '../workspace/lifecycle-hooks.js';
 
 /** What the builder needs of a runtime: the box lifecycle plus host access to a stopped box's disk. */
 export interface PrebuildDriver extends Pick<RuntimeDriver, 'create' | 'start' | 'stop' | 'destroy' | 'exec'> {
-  /** Host paths of a box's root overlay upper and workspace volume, and the host id of box root. */
-  boxHostPaths(boxId: string): { rootUpper: string; workspace: string; owner: { uid: number; gid: number } };
+  /**
+   * Host paths of a box's root overlay upper and workspace volume, the host id of box root, the
+   * box's host id range and the range shared layers are kept in.
+   */
+  boxHostPaths(boxId: string): {
+    rootUpper: string;
+    workspace: string;
+    owner: { uid: number; gid: number };
+    idRange: HostIdRange;
+    imageIdRange: HostIdRange;
+  };
 }
 
 /** What to prebuild. */
@@ -214,6 +226,7 @@ export class PrebuildBuilder {
       await mkdir(tmp, { mode: 0o700 });
       await moveTree(paths.rootUpper, join(tmp, 'rootfs-layer'));
       await moveTree(paths.workspace, join(tmp, 'workspace'));
+      for (const tree of ['rootfs-layer', 'workspace']) await shiftTreeIds(join(tmp, tree), paths.idRange, paths.imageIdRange);
       const seconds = (performance.now() - t0) / 1000;
       log(`prebuild ${id} built in ${seconds.toFixed(1)} s`);
       const meta = {

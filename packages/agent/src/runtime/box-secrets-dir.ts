@@ -44,15 +44,23 @@ export interface BoxSecretValue {
 export interface BoxSecretsDirOptions {
   /** Host directory of the per-box directories (default /run/devyard/secrets); a tmpfs is mounted there unless it is on one. */
   root?: string;
-  /** Host uid/gid of box root: the owner of a box's secrets. */
-  owner: { uid: number; gid: number };
+  /** Host uid/gid of box root: the owner of a box's secrets (per box where boxes have ranges of their own). */
+  owner: SecretsOwner | ((boxId: string) => SecretsOwner | Promise<SecretsOwner>);
   log?: (msg: string, fields?: object) => void;
+}
+
+/** Host uid/gid a box's secrets belong to. */
+export interface SecretsOwner {
+  /** Host uid. */
+  uid: number;
+  /** Host gid. */
+  gid: number;
 }
 
 export class BoxSecretsDir {
   /** Host directory of the per-box directories. */
   readonly root: string;
-  private readonly owner: { uid: number; gid: number };
+  private readonly owner: BoxSecretsDirOptions['owner'];
   private readonly log: (msg: string, fields?: object) => void;
   private ready: Promise<void> | null = null;
   /** Whether this instance mounted the tmpfs (then teardown may unmount it once empty). */
@@ -63,6 +71,10 @@ export class BoxSecretsDir {
     if (/[,:\s]/.test(this.root)) throw new Error('secrets root must not contain commas, colons or spaces');
     this.owner = opts.owner;
     this.log = opts.log ?? (() => undefined);
+  }
+
+  private async ownerOf(boxId: string): Promise<SecretsOwner> {
+    return typeof this.owner === 'function' ? this.owner(boxId) : this.owner;
   }
 
   /** Host directory of one box's secrets. */
@@ -100,8 +112,14 @@ export class BoxSecretsDir {
   async ensure(boxId: string): Promise<string> {
     await this.ensureRoot();
     const dir = this.path(boxId);
+    const owner = await this.ownerOf(boxId);
     await mkdir(dir, { recursive: true, mode: 0o700 });
-    await chown(dir, this.owner.uid, this.owner.gid);
+    const st = await lstat(dir);
+    if (st.uid !== owner.uid || st.gid !== owner.gid) {
+      // Written before the box had its id range (secrets come before the first start): hand them over.
+      for (const entry of await readdir(dir, { recursive: true })) await lchown(join(dir, entry), owner.uid, owner.gid);
+    }
+    await chown(dir, owner.uid, owner.gid);
     await chmod(dir, 0o700);
     return dir;
   }
@@ -115,7 +133,7 @@ export class BoxSecretsDir {
       return;
     }
     const dir = await this.ensure(boxId);
-    const { uid, gid } = this.owner;
+    const { uid, gid } = await this.ownerOf(boxId);
     const version = `..${Date.now().toString(36)}_${randomBytes(4).toString('hex')}`;
     const data = join(dir, version);
     await mkdir(data, { mode: 0o700 });

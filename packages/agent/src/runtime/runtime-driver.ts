@@ -15,7 +15,10 @@ export interface RuntimeResources {
   memoryBytes: number;
   /** Maximum number of processes/threads in the box (fork-bomb guard). */
   pids: number;
-  /** Size of the workspace volume where the runtime gives it a fixed size (a microVM's disk). */
+  /**
+   * The box's disk size: a microVM's volume disk; in a sandbox, the filesystem that holds the box's
+   * root changes and its /workspace and /root volumes (writing past it is ENOSPC in the box).
+   */
   diskBytes?: number;
 }
 

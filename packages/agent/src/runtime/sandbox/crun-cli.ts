@@ -35,8 +35,27 @@ export interface OverlayMount {
   target: string;
 }
 
+/**
+ * Idmapped bind mounts made first (the overlays' lower layers): each source, stored in the image id
+ * range, shows at its target as owned by the box's range.
+ */
+export interface IdmappedMounts {
+  /** The devyard-idmap-mount helper. */
+  helper: string;
+  /** First on-disk id mapped (the image range). */
+  from: number;
+  /** First id it shows as (the box's range). */
+  to: number;
+  /** Number of ids mapped. */
+  count: number;
+  /** Source directory → mount point. */
+  mounts: Array<{ source: string; target: string }>;
+}
+
 /** Mounts made in the private namespace right before `crun run`. */
 export interface RunMounts {
+  /** Lower layers as the box's id range sees them; mounted before the overlays that stack them. */
+  idmapped?: IdmappedMounts;
   /** The box's root overlay. */
   overlay: OverlayMount;
   /** Further overlays (a copy-on-write /workspace), mounted after the root one and bound by crun. */
@@ -77,9 +96,11 @@ export class CrunCli {
    */
   async runDetached(id: string, bundle: string, mounts: RunMounts, logFile: string): Promise<void> {
     const { overlay, sysfs } = mounts;
-    // Overlays come last as groups of four positional arguments, so any number of them fits.
+    const idm = mounts.idmapped;
+    // Idmapped lowers, then overlays, as groups of positional arguments, so any number of them fits.
     const script =
-      'bundle=$1 id=$2 log=$3 netns=$4 sys=$5; shift 5\n' +
+      'bundle=$1 id=$2 log=$3 netns=$4 sys=$5 helper=$6 from=$7 to=$8 count=$9 n=${10}; shift 10\n' +
+      'while [ "$n" -gt 0 ]; do "$helper" "$from" "$to" "$count" "$1" "$2"; shift 2; n=$((n - 1)); done\n' +
       'while [ $# -gt 0 ]; do mount -t overlay overlay -o "lowerdir=$1,upperdir=$2,workdir=$3" "$4"; shift 4; done\n' +
       'nsenter --net="$netns" mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$sys"\n' +
       `exec ${this.base().join(' ')} run -d -b "$bundle" "$id" </dev/null >"$log" 2>&1\n`;
@@ -89,6 +110,12 @@ export class CrunCli {
       logFile,
       sysfs.netnsPath,
       sysfs.target,
+      idm?.helper ?? '',
+      String(idm?.from ?? 0),
+      String(idm?.to ?? 0),
+      String(idm?.count ?? 0),
+      String(idm?.mounts.length ?? 0),
+      ...(idm?.mounts ?? []).flatMap((m) => [m.source, m.target]),
       ...[overlay, ...(mounts.overlays ?? [])].flatMap((o) => [o.lower, o.upper, o.work, o.target]),
     ]);
     if (r.code !== 0) {

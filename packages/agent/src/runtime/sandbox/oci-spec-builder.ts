@@ -1,9 +1,10 @@
 /**
  * Builds the OCI runtime config (config.json) of one box: user/pid/mount/uts/ipc namespaces plus
  * the host-owned network namespace, root mapped to an unprivileged host uid range, Docker's default
- * capabilities minus NET_RAW and MKNOD, no new privileges, a seccomp deny-list, cgroup limits.
+ * capabilities minus NET_RAW and MKNOD, no new privileges, a seccomp allow-list (seccomp-profile.ts), cgroup limits.
  */
 import type { RuntimeResources } from '../runtime-driver.js';
+import { boxSeccompProfile } from './seccomp-profile.js';
 
 /** A contiguous uid/gid range: container 0.. maps to host `hostId`.. */
 export interface IdRange {
@@ -51,48 +52,6 @@ export const BOX_CAPABILITIES = [
   'CAP_SYS_CHROOT',
   'CAP_KILL',
   'CAP_AUDIT_WRITE',
-];
-
-/** Syscalls a box never needs and that widen the kernel attack surface; they fail with EPERM. */
-export const SECCOMP_DENY = [
-  'acct',
-  'add_key',
-  'bpf',
-  'clock_adjtime',
-  'clock_settime',
-  'create_module',
-  'delete_module',
-  'finit_module',
-  'fsconfig',
-  'fsmount',
-  'fsopen',
-  'fspick',
-  'get_kernel_syms',
-  'init_module',
-  'ioperm',
-  'iopl',
-  'kexec_file_load',
-  'kexec_load',
-  'keyctl',
-  'lookup_dcookie',
-  'mount_setattr',
-  'move_mount',
-  'name_to_handle_at',
-  'nfsservctl',
-  'open_by_handle_at',
-  'open_tree',
-  'perf_event_open',
-  'query_module',
-  'quotactl',
-  'reboot',
-  'request_key',
-  'settimeofday',
-  'swapoff',
-  'swapon',
-  'syslog',
-  'uselib',
-  'userfaultfd',
-  'vhangup',
 ];
 
 /** CFS period used for every box; the quota is cpuMillis/1000 of it. */
@@ -180,11 +139,7 @@ export function buildOciSpec(input: BoxOciSpecInput): Record<string, unknown> {
         pids: { limit: resources.pids },
         cpu: { quota, period: CFS_PERIOD_US },
       },
-      seccomp: {
-        defaultAction: 'SCMP_ACT_ALLOW',
-        architectures: ['SCMP_ARCH_X86_64', 'SCMP_ARCH_X86', 'SCMP_ARCH_X32'],
-        syscalls: [{ names: SECCOMP_DENY, action: 'SCMP_ACT_ERRNO', errnoRet: 1 }],
-      },
+      seccomp: boxSeccompProfile(),
       maskedPaths: [
         '/proc/acpi',
         '/proc/asound',

@@ -13,10 +13,22 @@
  * volume/workspace, work = volume/.workspace-work, mounted at ws-merged/ in the same private
  * namespace), so a box from a prebuild is a copy-on-write clone of it and its workspace volume holds
  * only its own changes.
+ *
+ * Ids: every box's root maps to a host id range of its own (IdRangeAllocator), recorded in box.json
+ * and freed on destroy. Images and prebuild layers are stored once, in the image id range, and
+ * shared: they enter a box's overlay as idmapped mounts (image range → the box's range, made by the
+ * devyard-idmap-mount helper in the same private namespace), the way Kubernetes' user-namespaced
+ * pods and LXD's isolated containers see shared layers. What the box writes (upper, volumes, its
+ * secrets) belongs to its own range on the host.
+ *
+ * Disk: a box with a disk size (`resources.diskBytes`) keeps upper/, work/ and volume/ on a
+ * filesystem of that size of its own (box-disk.ts: an image under `<dataDir>/disks`, loop-mounted;
+ * the box directory's `disk` is a symlink to the mount), so filling it is ENOSPC inside the box and
+ * nothing on the node's filesystem. A box without one keeps them in the box directory, unbounded.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, realpathSync, statSync } from 'node:fs';
-import { chmod, chown, mkdir, readdir, readFile, rename, rm, rmdir, stat, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, readdir, readFile, rename, rm, rmdir, stat, symlink, writeFile } from 'node:fs/promises';
 import type { Socket } from 'node:net';
 import { dirname, join, resolve } from 'node:path';
 import { BridgeNetwork, type BridgeNetworkOptions } from '../../network/bridge-network.js';
@@ -37,8 +49,16 @@ import { CgroupLayout, type CgroupMode } from './cgroup-layout.js';
 import { CrunCli } from './crun-cli.js';
 import { DialError, NetnsDialer } from './netns-dialer-process.js';
 import { buildOciSpec, type IdRange } from './oci-spec-builder.js';
+import { IdRangeAllocator } from './id-range-allocator.js';
+import { ensureIdmapMountHelper } from './idmap-mount-helper.js';
+import { shiftTreeIds } from '../../images/tree-id-shift.js';
+import { BoxDiskPool } from './box-disk.js';
 
-/** Host uid/gid range box root maps to; the image store shifts image ownership by the same offset. */
+/**
+ * The image id range: image stores shift image ownership into it (root = 100000) and shared layers
+ * are kept in it. No box runs as it: each box has a range of its own, and sees images through an
+ * idmapped mount.
+ */
 export const DEFAULT_ID_RANGE: IdRange = { hostId: 100_000, size: 65_536 };
 
 /** Options of {@link SandboxDriver}. */
@@ -49,8 +69,12 @@ export interface SandboxDriverOptions {
   network?: BridgeNetworkOptions;
   /** Parent cgroup of every box (default `devyard`). */
   cgroupParent?: string;
-  /** Host id range of box root (default 100000/65536); must match the image store's shift. */
-  idRange?: IdRange;
+  /** The image id range (default 100000/65536); must match the image stores' shift. */
+  imageIdRange?: IdRange;
+  /** Where the boxes' own id ranges come from (default: the host-wide pool). */
+  idRanges?: IdRangeAllocator;
+  /** Formatted box disks kept ready per recently used disk size, so a create does not wait for mkfs (default 2; 0: none). */
+  spareDisks?: number;
   /** Static busybox on the host, bound read-only into every box as its init (default: found in PATH dirs). */
   busyboxPath?: string;
   /** crun state directory (default /run/crun). */
@@ -78,6 +102,10 @@ interface BoxRecord {
   layers?: string[];
   workspaceBase?: string;
   ip: string;
+  /** The box's own host id range; absent on boxes made before boxes had one (they use the image range until their next start). */
+  idRange?: IdRange;
+  /** The box's own filesystem (its size and the pool's id of it), made at create from `resources.diskBytes`; absent: unbounded, in the box directory. */
+  disk?: { bytes: number; id: string };
   createdAt: string;
 }
 
@@ -91,6 +119,10 @@ export interface BoxHostPaths {
   workspace: string;
   /** Host uid/gid box root maps to: files placed in the box's disk state must belong to it. */
   owner: { uid: number; gid: number };
+  /** The box's host id range (owner is its first id). */
+  idRange: IdRange;
+  /** Where shared layers captured from the box (prebuilds, recipe images) must be moved to. */
+  imageIdRange: IdRange;
 }
 
 const BOX_ID = /^[a-z0-9_]{1,40}$/;
@@ -98,6 +130,8 @@ const BOX_ID = /^[a-z0-9_]{1,40}$/;
 const BUSYBOX_IN_BOX = '/.devyard/busybox';
 /** Overlay work dir of a copy-on-write /workspace: next to its upper (same filesystem), in the volume. */
 const WORKSPACE_WORK = 'volume/.workspace-work';
+/** Symlink in the box directory to the box's own disk (box-disk.ts). */
+const DISK_LINK = 'disk';
 /** Mount point of a copy-on-write /workspace, bound into the box by crun. */
 const WORKSPACE_MERGED = 'ws-merged';
 /** Init: reaps every child (ash's wait uses waitpid(-1)) and exits on SIGTERM. */
@@ -114,6 +148,8 @@ export class SandboxError extends Error {
       | 'BOX_PAUSED'
       | 'INVALID_BOX_ID'
       | 'INVALID_SPEC'
+      /** Another box holds the host id range this box's record names. */
+      | 'ID_RANGE_CONFLICT'
       /** Nothing listens on the dialed port inside the box. */
       | 'PORT_REFUSED'
       /** A dial failed otherwise (timeout, reset, the dialer died). */
@@ -141,7 +177,14 @@ export class SandboxDriver implements RuntimeDriver {
   /** The boxes directory inside the data dir. */
   private readonly hostBoxesDir: string;
   private preparing: Promise<void> = Promise.resolve();
-  private readonly idRange: IdRange;
+  private readonly imageIdRange: IdRange;
+  /** The boxes' own host id ranges. */
+  readonly idRanges: IdRangeAllocator;
+  private idmapHelper: Promise<string> | undefined;
+  /** Makes the boxes' own disks. */
+  private readonly disks: BoxDiskPool;
+  /** The disks directory inside the data dir (the pool may see it through a bind under /run). */
+  private readonly hostDisksDir: string;
   /** The static busybox every box gets at /.devyard/busybox (the microVM runtime reuses it). */
   readonly busyboxPath: string;
   private readonly log: (msg: string, fields?: object) => void;
@@ -167,19 +210,26 @@ export class SandboxDriver implements RuntimeDriver {
     this.network = new BridgeNetwork(opts.network);
     this.cgroups = new CgroupLayout({ parent: opts.cgroupParent ?? 'devyard', mode: opts.cgroupMode });
     this.crun = new CrunCli(this.cgroups.mode, { stateRoot: opts.crunStateRoot });
-    this.idRange = opts.idRange ?? DEFAULT_ID_RANGE;
+    this.imageIdRange = opts.imageIdRange ?? DEFAULT_ID_RANGE;
+    this.idRanges = opts.idRanges ?? new IdRangeAllocator({ reserved: [this.imageIdRange] });
     this.busyboxPath = opts.busyboxPath ?? findBusybox();
     this.log = opts.log ?? (() => {});
+    this.hostDisksDir = join(opts.dataDir, 'disks');
+    this.disks = new BoxDiskPool({ dir: this.exposedDir(this.hostDisksDir, 'disks'), sparesPerSize: opts.spareDisks, log: this.log });
     this.toolsDir = join(opts.dataDir, 'tools');
     this.boxTools = opts.boxTools;
     this.dialerIdleMs = opts.dialerIdleMs;
-    this.secrets = new BoxSecretsDir({ root: opts.secretsRoot, owner: { uid: this.idRange.hostId, gid: this.idRange.hostId }, log: this.log });
+    this.secrets = new BoxSecretsDir({ root: opts.secretsRoot, owner: (boxId) => this.boxOwner(boxId), log: this.log });
   }
 
   /** Prepares the bridge, NAT, cgroup parent and data directory. */
   async init(): Promise<void> {
     await this.prepareBoxesDir();
+    // Spares an earlier agent process left (maybe half made) go; boxes' disks stay.
+    await this.prepareDisksDir();
+    await this.disks.clear(await this.disksInUse());
     await this.prepareTools();
+    await this.idmapMountHelper();
     await this.network.init();
     await this.cgroups.init();
     this.log('sandbox: host ready', { cgroupMode: this.cgroups.mode, bridge: this.network.bridge });
@@ -188,9 +238,11 @@ export class SandboxDriver implements RuntimeDriver {
   /** Removes the bridge, NAT table and cgroup parents (uninstall and tests); destroy boxes first. */
   async teardownHost(): Promise<void> {
     try {
+      await this.disks.clear(await this.disksInUse());
       await this.network.teardown();
       await this.cgroups.removeParent();
     } finally {
+      await this.unexposeDisksDir();
       await this.unexposeBoxesDir();
       await this.unexposeTools();
       await this.secrets.teardown().catch(() => undefined);
@@ -257,12 +309,27 @@ export class SandboxDriver implements RuntimeDriver {
     checkLayers(spec);
     await this.withLock(spec.boxId, async () => {
       const t0 = performance.now();
-      const rec = await this.createLocked(spec);
+      let rec = await this.createLocked(spec);
       const existing = await this.crunState(spec.boxId);
       if (existing && (existing.status === 'running' || existing.status === 'paused')) return;
       if (existing) await this.releaseRuntime(spec.boxId, 0);
       const dir = this.boxDir(spec.boxId);
+      if (rec.disk) {
+        // After a reboot: the /run bind and the mount are made again.
+        await this.prepareDisksDir();
+        await this.disks.ensureMounted(rec.disk.id);
+      }
+      rec = await this.ensureOwnIdRange(rec);
+      const range = rec.idRange ?? this.imageIdRange;
+      const data = dataRoot(dir, rec);
+      // Shared layers show as the box's own through idmapped mounts (none for a box still on the image range).
+      const lowers = [...(rec.layers ?? []), rec.imageRootfs];
+      const idmapped = range.hostId !== this.imageIdRange.hostId;
+      const lowerAt = idmapped ? lowers.map((_, i) => join(dir, 'lower', String(i))) : lowers;
+      const wsBaseAt = rec.workspaceBase && idmapped ? join(dir, 'ws-lower') : rec.workspaceBase;
       try {
+        const helper = idmapped ? await this.idmapMountHelper() : '';
+        if (idmapped) for (const p of [...lowerAt, ...(wsBaseAt ? [wsBaseAt] : [])]) await mkdir(p, { recursive: true, mode: 0o755 });
         // The agent wrote the box's secrets before starting it; an empty directory otherwise.
         const secretsSource = spec.secrets ? await this.secrets.ensure(spec.boxId) : undefined;
         const netnsPath = await this.network.createNamespace(spec.boxId);
@@ -286,18 +353,30 @@ export class SandboxDriver implements RuntimeDriver {
             spec.boxId,
             dir,
             {
+              idmapped: idmapped
+                ? {
+                    helper,
+                    from: this.imageIdRange.hostId,
+                    to: range.hostId,
+                    count: Math.min(range.size, this.imageIdRange.size),
+                    mounts: [
+                      ...lowers.map((source, i) => ({ source, target: lowerAt[i]! })),
+                      ...(rec.workspaceBase && wsBaseAt ? [{ source: rec.workspaceBase, target: wsBaseAt }] : []),
+                    ],
+                  }
+                : undefined,
               overlay: {
-                lower: [...(rec.layers ?? []), rec.imageRootfs].join(':'),
-                upper: join(dir, 'upper'),
-                work: join(dir, 'work'),
+                lower: lowerAt.join(':'),
+                upper: join(data, 'upper'),
+                work: join(data, 'work'),
                 target: join(dir, 'merged'),
               },
-              overlays: rec.workspaceBase
+              overlays: wsBaseAt
                 ? [
                     {
-                      lower: rec.workspaceBase,
-                      upper: join(dir, 'volume/workspace'),
-                      work: join(dir, WORKSPACE_WORK),
+                      lower: wsBaseAt,
+                      upper: join(data, 'volume/workspace'),
+                      work: join(data, WORKSPACE_WORK),
                       target: join(dir, WORKSPACE_MERGED),
                     },
                   ]
@@ -313,6 +392,7 @@ export class SandboxDriver implements RuntimeDriver {
         throw err;
       }
       this.log('sandbox: started', { boxId: spec.boxId, ms: Math.round(performance.now() - t0) });
+      this.disks.refillTaken();
     });
   }
 
@@ -380,11 +460,19 @@ export class SandboxDriver implements RuntimeDriver {
     await this.withLock(boxId, async () => {
       await this.releaseRuntime(boxId, 0);
       await this.secrets.remove(boxId);
+      const range = (await this.readRecord(boxId))?.idRange;
       const dir = this.boxDir(boxId);
-      // Mounts on the host under the box (none normally: they live in crun's private namespace).
+      const disk = (await this.readRecord(boxId))?.disk;
+      if (disk) {
+        await this.prepareDisksDir();
+        await this.disks.remove(disk.id);
+      }
+      // Other mounts on the host under the box (none normally: they live in crun's private namespace).
       for (const m of await hostMountsUnder(dir)) await runHostCommandRaw(['umount', '-l', m]);
       await rm(dir, { recursive: true, force: true });
       this.records.delete(boxId);
+      // Only once nothing of the box is left that its range owns.
+      if (range) await this.idRanges.free(range, join(this.hostBoxesDir, boxId));
       this.log('sandbox: destroyed', { boxId });
     });
   }
@@ -525,12 +613,117 @@ export class SandboxDriver implements RuntimeDriver {
   boxHostPaths(boxId: string): BoxHostPaths {
     checkBoxId(boxId);
     const dir = join(this.hostBoxesDir, boxId);
+    const rec = this.recordSync(boxId);
+    const idRange = rec?.idRange ?? this.imageIdRange;
+    const data = rec?.disk ? join(dir, DISK_LINK) : dir;
     return {
       dir,
-      rootUpper: join(dir, 'upper'),
-      workspace: join(dir, 'volume/workspace'),
-      owner: { uid: this.idRange.hostId, gid: this.idRange.hostId },
+      rootUpper: join(data, 'upper'),
+      workspace: join(data, 'volume/workspace'),
+      owner: { uid: idRange.hostId, gid: idRange.hostId },
+      idRange,
+      imageIdRange: { ...this.imageIdRange },
     };
+  }
+
+  /** Ids of the disks boxes on this data dir hold (the pool removes every other). */
+  private async disksInUse(): Promise<Set<string>> {
+    const ids = new Set<string>();
+    for (const name of await readdir(this.boxesDir).catch(() => [] as string[])) {
+      if (!BOX_ID.test(name)) continue;
+      const id = (await this.readRecord(name))?.disk?.id;
+      if (id) ids.add(id);
+    }
+    return ids;
+  }
+
+  /**
+   * The disks directory as box root can reach it: like the boxes directory, a bind under /run when
+   * the data dir is not searchable by others. Mounts are made on that path, so the box's `disk`
+   * symlink (absolute) leads to them from either view of the box directory.
+   */
+  private async prepareDisksDir(): Promise<void> {
+    await mkdir(this.hostDisksDir, { recursive: true, mode: 0o711 });
+    await chmod(this.hostDisksDir, 0o711);
+    if (this.disks.dir !== this.hostDisksDir && !isMountPoint(this.disks.dir)) {
+      await mkdir(this.disks.dir, { recursive: true, mode: 0o711 });
+      await runHostCommand(['mount', '--bind', this.hostDisksDir, this.disks.dir]);
+    }
+  }
+
+  private async unexposeDisksDir(): Promise<void> {
+    if (this.disks.dir === this.hostDisksDir) return;
+    // A box's disk still mounted under it keeps it busy: it stays, with the disks it shows.
+    for (let i = 0; i < 64 && isMountPoint(this.disks.dir); i++) {
+      if ((await runHostCommandRaw(['umount', this.disks.dir])).code !== 0) return;
+    }
+    await rmdir(this.disks.dir).catch(() => undefined);
+  }
+
+  /** A path under /run for a data dir directory box root must reach (see exposedBoxesDir), or the directory itself. */
+  private exposedDir(hostDir: string, kind: string): string {
+    if (this.boxesDir === this.hostBoxesDir) return hostDir;
+    const hash = createHash('sha256').update(resolve(hostDir)).digest('hex').slice(0, 16);
+    return `/run/devyard/${kind}-${hash}`;
+  }
+
+  /** The box's record, read synchronously when it is not cached (undefined when there is none). */
+  private recordSync(boxId: string): BoxRecord | undefined {
+    let rec = this.records.get(boxId);
+    if (!rec) {
+      try {
+        rec = JSON.parse(readFileSync(join(this.boxDir(boxId), 'box.json'), 'utf8')) as BoxRecord;
+      } catch {}
+    }
+    return rec;
+  }
+
+  /** Host uid/gid of the box's root. */
+  private async boxOwner(boxId: string): Promise<{ uid: number; gid: number }> {
+    const range = (await this.readRecord(boxId))?.idRange ?? this.imageIdRange;
+    return { uid: range.hostId, gid: range.hostId };
+  }
+
+  /** The helper that makes idmapped mounts, compiled on first use. */
+  private idmapMountHelper(): Promise<string> {
+    this.idmapHelper ??= ensureIdmapMountHelper(join(this.dataDir, 'helpers')).catch((err: unknown) => {
+      this.idmapHelper = undefined;
+      throw err;
+    });
+    return this.idmapHelper;
+  }
+
+  /**
+   * Gives a box made before boxes had ranges of their own a range, moving its disk state's
+   * ownership from the image range into it (the box is stopped: called before it starts); makes
+   * sure the registry still knows the range of any other box.
+   */
+  private async ensureOwnIdRange(rec: BoxRecord): Promise<BoxRecord> {
+    const owner = join(this.hostBoxesDir, rec.boxId);
+    if (rec.idRange) {
+      if (!(await this.idRanges.confirm(rec.idRange, owner))) {
+        throw new SandboxError('ID_RANGE_CONFLICT', `box ${rec.boxId}: its host id range ${rec.idRange.hostId} is held by ${await this.idRanges.holder(rec.idRange)}`);
+      }
+      return rec;
+    }
+    const idRange = await this.idRanges.allocate(owner);
+    const dir = this.boxDir(rec.boxId);
+    const t0 = performance.now();
+    for (const sub of [join(dataRoot(dir, rec), 'upper'), join(dataRoot(dir, rec), 'volume'), join(dir, 'etc')]) {
+      if (existsSync(sub)) await shiftTreeIds(sub, this.imageIdRange, idRange);
+    }
+    const next = { ...rec, idRange };
+    await this.writeRecord(next);
+    this.log('sandbox: box moved to its own id range', { boxId: rec.boxId, hostId: idRange.hostId, ms: Math.round(performance.now() - t0) });
+    return next;
+  }
+
+  private async writeRecord(rec: BoxRecord): Promise<void> {
+    const dir = this.boxDir(rec.boxId);
+    const tmp = join(dir, `.box.json.${process.pid}`);
+    await writeFile(tmp, JSON.stringify(rec, null, 2));
+    await rename(tmp, join(dir, 'box.json'));
+    this.records.set(rec.boxId, rec);
   }
 
   /** crun keeps a directory per container: a cheap check before spawning `crun state`. */
@@ -545,6 +738,7 @@ export class SandboxDriver implements RuntimeDriver {
 
   private ociSpec(rec: BoxRecord, netnsPath: string, secretsSource?: string): Record<string, unknown> {
     const dir = this.boxDir(rec.boxId);
+    const data = dataRoot(dir, rec);
     return buildOciSpec({
       rootfs: join(dir, 'merged'),
       hostname: rec.name,
@@ -553,17 +747,17 @@ export class SandboxDriver implements RuntimeDriver {
       resources: rec.resources,
       cgroupsPath: this.cgroups.cgroupsPath(rec.boxId),
       netnsPath,
-      idRange: this.idRange,
+      idRange: rec.idRange ?? this.imageIdRange,
       sysfsSource: join(dir, 'sys'),
       binds: [
         { source: this.busyboxPath, destination: BUSYBOX_IN_BOX, readonly: true },
         ...(this.toolsSource ? [{ source: this.toolsSource, destination: BOX_TOOLS_DIR, readonly: true }] : []),
         {
-          source: join(dir, rec.workspaceBase ? WORKSPACE_MERGED : 'volume/workspace'),
+          source: rec.workspaceBase ? join(dir, WORKSPACE_MERGED) : join(data, 'volume/workspace'),
           destination: '/workspace',
           readonly: false,
         },
-        { source: join(dir, 'volume/home'), destination: '/root', readonly: false },
+        { source: join(data, 'volume/home'), destination: '/root', readonly: false },
         { source: join(dir, 'etc/hosts'), destination: '/etc/hosts', readonly: false },
         { source: join(dir, 'etc/hostname'), destination: '/etc/hostname', readonly: false },
         { source: join(dir, 'etc/resolv.conf'), destination: '/etc/resolv.conf', readonly: false },
@@ -576,29 +770,31 @@ export class SandboxDriver implements RuntimeDriver {
     const dir = this.boxDir(spec.boxId);
     const existing = await this.readRecord(spec.boxId);
     if (existing && existing.imageRootfs === spec.imageRootfs && sameSpec(existing, spec)) return existing;
-    const root = this.idRange.hostId;
+    let idRange = existing ? existing.idRange : undefined;
+    // The disk size is the one the box was made with (growing or shrinking it is not supported).
+    let disk = existing?.disk;
+    if (existing && (existing.disk?.bytes ?? 0) !== (spec.resources.diskBytes ?? 0)) {
+      this.log('sandbox: disk size change ignored; a box keeps the disk it was made with', { boxId: spec.boxId, disk: existing.disk?.bytes ?? null, asked: spec.resources.diskBytes ?? null });
+    }
     if (!existing) {
       await this.prepareBoxesDir();
-      await mkdir(dir, { recursive: true, mode: 0o711 });
-      for (const sub of ['work', 'merged', 'sys', 'etc', 'volume']) await mkdir(join(dir, sub), { recursive: true });
-      // The overlay's root directory takes the upper's owner and mode: box root must own it.
-      for (const [sub, mode] of [
-        ['upper', 0o755],
-        ['volume/workspace', 0o755],
-        ['volume/home', 0o700],
-      ] as const) {
-        await mkdir(join(dir, sub), { recursive: true });
-        await chown(join(dir, sub), root, root);
-        await chmod(join(dir, sub), mode);
-      }
-      for (const f of ['hosts', 'hostname', 'resolv.conf']) {
-        await writeFile(join(dir, 'etc', f), '');
-        await chown(join(dir, 'etc', f), root, root);
+      idRange = await this.idRanges.allocate(join(this.hostBoxesDir, spec.boxId));
+      try {
+        if (spec.resources.diskBytes) {
+          await this.prepareDisksDir();
+          disk = { bytes: spec.resources.diskBytes, id: await this.disks.take(spec.resources.diskBytes) };
+        }
+        await this.makeBoxDirs(dir, idRange.hostId, disk);
+      } catch (err) {
+        if (disk) await this.disks.remove(disk.id);
+        await rm(dir, { recursive: true, force: true });
+        await this.idRanges.free(idRange, join(this.hostBoxesDir, spec.boxId));
+        throw err;
       }
     }
     if (spec.workspaceBase) {
       // Only boxes with a workspace base get these, so plain boxes keep exactly their old layout.
-      await mkdir(join(dir, WORKSPACE_WORK), { recursive: true, mode: 0o700 });
+      await mkdir(join(dataRoot(dir, { disk }), WORKSPACE_WORK), { recursive: true, mode: 0o700 });
       await mkdir(join(dir, WORKSPACE_MERGED), { recursive: true, mode: 0o755 });
     }
     const ip = existing?.ip ?? (await this.allocateIp(spec.boxId));
@@ -612,13 +808,42 @@ export class SandboxDriver implements RuntimeDriver {
       ...(spec.layers?.length ? { layers: [...spec.layers] } : {}),
       ...(spec.workspaceBase ? { workspaceBase: spec.workspaceBase } : {}),
       ip,
+      ...(idRange ? { idRange } : {}),
+      ...(disk ? { disk } : {}),
       createdAt: existing?.createdAt ?? new Date().toISOString(),
     };
-    const tmp = join(dir, `.box.json.${process.pid}`);
-    await writeFile(tmp, JSON.stringify(rec, null, 2));
-    await rename(tmp, join(dir, 'box.json'));
-    this.records.set(spec.boxId, rec);
+    await this.writeRecord(rec);
     return rec;
+  }
+
+  /**
+   * A new box's directories (and its own filesystem when it has a disk size): everything box root
+   * writes to belongs to its range (root = its first id).
+   */
+  private async makeBoxDirs(dir: string, root: number, disk: BoxRecord['disk'] | undefined): Promise<void> {
+    await mkdir(dir, { recursive: true, mode: 0o711 });
+    for (const sub of ['merged', 'sys', 'etc']) await mkdir(join(dir, sub), { recursive: true });
+    if (disk) {
+      // A link left by a create that crashed before it wrote the record points at a disk now gone.
+      await rm(join(dir, DISK_LINK), { force: true });
+      await symlink(this.disks.mountPoint(disk.id), join(dir, DISK_LINK));
+    }
+    const data = dataRoot(dir, { disk });
+    for (const sub of ['work', 'volume']) await mkdir(join(data, sub), { recursive: true });
+    // The overlay's root directory takes the upper's owner and mode: box root must own it.
+    for (const [sub, mode] of [
+      ['upper', 0o755],
+      ['volume/workspace', 0o755],
+      ['volume/home', 0o700],
+    ] as const) {
+      await mkdir(join(data, sub), { recursive: true });
+      await chown(join(data, sub), root, root);
+      await chmod(join(data, sub), mode);
+    }
+    for (const f of ['hosts', 'hostname', 'resolv.conf']) {
+      await writeFile(join(dir, 'etc', f), '');
+      await chown(join(dir, 'etc', f), root, root);
+    }
   }
 
   /** Picks the lowest free address; serialized so two creates never take the same one. */
@@ -704,6 +929,11 @@ export class SandboxDriver implements RuntimeDriver {
     });
     return next;
   }
+}
+
+/** Where the box's upper, work and volume directories are: its own disk, or the box directory. */
+function dataRoot(dir: string, rec: Pick<BoxRecord, 'disk'>): string {
+  return rec.disk ? join(dir, DISK_LINK) : dir;
 }
 
 /** A PATH set by a template or session still finds the bundled tools, after its own directories. */
