@@ -10,37 +10,16 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { BuiltinImageStore, type BuiltImage } from '@devyard/agent/images/builtin-image-store';
-import type { BoxRuntimeSpec, ExecProcess } from '@devyard/agent/runtime/runtime-driver';
+import type { BoxRuntimeSpec } from '@devyard/agent/runtime/runtime-driver';
 import { MicrovmDriver, type MicrovmDriverOptions } from '@devyard/agent/runtime/microvm/microvm-driver';
 import { checkoutRepository } from '@devyard/agent/workspace/repository-checkout';
+import { processesUnder, runInVm, startVmTestHost, vmBoxSpec } from './microvm-test-host.js';
 import { GitFixture } from './workspace-git-fixture.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const suffix = Math.random().toString(36).slice(2, 6);
 
-async function run(driver: MicrovmDriver, boxId: string, script: string): Promise<{ code: number; out: string; err: string }> {
-  const p: ExecProcess = await driver.exec(boxId, { argv: ['sh', '-c', script] });
-  let out = '';
-  let err = '';
-  p.stdout.on('data', (b: Buffer) => (out += b.toString()));
-  p.stderr.on('data', (b: Buffer) => (err += b.toString()));
-  p.stdin.end();
-  const code = await p.exited;
-  await sleep(20);
-  return { code, out, err };
-}
-
-function qemuProcessesOf(dir: string): string[] {
-  const out: string[] = [];
-  for (const pid of readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
-    try {
-      if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(dir)) out.push(pid);
-    } catch {
-      /* gone */
-    }
-  }
-  return out;
-}
+const run = runInVm;
 
 describe('microvm driver', () => {
   let dataDir: string;
@@ -50,15 +29,7 @@ describe('microvm driver', () => {
   const boxes = new Set<string>();
   const spec = (boxId: string): BoxRuntimeSpec => {
     boxes.add(boxId);
-    return {
-      boxId,
-      name: boxId.replace(/_/g, '-'),
-      runtime: 'microvm',
-      imageRootfs: image.rootfs,
-      imageDigest: image.digest,
-      resources: { cpuMillis: 1000, memoryBytes: 256 * 1024 ** 2, pids: 256, diskBytes: 1024 ** 3 },
-      env: {},
-    };
+    return vmBoxSpec(boxId, image);
   };
   const up = async (s: BoxRuntimeSpec) => {
     await driver.create(s);
@@ -72,22 +43,12 @@ describe('microvm driver', () => {
   };
 
   beforeAll(async () => {
-    dataDir = await mkdtemp(join(tmpdir(), 'dy-vm-'));
-    await chmod(dataDir, 0o711);
-    opts = {
-      dataDir,
-      uidShift: 100_000,
-      busybox: '/usr/bin/busybox',
-      network: { bridge: `dyvm${suffix}`, subnet: '10.249.0.0/16', nftTable: `devyard_vmtest_${suffix}`, vethPrefix: 'dvm' },
-    };
-    driver = new MicrovmDriver(opts);
-    await driver.init();
-    image = await new BuiltinImageStore({ dataDir }).ensure('tiny');
+    ({ dataDir, opts, driver, image } = await startVmTestHost('vm', '10.249.0.0/16', 'dvm'));
   });
 
   afterAll(async () => {
     for (const id of boxes) await driver.destroy(id).catch(() => undefined);
-    expect(qemuProcessesOf(dataDir)).toEqual([]);
+    expect(processesUnder(dataDir)).toEqual([]);
     await driver.network.teardown();
     await rm(dataDir, { recursive: true, force: true });
   });

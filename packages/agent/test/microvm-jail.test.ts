@@ -9,28 +9,16 @@
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
-import { chmod, mkdtemp, readFile, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { readFile, rm } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { BuiltinImageStore, type BuiltImage } from '@devyard/agent/images/builtin-image-store';
-import type { BoxRuntimeSpec, ExecProcess } from '@devyard/agent/runtime/runtime-driver';
+import type { BuiltImage } from '@devyard/agent/images/builtin-image-store';
+import type { BoxRuntimeSpec } from '@devyard/agent/runtime/runtime-driver';
 import { MicrovmDriver, type MicrovmDriverOptions } from '@devyard/agent/runtime/microvm/microvm-driver';
+import { processesUnder, runInVm, startVmTestHost, vmBoxSpec } from './microvm-test-host.js';
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const suffix = Math.random().toString(36).slice(2, 6);
 
-async function run(driver: MicrovmDriver, boxId: string, script: string): Promise<{ code: number; out: string; err: string }> {
-  const p: ExecProcess = await driver.exec(boxId, { argv: ['sh', '-c', script] });
-  let out = '';
-  let err = '';
-  p.stdout.on('data', (b: Buffer) => (out += b.toString()));
-  p.stderr.on('data', (b: Buffer) => (err += b.toString()));
-  p.stdin.end();
-  const code = await p.exited;
-  await sleep(20);
-  return { code, out, err };
-}
+const run = runInVm;
 
 /** The fields of /proc/<pid>/status. */
 function procStatus(pid: number): Record<string, string> {
@@ -98,15 +86,7 @@ describe('microVM jail', () => {
   const boxes = new Set<string>();
   const spec = (boxId: string): BoxRuntimeSpec => {
     boxes.add(boxId);
-    return {
-      boxId,
-      name: boxId.replace(/_/g, '-'),
-      runtime: 'microvm',
-      imageRootfs: image.rootfs,
-      imageDigest: image.digest,
-      resources: { cpuMillis: 1000, memoryBytes: 256 * 1024 ** 2, pids: 256, diskBytes: 1024 ** 3 },
-      env: {},
-    };
+    return vmBoxSpec(boxId, image);
   };
   const up = async (s: BoxRuntimeSpec) => {
     await driver.create(s);
@@ -121,29 +101,13 @@ describe('microVM jail', () => {
   const boxDir = (boxId: string) => join(dataDir, 'boxes', boxId);
 
   beforeAll(async () => {
-    dataDir = await mkdtemp(join(tmpdir(), 'dy-jail-'));
-    await chmod(dataDir, 0o711);
-    opts = {
-      dataDir,
-      uidShift: 100_000,
-      busybox: '/usr/bin/busybox',
-      network: { bridge: `dyjl${suffix}`, subnet: '10.243.0.0/16', nftTable: `devyard_jailtest_${suffix}`, vethPrefix: 'djl' },
-    };
-    driver = new MicrovmDriver(opts);
-    await driver.init();
-    image = await new BuiltinImageStore({ dataDir }).ensure('tiny');
+    ({ dataDir, opts, driver, image } = await startVmTestHost('jl', '10.243.0.0/16', 'djl'));
     await Promise.all([up(spec('j_a')), up(spec('j_b'))]);
   });
 
   afterAll(async () => {
     for (const id of boxes) await driver.destroy(id).catch(() => undefined);
-    const left = readdirSync('/proc').filter((p) => /^\d+$/.test(p) && (() => {
-      try {
-        return readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(dataDir);
-      } catch {
-        return false;
-      }
-    })());
+    const left = processesUnder(dataDir);
     expect(left).toEqual([]);
     await driver.network.teardown();
     await rm(dataDir, { recursive: true, force: true });

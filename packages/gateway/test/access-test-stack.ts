@@ -11,6 +11,7 @@ import { createSandboxNode, type SandboxNode } from '@devyard/agent/sandbox-node
 import type { Box } from '@devyard/api/box-schemas';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { startControlPlane, type ControlPlane } from '@devyard/server/control-plane';
+import { chromium, type Browser } from 'playwright-core';
 import { startGateway, type Gateway } from '@devyard/gateway/gateway-process';
 import { addKeyFile } from '../../server/test/ssh-key-proof-fixture.js';
 
@@ -78,4 +79,15 @@ export async function startAccessStack(tag: string, octet: number): Promise<Acce
       await rm(dir, { recursive: true, force: true });
     },
   };
+}
+
+/**
+ * Debian's headless Chromium as the browser tests drive it: no sandbox (root), no GPU, nothing of
+ * its own on the network; playwright-core gives it a fresh temporary --user-data-dir.
+ */
+export function launchChromium(): Promise<Browser> {
+  return chromium.launch({
+    executablePath: '/usr/bin/chromium',
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
+  });
 }

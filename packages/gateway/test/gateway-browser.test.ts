@@ -6,11 +6,11 @@
  */
 import { request as httpRequest } from 'node:http';
 import { PassThrough } from 'node:stream';
-import { chromium, type Browser } from 'playwright-core';
+import type { Browser } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execInBox } from '@devyard/sdk/exec-client';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
-import { startAccessStack, waitFor, type AccessStack } from './access-test-stack.js';
+import { launchChromium, startAccessStack, waitFor, type AccessStack } from './access-test-stack.js';
 
 let stack: AccessStack;
 let browser: Browser;
@@ -28,11 +28,7 @@ beforeAll(async () => {
   stack = await startAccessStack('gwb', 245);
   await stack.runningBox('web');
   await inBox('mkdir -p /tmp/www && echo "<h1>hello from the box</h1>" > /tmp/www/index.html && (busybox httpd -p 127.0.0.1:8080 -h /tmp/www &)');
-  // playwright-core gives the browser a fresh temporary --user-data-dir and removes it on close.
-  browser = await chromium.launch({
-    executablePath: '/usr/bin/chromium',
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
-  });
+  browser = await launchChromium();
 }, 240_000);
 
 afterAll(async () => {

@@ -7,13 +7,13 @@
  */
 import { request as httpRequest } from 'node:http';
 import { PassThrough } from 'node:stream';
-import { chromium, type Browser, type BrowserContext } from 'playwright-core';
+import type { Browser, BrowserContext } from 'playwright-core';
 import WebSocket from 'ws';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execInBox } from '@devyard/sdk/exec-client';
 import { DevyardClient } from '@devyard/sdk/devyard-client';
 import { startGateway } from '@devyard/gateway/gateway-process';
-import { startAccessStack, type AccessStack } from './access-test-stack.js';
+import { launchChromium, startAccessStack, type AccessStack } from './access-test-stack.js';
 
 let stack: AccessStack;
 let browser: Browser;
@@ -149,10 +149,7 @@ beforeAll(async () => {
   await inBox(stack.client, 'web', 'mkdir -p /tmp/www && echo "<h1>hello from the box</h1>" > /tmp/www/index.html && (busybox httpd -p 127.0.0.1:8080 -h /tmp/www &)');
   await inBox(mallory, 'evil', evilApp(gw));
   await stack.gateway.cache.refresh();
-  browser = await chromium.launch({
-    executablePath: '/usr/bin/chromium',
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
-  });
+  browser = await launchChromium();
 }, 240_000);
 
 afterAll(async () => {
