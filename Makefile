@@ -18,7 +18,7 @@ help:
 	@echo "make up     install what is missing, build, and run Devyard on this machine"
 	@echo "make test   install what is missing and run the whole test suite (tiers: make test-unit, test-host, test-e2e)"
 	@echo "make bench  run the benchmarks and write docs/benchmarks.md"
-	@echo "make lint   ESLint (incl. the import-direction rule) and the TypeScript build"
+	@echo "make lint   ESLint (incl. the import-direction rule) and the TypeScript build (packages and benchmarks)"
 
 # Installs whichever of the tier's packages are missing, in one apt-get run.
 apt-deps: PKGS = $(APT_PACKAGES)
@@ -61,6 +61,7 @@ bench: build apt-bench-deps
 lint: npm-deps
 	npx eslint .
 	npx tsc -b packages/cli
+	npx tsc -b bench
 
 clean:
 	rm -rf packages/*/dist
