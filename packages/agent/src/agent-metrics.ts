@@ -1,5 +1,5 @@
 /**
- * Prometheus metrics of a node agent (DESIGN.md §9), served at GET /metrics on its session
+ * Prometheus metrics of a node agent, served at GET /metrics on its session
  * endpoint: how long each box step takes on this node, how often steps fail, and whether the
  * control plane is reachable.
  */

@@ -1,5 +1,5 @@
 /**
- * Schemas of the audit log API (issue 5): read-only listing, the JSON Lines export and the chain
+ * Schemas of the audit log API: read-only listing, the JSON Lines export and the chain
  * verification. There is deliberately no schema for changing or deleting entries: no route can.
  */
 import { z } from 'zod';

@@ -135,7 +135,7 @@ const verb = (v: 'start' | 'stop' | 'pause' | 'resume', summary: string): RouteD
 export const ROUTES = [
   { operationId: 'healthz', method: 'GET', path: '/healthz', summary: 'Liveness and store health', tag: 'system', auth: 'none', status: 200, response: z.object({ status: z.literal('ok') }) },
   { operationId: 'openapi', method: 'GET', path: '/v1/openapi.json', summary: 'This OpenAPI document', tag: 'system', auth: 'none', status: 200 },
-  // ---- OIDC sign-in (issue 5): browser redirects, not JSON calls (docs/identity.md) ----
+  // ---- OIDC sign-in: browser redirects, not JSON calls (docs/identity.md) ----
   { operationId: 'oidcLogin', method: 'GET', path: '/v1/auth/oidc/login', summary: 'Browser redirect: start signing in at the OpenID provider (302 to it); ?cli= names the loopback URL of a waiting `devyard login`, with ?cli_challenge= (its PKCE S256 challenge)', tag: 'identity', auth: 'none', query: OidcLoginQuerySchema, status: 302, htmlErrors: true },
   { operationId: 'oidcCallback', method: 'GET', path: '/v1/auth/oidc/callback', summary: "Browser redirect: the provider's answer; 302 to the CLI's loopback URL with a one-time code, or a page showing the login token once; 400 for unknown, expired or replayed sign-ins", tag: 'identity', auth: 'none', query: OidcCallbackQuerySchema, status: 302, htmlErrors: true },
   { operationId: 'redeemOidcLogin', method: 'POST', path: '/v1/auth/oidc/token', summary: "The CLI redeems the one-time code of its sign-in with its PKCE verifier: the login token (once; the code lives 2 minutes)", tag: 'identity', auth: 'none', body: OidcRedeemRequestSchema, status: 200, response: OidcLoginTokenSchema },
@@ -274,7 +274,7 @@ export const ROUTES = [
   { operationId: 'heartbeatNode', method: 'POST', path: '/v1/agent/nodes/{id}/heartbeat', summary: "Agent: renew the node's lease", tag: 'agent', auth: 'node', params: nodeId, body: HeartbeatRequestSchema, status: 200, response: z.object({ leaseExpiresAt: z.string() }) },
   { operationId: 'getDesiredSet', method: 'GET', path: '/v1/agent/nodes/{id}/desired', summary: 'Agent: the boxes this node must run (?watch=1 streams every change)', tag: 'agent', auth: 'node', params: nodeId, query: watchQuery, status: 200, response: DesiredSetSchema, sse: true },
   { operationId: 'reportStatus', method: 'POST', path: '/v1/agent/nodes/{id}/status', summary: 'Agent: report observed box phases', tag: 'agent', auth: 'node', params: nodeId, body: StatusReportRequestSchema, status: 204 },
-  // ---- audit log (issue 5): read-only; no route changes or deletes entries ----
+  // ---- audit log: read-only; no route changes or deletes entries ----
   {
     operationId: 'listAudit',
     method: 'GET',

@@ -1,5 +1,5 @@
 /**
- * The box lifecycle (DESIGN.md §3): what the user wants (`desiredState`, set only by the API and by
+ * The box lifecycle: what the user wants (`desiredState`, set only by the API and by
  * policies) and what was last observed (`phase`). Verbs change only the desired state; reconcilers
  * move the phase towards it.
  */

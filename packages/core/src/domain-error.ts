@@ -1,6 +1,6 @@
 /**
  * Domain errors carry a stable code and know nothing of HTTP; the server's edge handler maps each
- * code to a status and a problem+json body (DESIGN.md §12).
+ * code to a status and a problem+json body.
  */
 export type DomainErrorCode =
   | 'invalid-input'

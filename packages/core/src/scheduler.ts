@@ -1,5 +1,5 @@
 /**
- * Scheduler v1 (DESIGN.md §6): filter, then score, as a pure function over a snapshot of the nodes.
+ * Scheduler v1: filter, then score, as a pure function over a snapshot of the nodes.
  * "No node fits" is an answer with a reason per node, not an exception.
  */
 import { shortfall, type Resources } from './resources.js';

@@ -274,7 +274,7 @@ export class DevyardClient {
     return (await this.request<BrowserSession>('POST', '/v1/gateway/sign-ins', { body: { token } })).body;
   }
 
-  // ---- audit log (issue 5) ----
+  // ---- audit log ----
 
   /** Entries of your organization's audit log: oldest first, or newest first with `order: 'desc'`. */
   async listAudit(q: AuditListQuery = {}): Promise<AuditEntry[]> {

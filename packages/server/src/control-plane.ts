@@ -50,7 +50,7 @@ export interface ControlPlaneOptions {
   gatewayTokenTtlMs?: number;
   /** Secrets: the KEK keyring (default: DEVYARD_KEK, else `<dataDir>/secrets/kek.keyring`) and the tenancy answers. */
   secrets?: { kek?: string; tenancy?: Partial<SecretTenancy> };
-  /** Sign-in through an OpenID Connect provider (issue 5; docs/identity.md). */
+  /** Sign-in through an OpenID Connect provider (docs/identity.md). */
   oidc?: OidcOptions;
   /** Who may create organizations and the quota each new one gets (default: operators; DEFAULT_ORG_QUOTA). */
   orgs?: Partial<OrgPolicy>;
@@ -68,15 +68,15 @@ export interface ControlPlane {
   boxes: BoxService;
   access: AccessService;
   tokens: BootstrapTokens;
-  /** Secrets (issue 5): write-only values, delivered to boxes in their nodes' desired sets. */
+  /** Secrets: write-only values, delivered to boxes in their nodes' desired sets. */
   secrets: SecretService;
-  /** The audit log (issue 5). */
+  /** The audit log. */
   audit: AuditLog;
-  /** Users, organizations, teams, tokens (issue 5). */
+  /** Users, organizations, teams, tokens. */
   tenancy: TenancyService;
-  /** Quotas (issue 5). */
+  /** Quotas. */
   quotas: QuotaService;
-  /** OIDC sign-in (issue 5), when configured. */
+  /** OIDC sign-in, when configured. */
   oidc?: OidcLogin;
   close(): Promise<void>;
 }
@@ -129,7 +129,7 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
     principal: (row) => tenancy.principalForToken(row),
     logger: opts.logger,
   });
-  installAuditHook(app, audit, store); // every mutating request is recorded (issue 5)
+  installAuditHook(app, audit, store); // every mutating request is recorded
   const reconciler = new BoxReconciler(store, feed, now, {
     holder: `${hostname()}:${process.pid}`,
     holderIsDead: deadLocalHolder(hostname()),

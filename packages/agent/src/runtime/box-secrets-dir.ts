@@ -2,7 +2,7 @@
  * A box's secrets on the host: one directory per box on a tmpfs (`/run/devyard/secrets/<boxId>`),
  * which the runtime binds read-only into the box at `/run/devyard/secrets`. Values live in memory
  * only: never on a disk, in the box's layers or volumes, or in the agent's state file. Shared by
- * the runtimes (DESIGN.md §4: drivers share the secrets code).
+ * the runtimes (drivers share the secrets code).
  *
  * Layout (the scheme Kubernetes uses for secret volumes), so a change of the set is one atomic
  * step for readers in the box:

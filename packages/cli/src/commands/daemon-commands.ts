@@ -309,7 +309,7 @@ export function registerDaemonCommands(program: Command): void {
       onShutdown(() => gateway.close(), 'open sessions through this gateway end; boxes keep running');
     });
 
-  // Single sign-on (issue 5; docs/identity.md) is configured on whichever role runs the control plane.
+  // Single sign-on (docs/identity.md) is configured on whichever role runs the control plane.
   for (const name of ['up', 'server']) addOrgPolicyFlags(addOidcFlags(program.commands.find((c) => c.name() === name)!));
 }
 

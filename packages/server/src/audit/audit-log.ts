@@ -1,5 +1,5 @@
 /**
- * The audit log (DESIGN.md §7, issue 5): an append-only, hash-chained record of every mutation, one
+ * The audit log: an append-only, hash-chained record of every mutation, one
  * chain per organization. Entry n stores `hash = sha256(prevHash + canonicalJson(fields of n))`
  * where prevHash is entry n-1's hash (64 zeros for n = 1), so editing any stored field breaks that
  * entry's hash and removing an entry leaves a gap in seq or a broken link. Removing the *newest*

@@ -37,15 +37,15 @@ export interface HandlerDeps {
   nodes: NodeService;
   access: AccessService;
   now: () => number;
-  /** The audit log (issue 5): read by the audit routes. */
+  /** The audit log: read by the audit routes. */
   audit: AuditLog;
-  /** Secrets (issue 5). */
+  /** Secrets. */
   secrets: SecretService;
-  /** Users, organizations, teams, tokens (issue 5). */
+  /** Users, organizations, teams, tokens. */
   tenancy: TenancyService;
   tenancyStore: TenancyStore;
   quotas: QuotaService;
-  /** OIDC sign-in (issue 5); undefined when the server has no provider configured. */
+  /** OIDC sign-in; undefined when the server has no provider configured. */
   oidc?: OidcLogin;
   /**
    * Base URL clients reach this server at (configured, else the listen URL): the OpenAPI
@@ -142,10 +142,10 @@ export function createHandlers(d: HandlerDeps): Handlers {
   };
 
   return {
-    ...createAuditHandlers(d.audit), // audit log (issue 5)
-    ...createSecretHandlers(d.secrets), // secrets (issue 5)
-    ...createOidcHandlers(d.oidc), // OIDC sign-in (issue 5)
-    ...createTenancyHandlers(d), // users, tokens, organization, teams, shares, quotas (issue 5)
+    ...createAuditHandlers(d.audit), // audit log
+    ...createSecretHandlers(d.secrets), // secrets
+    ...createOidcHandlers(d.oidc), // OIDC sign-in
+    ...createTenancyHandlers(d), // users, tokens, organization, teams, shares, quotas
     healthz: async () => {
       await d.store.listNodes();
       return { status: 'ok' };

@@ -1,5 +1,5 @@
 /**
- * Prometheus metrics of the control plane (DESIGN.md §9), served at GET /metrics: API latency,
+ * Prometheus metrics of the control plane, served at GET /metrics: API latency,
  * boxes by phase, reconcile queue depth and errors, create → running latency, node capacity and
  * allocation. Gauges that mirror the store are computed on scrape, so they are never stale.
  */

@@ -1,5 +1,5 @@
 /**
- * The server-side box reconciler (DESIGN.md §3). For each box it takes a lease with a fencing
+ * The server-side box reconciler. For each box it takes a lease with a fencing
  * token, reads the whole box, asks `decideBox` what to do, and performs that one step in a
  * transaction that re-checks the lease, so a worker that lost its lease cannot write. It is woken by
  * the change feed and also resyncs every box periodically, so a lost wake-up only delays work.

@@ -98,7 +98,7 @@ export class WarmPoolFiller {
     for (const b of pool.filter((x) => x.phase === 'failed' && x.desiredState !== 'deleted')) await this.retire(b, 'failed', retired);
   }
 
-  // ---- audit (issue 5) ----
+  // ---- audit ----
   /** Deletes a pool box once per pass (`retired`), so a box is not recorded twice. */
   private async retire(box: BoxRecord, reason: string, retired: Set<string>): Promise<void> {
     if (retired.has(box.id)) return;

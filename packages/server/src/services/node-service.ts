@@ -33,7 +33,7 @@ export class NodeService {
   private readonly templateCache = new Map<string, TemplateRecord>();
   /** Called with the box's creation time when it first reports running (provisioning latency). */
   onRunning?: (createdAt: number) => void;
-  /** Decrypts the secrets of boxes for their desired entries (issue 5); none when unset. */
+  /** Decrypts the secrets of boxes for their desired entries; none when unset. */
   secrets?: { forBoxes(boxes: readonly BoxRecord[]): Promise<Map<string, BoxSecret[]>> };
   /** Last progress message per box, so repeats of the same line add no event. */
   private readonly lastProgress = new Map<string, string>();

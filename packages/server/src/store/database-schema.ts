@@ -249,7 +249,7 @@ export interface ServerKeyTable {
   created_at: number;
 }
 
-// ---- audit log (issue 5, migration 0006) ----
+// ---- audit log (migration 0006) ----
 export interface AuditLogTable {
   org_id: string;
   /** 1, 2, 3… per org, no gaps: a gap is a deleted entry. */
@@ -276,7 +276,7 @@ export interface AuditHeadTable {
 }
 // ---- end audit log ----
 
-// ---- secrets (issue 5, migration 0007) ----
+// ---- secrets (migration 0007) ----
 export interface SecretTable {
   id: string;
   org_id: string;

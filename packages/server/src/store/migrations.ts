@@ -157,7 +157,7 @@ const m0003: Migration = {
 };
 
 /**
- * Access (issue 4): users' SSH keys (a key belongs to one user: the gateway finds the user by it),
+ * Access: users' SSH keys (a key belongs to one user: the gateway finds the user by it),
  * each box's own SSH host key, per-port preview visibility, gateways seen and session activity, and
  * the server's own keys (access-token signing, the gateways' shared host key). Host keys and
  * activity live beside the box row so neither bumps the box's version (its ETag).
@@ -212,7 +212,7 @@ const m0004: Migration = {
   },
 };
 
-// ---- audit log (issue 5) ----
+// ---- audit log ----
 /**
  * The audit log: one hash chain per organization, keyed (org_id, seq) so that two writers racing
  * for the same next seq cannot both succeed (the loser retries on the new head). `audit_heads`
@@ -249,7 +249,7 @@ const m0006: Migration = {
 // ---- end audit log ----
 
 /**
- * Tenancy (issue 5): users (local or from an OIDC issuer), organizations with member roles, teams,
+ * Tenancy: users (local or from an OIDC issuer), organizations with member roles, teams,
  * boxes shared with teams, API tokens with owner, organization, expiry, scopes and revocation, and
  * quotas. Every box and template belongs to an organization; what existed before lands in the
  * default one, and the bootstrap admin becomes its owner.
@@ -325,7 +325,7 @@ const m0005: Migration = {
   },
 };
 
-// ---- secrets (issue 5) ----
+// ---- secrets ----
 /**
  * Secrets: values encrypted under a per-secret data key (AES-256-GCM), the data key wrapped by a
  * key-encryption key that lives outside the database (see server/src/secrets/secret-envelope.ts).
