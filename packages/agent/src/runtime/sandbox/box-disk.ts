@@ -159,6 +159,7 @@ export class BoxDiskPool {
       }
       // Lazy init: inode tables and the journal are zeroed in the background, not here.
       const mkfs = ['mkfs.ext4', '-q', '-F', '-m', '0', '-L', 'devyard-box', '-E', 'lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0', tmp];
+      // host-programs: nice mkfs.ext4
       await runHostCommand(background ? ['nice', '-n', '19', ...mkfs] : mkfs);
       await rename(tmp, file);
       await mountImage(file, this.mountPoint(id), background);
@@ -195,6 +196,7 @@ export class BoxDiskPool {
 /** Mounts an image; `loop` sets autoclear, so the loop device goes away with the last unmount. */
 async function mountImage(file: string, at: string, background: boolean): Promise<void> {
   const mount = ['mount', '-o', 'loop,nodev,nosuid,noatime', file, at];
+  // host-programs: nice mount
   await runHostCommand(background ? ['nice', '-n', '19', ...mount] : mount);
   // Box root reaches its volumes from inside its user namespace, as "other" to host root.
   await chmod(at, 0o711);
