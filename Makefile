@@ -62,6 +62,8 @@ lint: npm-deps
 	npx eslint .
 	npx tsc -b packages/cli
 	npx tsc -b bench
+	# The tests and benchmarks against the sources, as vitest runs them (tsconfig.test.json).
+	npx tsc -p tsconfig.test.json
 
 clean:
 	rm -rf packages/*/dist

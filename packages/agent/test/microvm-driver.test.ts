@@ -245,7 +245,7 @@ describe('microvm driver', () => {
     await impatient.init();
     await expect(impatient.create(spec('v_slow')).then(() => impatient.start(spec('v_slow')))).rejects.toMatchObject({ code: 'BOOT_FAILED', message: expect.stringMatching(/did not come up/) });
     expect((await impatient.inspect('v_slow')).state).toBe('stopped');
-    expect(qemuProcessesOf(join(dataDir, 'boxes/v_slow'))).toEqual([]);
+    expect(processesUnder(join(dataDir, 'boxes/v_slow'))).toEqual([]);
     await impatient.destroy('v_slow');
   });
 });

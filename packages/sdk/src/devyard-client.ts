@@ -4,7 +4,7 @@
  */
 import type { Box, BoxEvent, CreateBoxRequest, ExecSession, ForkBoxRequest, ForkBoxResponse, MoveBoxRequest } from '@devyard/api/box-schemas';
 import type { BoxStatusReport, DesiredSet, PrebuildReport, Node, RegisterNodeRequest, RegisterNodeResponse } from '@devyard/api/node-schemas';
-import type { CreateTemplateRequest, Prebuild, Template } from '@devyard/api/template-schemas';
+import type { CreateTemplateInput, Prebuild, Template } from '@devyard/api/template-schemas';
 import type { AccessToken, BoxConnection, BoxPort, PortVisibility, SshKey, SshKeyChallenge } from '@devyard/api/access-schemas';
 import type { BrowserSession, GatewaySyncRequest, RouteTable } from '@devyard/api/gateway-schemas';
 import type { SecretMetadata } from '@devyard/api/secret-schemas';
@@ -140,7 +140,7 @@ export class DevyardClient {
 
   // ---- templates ----
 
-  async createTemplate(req: CreateTemplateRequest): Promise<Template> {
+  async createTemplate(req: CreateTemplateInput): Promise<Template> {
     return (await this.request<Template>('POST', '/v1/templates', { body: req })).body;
   }
 
