@@ -2,7 +2,7 @@ import { z } from 'zod';
 import { DESIRED_STATES, PHASES } from '@devyard/core/box-lifecycle';
 import { NameSchema, ResourcesInputSchema, ResourcesSchema, TimestampSchema } from './common-schemas.js';
 import { RuntimeSchema } from './template-schemas.js';
-import { EnvSchema, inlineText } from './input-schemas.js';
+import { EnvSchema, decimalInteger, inlineText } from './input-schemas.js';
 
 export const DesiredStateSchema = z.enum(DESIRED_STATES).meta({ id: 'DesiredState' });
 export const PhaseSchema = z.enum(PHASES).meta({ id: 'Phase' });
@@ -64,7 +64,30 @@ export const BoxSchema = z
   })
   .meta({ id: 'Box' });
 
-export const BoxListSchema = z.object({ items: z.array(BoxSchema) }).meta({ id: 'BoxList' });
+/** Most boxes one page of a list holds; a list without `limit` holds BOX_PAGE_DEFAULT. */
+export const BOX_PAGE_MAX = 500;
+export const BOX_PAGE_DEFAULT = 100;
+
+/** An opaque position in a box list, as the server handed it out in `nextPageToken`. */
+export const PageTokenSchema = z
+  .string()
+  .regex(/^[A-Za-z0-9_-]{1,200}$/, 'must be a nextPageToken this server returned')
+  .meta({ description: 'the nextPageToken of the previous page' });
+
+export const ListBoxesQuerySchema = z.object({
+  watch: z.enum(['0', '1', 'true', 'false']).optional().meta({ description: '1: stream changes as Server-Sent Events (every visible box first, then each change)' }),
+  limit: decimalInteger(1, BOX_PAGE_MAX).optional().meta({ description: `boxes per page, 1–${BOX_PAGE_MAX} (default ${BOX_PAGE_DEFAULT})` }),
+  pageToken: PageTokenSchema.optional(),
+});
+
+export type ListBoxesQuery = z.output<typeof ListBoxesQuerySchema>;
+
+export const BoxListSchema = z
+  .object({
+    items: z.array(BoxSchema),
+    nextPageToken: z.string().optional().meta({ description: 'where the next page starts (pass it as ?pageToken=); absent on the last page' }),
+  })
+  .meta({ id: 'BoxList' });
 
 /** Most boxes one fork request may create: every clone holds the source's memory on the same node. */
 export const MAX_FORK_COUNT = 16;
@@ -123,5 +146,6 @@ export type ForkBoxRequest = z.input<typeof ForkBoxRequestSchema>;
 export type ForkBoxResponse = z.infer<typeof ForkBoxResponseSchema>;
 export type MoveBoxRequest = z.infer<typeof MoveBoxRequestSchema>;
 export type Box = z.infer<typeof BoxSchema>;
+export type BoxList = z.infer<typeof BoxListSchema>;
 export type BoxEvent = z.infer<typeof BoxEventSchema>;
 export type ExecSession = z.infer<typeof ExecSessionSchema>;

@@ -10,6 +10,7 @@ import { decimalInteger, IdParamSchema, inlineText } from './input-schemas.js';
 import {
   BoxEventListSchema,
   BoxListSchema,
+  ListBoxesQuerySchema,
   BoxSchema,
   CreateBoxRequestSchema,
   ExecSessionRequestSchema,
@@ -151,7 +152,7 @@ export const ROUTES = [
     status: 202,
     response: BoxSchema,
   },
-  { operationId: 'listBoxes', method: 'GET', path: '/v1/boxes', summary: 'List boxes, or watch them with ?watch=1 (SSE)', tag: 'boxes', auth: 'user', permission: 'org:read', query: watchQuery, status: 200, response: BoxListSchema, sse: true },
+  { operationId: 'listBoxes', method: 'GET', path: '/v1/boxes', summary: 'List boxes a page at a time (oldest first), or watch them with ?watch=1 (SSE)', tag: 'boxes', auth: 'user', permission: 'org:read', query: ListBoxesQuerySchema, status: 200, response: BoxListSchema, sse: true },
   { operationId: 'getBox', method: 'GET', path: '/v1/boxes/{name}', summary: 'Get a box (with its ETag)', tag: 'boxes', auth: 'user', permission: 'org:read', params: boxName, query: ownerQuery, status: 200, response: BoxSchema },
   verb('start', 'Start a stopped box (cold boot)'),
   verb('stop', 'Stop a box: end all processes, release CPU and memory, keep the disk'),

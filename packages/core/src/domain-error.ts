@@ -12,6 +12,7 @@ export type DomainErrorCode =
   | 'forbidden'
   | 'no-capacity'
   | 'quota-exceeded'
+  | 'too-many-requests'
   | 'stale-lease'
   | 'unavailable'
   | 'internal';

@@ -96,6 +96,14 @@ export interface SharedBox {
 }
 
 /**
+ * Whether a role sees every box of its organization (owners and admins manage them, auditors read
+ * them); other members see the boxes they own and those shared with one of their teams.
+ */
+export function seesEveryBox(role: OrgRole): boolean {
+  return role === 'owner' || role === 'admin' || role === 'auditor';
+}
+
+/**
  * A box's owner and the organization's owners and admins manage it; teams it is shared with connect
  * or manage as shared; auditors read it; boxes of other organizations do not exist for the caller.
  */
@@ -103,7 +111,7 @@ export function boxAccess(viewer: BoxViewer, box: SharedBox): BoxAccess {
   if (viewer.orgId !== box.orgId) return 'none';
   if (box.owner === viewer.name) return viewer.role === 'auditor' ? 'read' : 'manage';
   if (viewer.role === 'owner' || viewer.role === 'admin') return 'manage';
-  let best: BoxAccess = viewer.role === 'auditor' ? 'read' : 'none';
+  let best: BoxAccess = seesEveryBox(viewer.role) ? 'read' : 'none';
   for (const s of box.shares) {
     if (viewer.teamIds.includes(s.teamId) && accessAtLeast(s.access, best)) best = s.access;
   }

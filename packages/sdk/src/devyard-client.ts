@@ -2,7 +2,7 @@
  * The typed client of the Devyard API, used by the CLI, the agent, the web UI and the tests. Types
  * come from the same zod schemas the server validates with.
  */
-import type { Box, BoxEvent, CreateBoxRequest, ExecSession, ForkBoxRequest, ForkBoxResponse, MoveBoxRequest } from '@devyard/api/box-schemas';
+import { BOX_PAGE_MAX, type Box, type BoxEvent, type BoxList, type CreateBoxRequest, type ExecSession, type ForkBoxRequest, type ForkBoxResponse, type MoveBoxRequest } from '@devyard/api/box-schemas';
 import type { BoxStatusReport, DesiredSet, PrebuildReport, Node, RegisterNodeRequest, RegisterNodeResponse } from '@devyard/api/node-schemas';
 import type { CreateTemplateInput, Prebuild, Template } from '@devyard/api/template-schemas';
 import type { AccessToken, BoxConnection, BoxPort, PortVisibility, SshKey, SshKeyChallenge } from '@devyard/api/access-schemas';
@@ -83,8 +83,24 @@ export class DevyardClient {
     return (await this.request<Box>('POST', '/v1/boxes', { body: req, headers: idempotencyKey ? { 'idempotency-key': idempotencyKey } : {} })).body;
   }
 
+  /** Every box you may see in the current organization, oldest first (all pages). */
   async listBoxes(): Promise<Box[]> {
-    return (await this.get<{ items: Box[] }>('/v1/boxes')).items;
+    const all: Box[] = [];
+    let pageToken: string | undefined;
+    do {
+      const page = await this.listBoxesPage({ limit: BOX_PAGE_MAX, pageToken });
+      all.push(...page.items);
+      pageToken = page.nextPageToken;
+    } while (pageToken);
+    return all;
+  }
+
+  /** One page of boxes; pass the page's `nextPageToken` for the next one. */
+  listBoxesPage(opts: { limit?: number; pageToken?: string } = {}): Promise<BoxList> {
+    const q = new URLSearchParams();
+    if (opts.limit !== undefined) q.set('limit', String(opts.limit));
+    if (opts.pageToken !== undefined) q.set('pageToken', opts.pageToken);
+    return this.get<BoxList>(`/v1/boxes${q.size ? `?${q}` : ''}`);
   }
 
   /** A box; `owner` addresses another user's box (shared with you, or you administer the organization). */

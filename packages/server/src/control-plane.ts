@@ -7,6 +7,7 @@ import type { FastifyInstance } from 'fastify';
 import { ensureBootstrapTokens, type BootstrapTokens } from './bootstrap-tokens.js';
 import { ChangeFeed } from './change-feed.js';
 import { createApp } from './http/create-app.js';
+import { WatchSlots } from './http/watch-slots.js';
 import { createHandlers } from './http/api-handlers.js';
 import { ServerMetrics } from './http/server-metrics.js';
 import { BoxReconciler, deadLocalHolder } from './loops/box-reconciler.js';
@@ -56,6 +57,8 @@ export interface ControlPlaneOptions {
   orgs?: Partial<OrgPolicy>;
   /** Base URL browsers and CLIs reach this server at (default: the listen URL); the OIDC redirect URI and the OpenAPI document's `servers` derive from it. */
   publicUrl?: string;
+  /** Watch streams one user may hold open at once (default DEFAULT_WATCHES_PER_USER); more are refused with 429. */
+  watchesPerUser?: number;
 }
 
 export interface ControlPlane {
@@ -125,7 +128,7 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
   const audit = new AuditLog(store, now);
   const publicUrl = () => opts.publicUrl ?? url;
   const oidc = opts.oidc && new OidcLogin(opts.oidc, { tenancy, now, publicUrl, audit: (e) => audit.append(e) });
-  const app = createApp({ store, handlers: createHandlers({ store, feed, boxes, templates, nodes, access, now, audit, secrets, tenancy, tenancyStore, quotas, oidc, publicUrl }),
+  const app = createApp({ store, handlers: createHandlers({ store, feed, boxes, templates, nodes, access, now, audit, secrets, tenancy, tenancyStore, quotas, oidc, publicUrl, watchSlots: new WatchSlots(opts.watchesPerUser) }),
     principal: (row) => tenancy.principalForToken(row),
     logger: opts.logger,
   });

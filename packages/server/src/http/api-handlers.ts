@@ -1,5 +1,5 @@
 /** The handlers of every route in the route table, by operationId. Thin: parse, call a service, map. */
-import type { CreateBoxRequest, MoveBoxRequest } from '@devyard/api/box-schemas';
+import { BOX_PAGE_DEFAULT, type CreateBoxRequest, type ListBoxesQuery, type MoveBoxRequest } from '@devyard/api/box-schemas';
 import type { BoxStatusReport, PrebuildReport, RegisterNodeRequest } from '@devyard/api/node-schemas';
 import { buildOpenApiDocument } from '@devyard/api/openapi-document';
 import type { CreateTemplateRequest } from '@devyard/api/template-schemas';
@@ -17,10 +17,12 @@ import { DEFAULT_ORG_ID, WARM_POOL_OWNER, type BoxService, type Subject } from '
 import { toApiBox, toApiEvent, toApiNode, toApiTemplate } from '../services/box-views.js';
 import type { NodeService } from '../services/node-service.js';
 import type { TemplateService } from '../services/template-service.js';
-import type { BoxRecord } from '../store/box-records.js';
+import type { BoxListing, BoxRecord } from '../store/box-records.js';
 import type { Store } from '../store/store.js';
 import { etag, parseIfMatch, type HandlerContext, type Handlers } from './create-app.js';
-import { openSse } from './sse-stream.js';
+import { openSse, type SseStream } from './sse-stream.js';
+import { decodeBoxPageToken, encodeBoxPageToken } from './box-page-tokens.js';
+import type { WatchSlots } from './watch-slots.js';
 import type { SecretService } from '../secrets/secret-service.js';
 import { createSecretHandlers } from './secret-handlers.js';
 import type { AuditLog } from '../audit/audit-log.js';
@@ -52,7 +54,12 @@ export interface HandlerDeps {
    * document's `servers`. Never derived from a request's Host header, which the caller chooses.
    */
   publicUrl: () => string;
+  /** Open watch streams per user. */
+  watchSlots: WatchSlots;
 }
+
+/** Events read per query while a stream catches up. */
+const EVENT_BATCH = 500;
 
 /** Nodes are the installation's, not a tenant's: only admins of the default (operator) organization see them. */
 function operatorsOnly(subject: Subject): void {
@@ -79,16 +86,16 @@ export function createHandlers(d: HandlerDeps): Handlers {
   let openApi: string | undefined;
   const nodeNames = async () => new Map((await d.store.listNodes()).map((n) => [n.id, n.name]));
   /** Names of fork sources by id (a source row outlives its deletion, so the name stays known). */
-  const forkSourceNames = async (boxes: readonly BoxRecord[]) => {
+  const forkSourceNames = async (boxes: readonly BoxListing[]) => {
     const names = new Map<string, string>();
     for (const id of new Set(boxes.map((b) => b.forkOf).filter((id): id is string => id !== null))) {
-      const src = boxes.find((b) => b.id === id) ?? (await d.store.getBox(id));
+      const src = boxes.find((b) => b.id === id) ?? (await d.store.getBoxListing(id));
       if (src) names.set(id, src.name);
     }
     return names;
   };
   const nodeName = async (id: string | null) => (id ? ((await d.store.getNode(id))?.name ?? null) : null);
-  const view = async (b: BoxRecord) =>
+  const view = async (b: BoxListing) =>
     toApiBox(b, await nodeName(b.nodeId), {
       forkOf: b.forkOf ? (await forkSourceNames([b])).get(b.forkOf) : undefined,
       movingFrom: (await nodeName(b.moveFromNodeId)) ?? undefined,
@@ -102,7 +109,7 @@ export function createHandlers(d: HandlerDeps): Handlers {
 
   /** `?owner=` addresses another user's box (shared with the caller, or the caller administers the org). */
   const owner = (ctx: HandlerContext) => ctx.query.owner as string | undefined;
-  const visible = async (subject: Subject, b: BoxRecord) => b.owner !== WARM_POOL_OWNER && b.orgId === subject.orgId && (await d.boxes.accessOf(subject, b)) !== 'none';
+  const visible = async (subject: Subject, b: BoxListing) => b.owner !== WARM_POOL_OWNER && b.orgId === subject.orgId && (await d.boxes.accessOf(subject, b)) !== 'none';
 
   const verb = (v: Verb) => async (ctx: HandlerContext) => {
     const box = await d.boxes.applyVerb(ctx.subject, ctx.params.name!, v, parseIfMatch(ctx.req.headers['if-match']), owner(ctx));
@@ -117,28 +124,56 @@ export function createHandlers(d: HandlerDeps): Handlers {
     return (await d.nodes.requireNode(ctx.params.id!)).id;
   };
 
+  /**
+   * A watch stream, holding one of the caller's watch slots while it is open: a user cannot open
+   * streams without limit, and a closed stream (or one that failed to open) gives its slot back.
+   */
+  const watching = async (ctx: HandlerContext, body: (sse: SseStream) => Promise<void>) => {
+    const release = d.watchSlots.take(ctx.subject);
+    try {
+      const sse = openSse(ctx.req, ctx.reply);
+      await body(sse);
+    } finally {
+      release();
+    }
+  };
+
+  /**
+   * Box events as they are recorded. Each change sends only the events after the stream's cursor,
+   * and checks who may see them per box of those events: the cost of a change does not grow with
+   * the number of boxes in the organization.
+   */
   const watchEvents = async (ctx: HandlerContext, filter: { boxId?: string }) => {
     const lastId = lastEventId(ctx.req.headers['last-event-id']);
-    const sse = openSse(ctx.req, ctx.reply);
-    let cursor = lastId !== undefined ? lastId : filter.boxId ? 0 : ((await d.store.listEvents({ afterId: 0, limit: 1_000_000 })).at(-1)?.id ?? 0);
-    let busy: Promise<void> = Promise.resolve();
-    const flush = () => {
-      busy = busy.then(async () => {
-        // A box route was authorized already; the global stream shows the boxes the caller may see.
-        const ids = filter.boxId ? null : new Set((await d.boxes.list(ctx.subject)).map((b) => b.id));
-        for (const e of await d.store.listEvents({ afterId: cursor, ...filter })) {
-          if (!ids || ids.has(e.boxId)) sse.send('event', toApiEvent(e), e.id);
-          cursor = e.id;
-        }
-      });
-    };
-    const onBox = (b: BoxRecord) => {
-      if (filter.boxId ? b.id === filter.boxId : b.orgId === ctx.subject.orgId) flush();
-    };
-    d.feed.on('box', onBox);
-    flush();
-    await sse.closed;
-    d.feed.off('box', onBox);
+    await watching(ctx, async (sse) => {
+      let cursor = lastId !== undefined ? lastId : filter.boxId ? 0 : await d.store.lastEventId();
+      let busy: Promise<void> = Promise.resolve();
+      const flush = () => {
+        busy = busy.then(async () => {
+          for (;;) {
+            const events = await d.store.listEvents({ afterId: cursor, ...filter, limit: EVENT_BATCH });
+            // A box route was authorized already; the organization's stream shows the boxes the caller may see.
+            const shown = new Map<string, boolean>();
+            for (const e of events) {
+              if (!filter.boxId && !shown.has(e.boxId)) {
+                const b = await d.store.getBoxListing(e.boxId);
+                shown.set(e.boxId, b !== undefined && (await visible(ctx.subject, b)));
+              }
+              if (filter.boxId || shown.get(e.boxId)) sse.send('event', toApiEvent(e), e.id);
+              cursor = e.id;
+            }
+            if (events.length < EVENT_BATCH) return;
+          }
+        });
+      };
+      const onBox = (b: BoxRecord) => {
+        if (filter.boxId ? b.id === filter.boxId : b.orgId === ctx.subject.orgId) flush();
+      };
+      d.feed.on('box', onBox);
+      flush();
+      await sse.closed;
+      d.feed.off('box', onBox);
+    });
   };
 
   return {
@@ -166,27 +201,31 @@ export function createHandlers(d: HandlerDeps): Handlers {
       return withEtag(ctx, box);
     },
     listBoxes: async (ctx) => {
-      if (!isWatch(ctx.query)) {
+      const q = ctx.query as ListBoxesQuery;
+      if (!isWatch(q)) {
+        const page = await d.boxes.list(ctx.subject, { limit: q.limit ?? BOX_PAGE_DEFAULT, after: q.pageToken !== undefined ? decodeBoxPageToken(q.pageToken) : undefined });
         const names = await nodeNames();
-        const boxes = await d.boxes.list(ctx.subject);
-        const sources = await forkSourceNames(boxes);
+        const sources = await forkSourceNames(page.items);
         return {
-          items: boxes.map((b) =>
+          items: page.items.map((b) =>
             toApiBox(b, b.nodeId ? (names.get(b.nodeId) ?? null) : null, {
               forkOf: b.forkOf ? sources.get(b.forkOf) : undefined,
               movingFrom: b.moveFromNodeId ? names.get(b.moveFromNodeId) : undefined,
             }),
           ),
+          ...(page.next ? { nextPageToken: encodeBoxPageToken(page.next) } : {}),
         };
       }
-      const sse = openSse(ctx.req, ctx.reply);
-      const onBox = async (b: BoxRecord) => {
-        if (await visible(ctx.subject, b)) sse.send('box', await view(b));
-      };
-      d.feed.on('box', onBox);
-      for (const b of await d.boxes.list(ctx.subject)) await onBox(b);
-      await sse.closed;
-      d.feed.off('box', onBox);
+      await watching(ctx, async (sse) => {
+        // Each change sends that one box; the full list goes out once, when the stream opens.
+        const onBox = async (b: BoxListing) => {
+          if (await visible(ctx.subject, b)) sse.send('box', await view(b));
+        };
+        d.feed.on('box', onBox);
+        for await (const b of d.boxes.listAll(ctx.subject)) await onBox(b);
+        await sse.closed;
+        d.feed.off('box', onBox);
+      });
       return undefined;
     },
     getBox: async (ctx) => withEtag(ctx, await d.boxes.get(ctx.subject, ctx.params.name!, { owner: owner(ctx) })),

@@ -8,7 +8,14 @@ export interface SseStream {
   close(): void;
 }
 
-export function openSse(req: FastifyRequest, reply: FastifyReply, keepAliveMs = 15_000): SseStream {
+/**
+ * Bytes a stream may have queued for a client that does not read. Past it the server ends the
+ * stream rather than hold more for it: a slow or stalled reader cannot grow the server's memory,
+ * and a client that wants every event reconnects with Last-Event-ID.
+ */
+export const SSE_MAX_BUFFERED_BYTES = 4 * 1024 * 1024;
+
+export function openSse(req: FastifyRequest, reply: FastifyReply, keepAliveMs = 15_000, maxBufferedBytes = SSE_MAX_BUFFERED_BYTES): SseStream {
   reply.hijack();
   const res = reply.raw;
   res.writeHead(200, {
@@ -34,6 +41,10 @@ export function openSse(req: FastifyRequest, reply: FastifyReply, keepAliveMs = 
     send(event, data, id) {
       if (!open) return;
       res.write(`${id !== undefined ? `id: ${id}\n` : ''}event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
+      if (res.writableLength > maxBufferedBytes) {
+        finish();
+        res.destroy();
+      }
     },
     closed,
     close() {

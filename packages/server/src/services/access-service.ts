@@ -58,6 +58,9 @@ export function parsePublicKey(line: string): { algo: string; blob: Buffer; comm
   return { algo: parsed.type, blob, comment, canonical: `${parsed.type} ${blob.toString('base64')}` };
 }
 
+/** SSH keys one user may register: the gateway matches a connecting key against them. */
+export const MAX_SSH_KEYS_PER_USER = 50;
+
 export class AccessService {
   private signingKey: Promise<{ privateKey: KeyObject; publicPem: string }> | undefined;
   private readonly agentTokenTtlMs: number;
@@ -127,6 +130,10 @@ export class AccessService {
     } catch (e) {
       if (!(e instanceof SshSignatureError)) throw e;
       throw new DomainError('invalid-input', `no proof that you hold this key: ${e.message}`, { field: 'signature' });
+    }
+    const held = (await this.access.listSshKeys(subject.name)).length;
+    if (held >= MAX_SSH_KEYS_PER_USER) {
+      throw new DomainError('quota-exceeded', `${subject.name} has ${held} SSH keys, the most one user may register; remove one first`, { limit: MAX_SSH_KEYS_PER_USER });
     }
     const row = {
       id: newId('key'),

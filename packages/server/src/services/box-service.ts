@@ -5,12 +5,12 @@
  */
 import { createHash } from 'node:crypto';
 import { NameSchema } from '@devyard/api/common-schemas';
-import type { CreateBoxRequest, MoveBoxRequest } from '@devyard/api/box-schemas';
+import { BOX_PAGE_MAX, type CreateBoxRequest, type MoveBoxRequest } from '@devyard/api/box-schemas';
 import { signSessionToken } from '@devyard/api/session-tokens';
 import { planVerb, type Verb } from '@devyard/core/box-lifecycle';
 import { decideBoxRuntime, mayRunIn } from '@devyard/core/box-isolation';
 import { DomainError } from '@devyard/core/domain-error';
-import { accessAtLeast, boxAccess, type BoxAccess, type BoxViewer, type OrgRole, type SharedBox, type TeamRole } from '@devyard/core/rbac-policy';
+import { accessAtLeast, boxAccess, seesEveryBox, type BoxAccess, type BoxViewer, type OrgRole, type SharedBox, type TeamRole } from '@devyard/core/rbac-policy';
 import type { TenancyStore } from '../store/tenancy-store.js';
 import type { QuotaService } from './quota-service.js';
 import { visibleTo } from './template-service.js';
@@ -18,8 +18,8 @@ import { add, diskOnly, parseBytes, parseCpu, shortfall, subtract, ZERO, type Re
 import { describeRejection, filterNode, schedule } from '@devyard/core/scheduler';
 import type { ChangeFeed } from '../change-feed.js';
 import { newId } from '../ids.js';
-import { setCondition, type BoxRecord } from '../store/box-records.js';
-import type { Executor, NodeRecord, Store } from '../store/store.js';
+import { setCondition, type BoxListing, type BoxRecord } from '../store/box-records.js';
+import type { BoxCursor, Executor, NodeRecord, Store } from '../store/store.js';
 import { nodeSnapshot } from './scheduler-nodes.js';
 
 /** Owner of the boxes kept ready in warm pools (see loops/warm-pool-filler.ts). */
@@ -74,7 +74,7 @@ const isNodeRace = (e: unknown) => e instanceof DomainError && e.code === 'confl
 
 
 const viewerOf = (s: Subject): BoxViewer => ({ name: s.name, orgId: s.orgId, role: s.role, teamIds: s.teamIds });
-const sharedBox = (b: BoxRecord, shares: ReadonlyArray<{ teamId: string; access: string }>): SharedBox => ({ owner: b.owner, orgId: b.orgId, shares: shares as SharedBox['shares'] });
+const sharedBox = (b: BoxListing, shares: ReadonlyArray<{ teamId: string; access: string }>): SharedBox => ({ owner: b.owner, orgId: b.orgId, shares: shares as SharedBox['shares'] });
 
 /** What box authorization and quotas need beyond the box store (absent: owner-only, no quotas). */
 export interface BoxServiceTenancy {
@@ -93,7 +93,7 @@ export class BoxService {
   ) {}
 
   /** What the subject may do with the box (core rbac-policy: owner, org admins, team shares, auditors). */
-  async accessOf(subject: Subject, box: BoxRecord, ex: Executor = this.store.db): Promise<BoxAccess> {
+  async accessOf(subject: Subject, box: BoxListing, ex: Executor = this.store.db): Promise<BoxAccess> {
     if (subject.kind === 'system') return 'manage';
     // Shares cannot add to what an owner or an org admin has: skip the lookup (watches call this per event).
     const skipShares = box.orgId === subject.orgId && (box.owner === subject.name || subject.role === 'owner' || subject.role === 'admin');
@@ -432,14 +432,34 @@ export class BoxService {
     return this.authorized(subject, name, opts.need ?? 'read', opts.owner);
   }
 
-  /** Every box of the caller's organization the caller may see. */
-  async list(subject: Subject): Promise<BoxRecord[]> {
-    const boxes = (await this.store.listBoxes({})).filter((b) => b.orgId === subject.orgId && b.owner !== WARM_POOL_OWNER);
-    const shares = this.tenancy ? await this.tenancy.tenancy.sharesOf(boxes.map((b) => b.id)) : new Map<string, Array<{ teamId: string; access: string }>>();
-    return boxes.filter(
-      (b) =>
-        subject.kind === 'system' || boxAccess(viewerOf(subject), sharedBox(b, shares.get(b.id) ?? [])) !== 'none',
-    );
+  /**
+   * One page of the boxes of the caller's organization that the caller may see, oldest first,
+   * without their env. The store filters by organization and, for members, by ownership and team
+   * shares; the policy then checks each box again, so the SQL can only narrow what the rules allow.
+   * `next` is where the following page starts; absent on the last page.
+   */
+  async list(subject: Subject, page: { limit: number; after?: BoxCursor }): Promise<{ items: BoxListing[]; next?: BoxCursor }> {
+    const rows = await this.store.listOrgBoxes({
+      orgId: subject.orgId,
+      excludeOwner: WARM_POOL_OWNER,
+      visibleTo: subject.kind === 'system' || seesEveryBox(subject.role) ? undefined : { owner: subject.name, teamIds: subject.teamIds },
+      limit: page.limit,
+      after: page.after,
+    });
+    const shares = this.tenancy ? await this.tenancy.tenancy.sharesOf(rows.map((b) => b.id)) : new Map<string, Array<{ teamId: string; access: string }>>();
+    const items = rows.filter((b) => subject.kind === 'system' || boxAccess(viewerOf(subject), sharedBox(b, shares.get(b.id) ?? [])) !== 'none');
+    const last = rows.at(-1);
+    return { items, ...(rows.length === page.limit && last ? { next: { createdAt: last.createdAt, id: last.id } } : {}) };
+  }
+
+  /** Every box the caller may see, a page at a time (a watcher's first snapshot). */
+  async *listAll(subject: Subject): AsyncGenerator<BoxListing> {
+    let after: BoxCursor | undefined;
+    do {
+      const page = await this.list(subject, { limit: BOX_PAGE_MAX, after });
+      yield* page.items;
+      after = page.next;
+    } while (after);
   }
 
   /** Applies a lifecycle verb. `ifMatch` is the box version the caller saw (ETag), if it sent one. */

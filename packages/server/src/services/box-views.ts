@@ -2,7 +2,7 @@
 import type { Box, BoxEvent } from '@devyard/api/box-schemas';
 import type { Node } from '@devyard/api/node-schemas';
 import type { Template } from '@devyard/api/template-schemas';
-import type { BoxRecord } from '../store/box-records.js';
+import type { BoxListing } from '../store/box-records.js';
 import type { BoxEventRecord, NodeRecord, TemplateRecord } from '../store/store.js';
 
 /** What pause keeps, per runtime: users must be able to tell an honest pause from a stop. */
@@ -19,7 +19,7 @@ const iso = (ms: number) => new Date(ms).toISOString();
  * of the box it was forked from, when it is a fork, and of the node it is moving from, while it
  * moves (the view falls back to the ids for names the caller could not look up).
  */
-export function toApiBox(b: BoxRecord, nodeName: string | null, names: { forkOf?: string; movingFrom?: string } = {}): Box {
+export function toApiBox(b: BoxListing, nodeName: string | null, names: { forkOf?: string; movingFrom?: string } = {}): Box {
   return {
     id: b.id,
     name: b.name,

@@ -83,6 +83,12 @@ const GiB = 1024 ** 3;
 /** What a new organization may use by default: a team's worth of dev boxes, no GPUs. */
 export const DEFAULT_ORG_QUOTA: QuotaLimits = { boxes: 20, runningBoxes: 10, cpuMillis: 32_000, memoryBytes: 64 * GiB, gpu: 0, diskBytes: 500 * GiB };
 
+/**
+ * Live (unrevoked, unexpired) personal tokens one user may hold. Each is a row every request's
+ * authentication may read, and a script could otherwise mint them without end.
+ */
+export const MAX_TOKENS_PER_USER = 100;
+
 export class TenancyService {
   /** Called when a user joins or leaves a team or the organization (their boxes' secrets follow). */
   onMembershipChange: (orgId: string, userName: string) => void = () => undefined;
@@ -161,6 +167,11 @@ export class TenancyService {
     if (subject.scopes && !subject.scopes.includes('write')) throw new DomainError('forbidden', 'a read-only token cannot create tokens', {});
     const scopes = req.scopes ?? subject.scopes ?? null;
     if (subject.scopes && scopes && scopes.some((s) => !subject.scopes!.includes(s))) throw new DomainError('forbidden', 'a token cannot grant scopes it does not have', { scopes });
+    const now = this.now();
+    const live = (await this.tenancy.listTokens(user.id)).filter((t) => t.revoked_at === null && (t.expires_at == null || t.expires_at > now)).length;
+    if (live >= MAX_TOKENS_PER_USER) {
+      throw new DomainError('quota-exceeded', `${user.name} has ${live} live tokens, the most one user may hold; revoke one first (devyard tokens revoke)`, { limit: MAX_TOKENS_PER_USER });
+    }
     return this.insertToken(user, orgId, req.name, req.ttlSeconds ?? 30 * 86400, scopes ? [...scopes] : null);
   }
 

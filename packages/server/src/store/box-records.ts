@@ -53,7 +53,22 @@ export interface BoxRecord {
   cleanupNodeId: string | null;
 }
 
-export function boxFromRow(r: Selectable<BoxTable>): BoxRecord {
+/**
+ * A box as lists and watchers carry it: everything but `env`, which may be large (up to the API's
+ * limit per box) and which no list shows. Kept a separate type so that a listing can never be
+ * written back as a whole box and lose the env.
+ */
+export type BoxListing = Omit<BoxRecord, 'env'>;
+
+/** The columns of a listing, in the order of BoxTable. */
+export const BOX_LISTING_COLUMNS = [
+  'id', 'name', 'owner', 'org_id', 'template_name', 'template_version', 'image', 'runtime', 'desired_state', 'phase', 'generation',
+  'observed_generation', 'node_id', 'compute_reserved', 'resources', 'attempt', 'last_error', 'next_attempt_at', 'conditions', 'ip',
+  'created_at', 'updated_at', 'deleted_at', 'version', 'fork_of', 'move_from_node_id', 'cleanup_node_id',
+] as const satisfies ReadonlyArray<Exclude<keyof BoxTable, 'env'>>;
+
+/** A box as lists show it, from a row read without its `env` column. */
+export function boxListingFromRow(r: Omit<Selectable<BoxTable>, 'env'>): BoxListing {
   return {
     id: r.id,
     name: r.name,
@@ -70,7 +85,6 @@ export function boxFromRow(r: Selectable<BoxTable>): BoxRecord {
     nodeId: r.node_id,
     computeReserved: r.compute_reserved === 1,
     resources: JSON.parse(r.resources) as Resources,
-    env: JSON.parse(r.env) as Record<string, string>,
     attempt: Number(r.attempt),
     lastError: r.last_error ? (JSON.parse(r.last_error) as BoxRecord['lastError']) : null,
     nextAttemptAt: r.next_attempt_at === null ? null : Number(r.next_attempt_at),
@@ -84,6 +98,10 @@ export function boxFromRow(r: Selectable<BoxTable>): BoxRecord {
     moveFromNodeId: r.move_from_node_id ?? null,
     cleanupNodeId: r.cleanup_node_id ?? null,
   };
+}
+
+export function boxFromRow(r: Selectable<BoxTable>): BoxRecord {
+  return { ...boxListingFromRow(r), env: JSON.parse(r.env) as Record<string, string> };
 }
 
 export function boxToRow(b: BoxRecord): Selectable<BoxTable> {

@@ -427,8 +427,15 @@ const m0012: Migration = {
   },
 };
 
+/** Box lists read one organization's live boxes a page at a time, oldest first. */
+const m0013: Migration = {
+  async up(db: Kysely<unknown>) {
+    await sql`CREATE INDEX boxes_org_live ON boxes (org_id, created_at, id) WHERE deleted_at IS NULL`.execute(db);
+  },
+};
+
 export const migrationProvider: MigrationProvider = {
   async getMigrations() {
-    return { '0001_initial': m0001, '0002_template_spec': m0002, '0003_prebuilds': m0003, '0004_access': m0004, '0005_tenancy': m0005, '0006_audit_log': m0006, '0007_secrets': m0007, '0008_invitations': m0008, '0009_box_fork_of': m0009, '0010_box_move': m0010, '0011_redeemed_sign_ins': m0011, '0012_org_trust': m0012 };
+    return { '0001_initial': m0001, '0002_template_spec': m0002, '0003_prebuilds': m0003, '0004_access': m0004, '0005_tenancy': m0005, '0006_audit_log': m0006, '0007_secrets': m0007, '0008_invitations': m0008, '0009_box_fork_of': m0009, '0010_box_move': m0010, '0011_redeemed_sign_ins': m0011, '0012_org_trust': m0012, '0013_boxes_org_live': m0013 };
   },
 };

@@ -7,10 +7,26 @@ import type { TemplateSpec } from '@devyard/api/template-schemas';
 import { DomainError } from '@devyard/core/domain-error';
 import type { Resources } from '@devyard/core/resources';
 import type { Insertable, Kysely, Selectable, Transaction } from 'kysely';
-import { boxFromRow, boxToRow, type BoxRecord } from './box-records.js';
+import { BOX_LISTING_COLUMNS, boxFromRow, boxListingFromRow, boxToRow, type BoxListing, type BoxRecord } from './box-records.js';
 import type { ApiTokenTable, Database, PrebuildTable, NodeTable, OperationTable, TemplateTable } from './database-schema.js';
 
 export type Executor = Kysely<Database> | Transaction<Database>;
+
+/** Where a page of boxes ends: boxes list oldest first, ties broken by id. */
+export interface BoxCursor {
+  createdAt: number;
+  id: string;
+}
+
+export interface OrgBoxQuery {
+  orgId: string;
+  /** Leave out this owner's boxes (the warm pool's, which are nobody's yet). */
+  excludeOwner?: string;
+  /** Only the boxes this member owns or that are shared with one of their teams. */
+  visibleTo?: { owner: string; teamIds: readonly string[] };
+  limit: number;
+  after?: BoxCursor;
+}
 
 export interface NodeRecord {
   id: string;
@@ -130,6 +146,12 @@ export class Store {
     }
   }
 
+  /** A box without its env, by id (deleted ones too): what a watcher needs to decide who sees its events. */
+  async getBoxListing(id: string, ex: Executor = this.db): Promise<BoxListing | undefined> {
+    const r = await ex.selectFrom('boxes').select(BOX_LISTING_COLUMNS).where('id', '=', id).executeTakeFirst();
+    return r && boxListingFromRow(r);
+  }
+
   async getBox(id: string, ex: Executor = this.db): Promise<BoxRecord | undefined> {
     const r = await ex.selectFrom('boxes').selectAll().where('id', '=', id).executeTakeFirst();
     return r && boxFromRow(r);
@@ -147,6 +169,29 @@ export class Store {
     if (filter.nodeId !== undefined) q = q.where('node_id', '=', filter.nodeId);
     if (!filter.includeDeleted) q = q.where('deleted_at', 'is', null);
     return (await q.execute()).map(boxFromRow);
+  }
+
+  /**
+   * One page of an organization's live boxes, oldest first, without their env. Filtered and
+   * limited in SQL (index boxes_org_live), so a list costs what it returns, not what the
+   * installation holds.
+   */
+  async listOrgBoxes(q: OrgBoxQuery, ex: Executor = this.db): Promise<BoxListing[]> {
+    let s = ex.selectFrom('boxes').select(BOX_LISTING_COLUMNS).where('org_id', '=', q.orgId).where('deleted_at', 'is', null);
+    if (q.excludeOwner !== undefined) s = s.where('owner', '!=', q.excludeOwner);
+    const v = q.visibleTo;
+    if (v) {
+      s = s.where((eb) =>
+        v.teamIds.length === 0
+          ? eb('owner', '=', v.owner)
+          : eb.or([eb('owner', '=', v.owner), eb('id', 'in', eb.selectFrom('box_shares').select('box_id').where('team_id', 'in', [...v.teamIds]))]),
+      );
+    }
+    const after = q.after;
+    if (after) {
+      s = s.where((eb) => eb.or([eb('created_at', '>', after.createdAt), eb.and([eb('created_at', '=', after.createdAt), eb('id', '>', after.id)])]));
+    }
+    return (await s.orderBy('created_at').orderBy('id').limit(q.limit).execute()).map(boxListingFromRow);
   }
 
   /**
@@ -184,6 +229,12 @@ export class Store {
       .returning('id')
       .executeTakeFirstOrThrow();
     return Number(r.id);
+  }
+
+  /** Id of the newest box event (0 when there is none): where a new watcher's stream starts. */
+  async lastEventId(ex: Executor = this.db): Promise<number> {
+    const r = await ex.selectFrom('box_events').select((eb) => eb.fn.max('id').as('id')).executeTakeFirst();
+    return r?.id == null ? 0 : Number(r.id);
   }
 
   async listEvents(filter: { boxId?: string; owner?: string; afterId?: number; limit?: number }, ex: Executor = this.db): Promise<BoxEventRecord[]> {
