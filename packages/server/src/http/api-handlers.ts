@@ -58,6 +58,9 @@ export interface HandlerDeps {
   watchSlots: WatchSlots;
 }
 
+/** How often an open watch checks that its token still stands (revocation ends it within this plus a query). */
+const WATCH_RECHECK_MS = 2_000;
+
 /** Events read per query while a stream catches up. */
 const EVENT_BATCH = 500;
 
@@ -127,13 +130,29 @@ export function createHandlers(d: HandlerDeps): Handlers {
   /**
    * A watch stream, holding one of the caller's watch slots while it is open: a user cannot open
    * streams without limit, and a closed stream (or one that failed to open) gives its slot back.
+   * The caller is authenticated again every WATCH_RECHECK_MS: a revoked token, a user who left the
+   * organization or was disabled ends the stream, and a changed role or team set applies to what
+   * it shows from then on (`who()`).
    */
-  const watching = async (ctx: HandlerContext, body: (sse: SseStream) => Promise<void>) => {
+  const watching = async (ctx: HandlerContext, body: (sse: SseStream, who: () => Subject) => Promise<void>) => {
     const release = d.watchSlots.take(ctx.subject);
+    let subject = ctx.subject;
+    let recheck: NodeJS.Timeout | undefined;
     try {
       const sse = openSse(ctx.req, ctx.reply);
-      await body(sse);
+      recheck = setInterval(() => {
+        d.tenancy.reauthenticate(subject).then(
+          (now) => {
+            if (now) return void (subject = now);
+            sse.send('error', { code: 'unauthenticated', detail: 'this watch ended: its token no longer stands (revoked, expired, or its user left the organization)' });
+            sse.close();
+          },
+          (e: Error) => ctx.req.log.warn({ err: e.message }, 'watch: checking the token again failed; the stream stays open until the next check'),
+        );
+      }, WATCH_RECHECK_MS);
+      await body(sse, () => subject);
     } finally {
+      clearInterval(recheck);
       release();
     }
   };
@@ -145,11 +164,17 @@ export function createHandlers(d: HandlerDeps): Handlers {
    */
   const watchEvents = async (ctx: HandlerContext, filter: { boxId?: string }) => {
     const lastId = lastEventId(ctx.req.headers['last-event-id']);
-    await watching(ctx, async (sse) => {
+    await watching(ctx, async (sse, who) => {
       let cursor = lastId !== undefined ? lastId : filter.boxId ? 0 : await d.store.lastEventId();
       let busy: Promise<void> = Promise.resolve();
       const flush = () => {
         busy = busy.then(async () => {
+          if (filter.boxId) {
+            // The route checked access when the stream opened; a box the caller can no longer see
+            // (a share removed, a team left) ends the stream before anything more of it is sent.
+            const b = await d.store.getBoxListing(filter.boxId);
+            if (!b || !(await visible(who(), b))) return sse.close();
+          }
           for (;;) {
             const events = await d.store.listEvents({ afterId: cursor, ...filter, limit: EVENT_BATCH });
             // A box route was authorized already; the organization's stream shows the boxes the caller may see.
@@ -157,7 +182,7 @@ export function createHandlers(d: HandlerDeps): Handlers {
             for (const e of events) {
               if (!filter.boxId && !shown.has(e.boxId)) {
                 const b = await d.store.getBoxListing(e.boxId);
-                shown.set(e.boxId, b !== undefined && (await visible(ctx.subject, b)));
+                shown.set(e.boxId, b !== undefined && (await visible(who(), b)));
               }
               if (filter.boxId || shown.get(e.boxId)) sse.send('event', toApiEvent(e), e.id);
               cursor = e.id;
@@ -167,7 +192,7 @@ export function createHandlers(d: HandlerDeps): Handlers {
         });
       };
       const onBox = (b: BoxRecord) => {
-        if (filter.boxId ? b.id === filter.boxId : b.orgId === ctx.subject.orgId) flush();
+        if (filter.boxId ? b.id === filter.boxId : b.orgId === who().orgId) flush();
       };
       d.feed.on('box', onBox);
       flush();
@@ -216,13 +241,13 @@ export function createHandlers(d: HandlerDeps): Handlers {
           ...(page.next ? { nextPageToken: encodeBoxPageToken(page.next) } : {}),
         };
       }
-      await watching(ctx, async (sse) => {
+      await watching(ctx, async (sse, who) => {
         // Each change sends that one box; the full list goes out once, when the stream opens.
         const onBox = async (b: BoxListing) => {
-          if (await visible(ctx.subject, b)) sse.send('box', await view(b));
+          if (await visible(who(), b)) sse.send('box', await view(b));
         };
         d.feed.on('box', onBox);
-        for await (const b of d.boxes.listAll(ctx.subject)) await onBox(b);
+        for await (const b of d.boxes.listAll(who())) await onBox(b);
         await sse.closed;
         d.feed.off('box', onBox);
       });

@@ -117,6 +117,23 @@ export class TenancyService {
     return { ...subject, tokenId: row.id, scopes: row.scopes ? (JSON.parse(row.scopes) as string[]) : undefined };
   }
 
+  /**
+   * The subject as its token stands now, for a request that outlives its start (a watch): undefined
+   * once the token is revoked or expired, the user disabled or no longer a member; with the current
+   * role and teams otherwise. Subjects without a token (nodes, gateways, system loops) stand as they are.
+   */
+  async reauthenticate(subject: Subject): Promise<Subject | undefined> {
+    if (subject.kind !== 'user' || subject.tokenId === undefined) return subject;
+    const row = await this.tenancy.getToken(subject.tokenId);
+    if (!row) return undefined;
+    try {
+      return await this.principalForToken(row);
+    } catch (e) {
+      if (e instanceof DomainError && e.code === 'unauthenticated') return undefined;
+      throw e;
+    }
+  }
+
   /** A user acting in an organization, or undefined when not a member. */
   async principal(user: UserRow, orgId: string): Promise<Subject | undefined> {
     const m = await this.tenancy.membership(orgId, user.id);
